@@ -1,0 +1,13 @@
+"""Fused kernels for preference optimization (DPO and its family).
+
+Public API:
+- :func:`sequence_logps`: per-sequence log-probs of the labels, no (N, T, V) intermediate;
+- :func:`fused_dpo_loss`: drop-in for :func:`dpo_kernels.reference.dpo_loss`;
+- :mod:`dpo_kernels.reference`: the naive reference both are tested against.
+"""
+
+from . import ops, reference
+from .functional import fused_dpo_loss, sequence_logps
+
+__all__ = ["fused_dpo_loss", "sequence_logps", "reference", "ops"]
+__version__ = "0.1.0"

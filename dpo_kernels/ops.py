@@ -1,0 +1,165 @@
+"""torch.library registration of the log-prob kernels, their autograd, and backend dispatch.
+
+Three custom ops, each with a fake implementation so torch.compile and FakeTensorMode see shapes
+without running a kernel:
+
+- ``dpo_kernels::token_logps(logits, labels, ignore_index, shift, backend, inplace_backward)``
+  -> (logp, lse), both (N, T - shift) fp32 (fp64 for fp64 logits); differentiable w.r.t. logits.
+- ``dpo_kernels::token_logps_backward`` -> a fresh gradient of the logits' shape and dtype.
+- ``dpo_kernels::token_logps_backward_`` writes that gradient into the logits' own storage.
+
+``custom_op`` rather than ``triton_op``: triton_op traces the kernel body under fake tensors, which
+fails under ``TRITON_INTERPRET=1`` on CPU tensors, and that is how this project tests its kernels.
+"""
+
+import importlib.util
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+BACKEND_ENV = "DPO_KERNELS_BACKEND"
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """The concrete backend for tensors of ``dtype`` on ``device``.
+
+    An explicit ``backend`` wins; ``"auto"`` defers to ``$DPO_KERNELS_BACKEND`` and then picks Triton
+    for CUDA tensors and the portable PyTorch kernels for everything else.
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"${BACKEND_ENV} must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        has_triton = importlib.util.find_spec("triton") is not None
+        return "triton" if device.type == "cuda" and has_triton else "torch"
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("backend='triton' needs the triton package, which is not importable")
+        if device.type != "cuda" and not triton_interpreting():
+            raise ValueError(
+                f"backend='triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1); "
+                f"got tensors on {device}"
+            )
+        if dtype == torch.float64:
+            raise TypeError("backend='triton' takes float32, bfloat16 or float16 logits, got float64")
+    return backend
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        from .triton import logprobs
+    elif backend == "torch":
+        from .portable import logprobs
+    else:
+        raise ValueError(f"unknown resolved backend {backend!r}")
+    return logprobs
+
+
+def _check_label_range(labels: torch.Tensor, ignore_index: int, shift: bool, V: int) -> None:
+    # Runs inside the op (eagerly, even under torch.compile), so a bad label is an error, never an
+    # out-of-bounds read or a silent number. It costs one small reduction and, on GPU, one sync.
+    used = labels[:, int(shift) :]
+    bad = (used != ignore_index) & ((used < 0) | (used >= V))
+    if bool(bad.any()):
+        value = used[bad][0].item()
+        raise ValueError(
+            f"labels must lie in [0, {V}) (the vocabulary size of logits) or equal ignore_index="
+            f"{ignore_index}; found {value}"
+        )
+
+
+def _out_shape(logits: torch.Tensor, shift: bool):
+    N, T, _ = logits.shape
+    return (N, max(T - int(shift), 0))
+
+
+def _out_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("dpo_kernels::token_logps", mutates_args=())
+def token_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ignore_index: int,
+    shift: bool,
+    backend: str,
+    inplace_backward: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_label_range(labels, ignore_index, shift, logits.shape[-1])
+    return _kernels(backend).token_logps_fwd(logits, labels, ignore_index, shift)
+
+
+@token_logps.register_fake
+def _(logits, labels, ignore_index, shift, backend, inplace_backward):
+    shape, dtype = _out_shape(logits, shift), _out_dtype(logits)
+    return logits.new_empty(shape, dtype=dtype), logits.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("dpo_kernels::token_logps_backward", mutates_args=())
+def token_logps_backward(
+    grad_logp: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    shift: bool,
+    backend: str,
+) -> torch.Tensor:
+    out = torch.empty_like(logits)
+    return _kernels(backend).token_logps_bwd(grad_logp, logits, labels, lse, ignore_index, shift, out)
+
+
+@token_logps_backward.register_fake
+def _(grad_logp, logits, labels, lse, ignore_index, shift, backend):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("dpo_kernels::token_logps_backward_", mutates_args=("logits",))
+def token_logps_backward_(
+    grad_logp: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    shift: bool,
+    backend: str,
+) -> None:
+    _kernels(backend).token_logps_bwd(grad_logp, logits, labels, lse, ignore_index, shift, logits)
+
+
+@token_logps_backward_.register_fake
+def _(grad_logp, logits, labels, lse, ignore_index, shift, backend):
+    return None
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, ignore_index, shift, backend, inplace_backward = inputs
+    ctx.save_for_backward(logits, labels, output[1])
+    ctx.args = (ignore_index, shift, backend)
+    ctx.inplace_backward = inplace_backward
+
+
+def _backward(ctx, grad_logp, grad_lse):
+    logits, labels, lse = ctx.saved_tensors
+    if grad_logp is None:
+        return None, None, None, None, None, None
+    # The kernels read the upstream gradient in the output's dtype (expand 0-strides are fine).
+    grad_logp = grad_logp.to(lse.dtype)
+    if ctx.inplace_backward and not torch.compiler.is_compiling():
+        torch.ops.dpo_kernels.token_logps_backward_(grad_logp, logits, labels, lse, *ctx.args)
+        grad = logits
+    else:
+        grad = torch.ops.dpo_kernels.token_logps_backward(grad_logp, logits, labels, lse, *ctx.args)
+    return grad, None, None, None, None, None
+
+
+token_logps.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,63 @@
+"""The naive reference: the hand-rolled PyTorch DPO loss every tutorial shows.
+
+It materializes fp32 ``log_softmax`` over the whole (N, T, V) logits. It is the single source of truth
+that the tests and the benchmarks compare the fused kernels against, so it stays plain on purpose.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def sequence_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    shift: bool = True,
+    average: bool = False,
+) -> torch.Tensor:
+    """Per-sequence sum (or mean with ``average``) of log p(label) over tokens whose label is not ignored.
+
+    logits: (N, T, V); labels: (N, T). With ``shift``, logits[:, :-1] predict labels[:, 1:].
+    Returns (N,) fp32 (fp64 for fp64 logits). A sequence with no scored token gets 0.
+    """
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    mask = labels != ignore_index
+    token_logp = logp.gather(-1, labels.masked_fill(~mask, 0).long().unsqueeze(-1)).squeeze(-1)
+    total = torch.where(mask, token_logp, 0.0).sum(-1)
+    if average:
+        return total / mask.sum(-1).clamp(min=1)
+    return total
+
+
+def dpo_loss(policy_logits, ref_logits, labels, beta: float = 0.1, *, ignore_index: int = -100, average=False):
+    """Sigmoid DPO loss of Rafailov et al. (2023), arXiv:2305.18290.
+
+    policy_logits: (2B, T, V), chosen sequences first, rejected second; labels: (2B, T) with
+    ``ignore_index`` on prompt and padding. ``ref_logits`` is (2B, T, V) logits of the frozen reference,
+    a (2B,) tensor of precomputed reference log-probs, or None (reference-free: ref log-probs are 0).
+
+    Returns ``(loss, metrics)``; the metrics are detached 0-dim tensors (``float()`` them to log):
+    ``reward_chosen`` / ``reward_rejected`` = mean over pairs of β·(π − ref), ``accuracy`` = share of
+    pairs whose chosen reward exceeds the rejected one.
+    """
+    pol = sequence_logps(policy_logits, labels, ignore_index=ignore_index, average=average)
+    if ref_logits is None:
+        ref = torch.zeros_like(pol)
+    elif ref_logits.dim() == 1:
+        ref = ref_logits.to(pol.dtype)
+    else:
+        with torch.no_grad():
+            ref = sequence_logps(ref_logits, labels, ignore_index=ignore_index, average=average)
+    pol_w, pol_l = pol.chunk(2)
+    ref_w, ref_l = ref.chunk(2)
+    logits = beta * ((pol_w - ref_w) - (pol_l - ref_l))
+    loss = -F.logsigmoid(logits).mean()
+    metrics = {
+        "reward_chosen": (beta * (pol_w - ref_w)).mean().detach(),
+        "reward_rejected": (beta * (pol_l - ref_l)).mean().detach(),
+        "accuracy": (logits > 0).float().mean().detach(),
+    }
+    return loss, metrics

@@ -1,0 +1,163 @@
+"""Triton kernels: per-token log-probs of the labels and their gradient w.r.t. the logits.
+
+One program handles one token row of the logits, so nothing of size (N, T, V) is stored besides
+the logits and their gradient. The next-token shift is index arithmetic: logits row ``t`` is scored
+against label ``t + SHIFT``; with a shift the last logits row predicts nothing and gets a zero gradient.
+All offsets are formed in int64 because N·T·V passes 2^31 at real sizes.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def token_logps_fwd_kernel(
+    logits_ptr,  # (N, T, V) fp32 | bf16 | fp16, strides (stride_ln, stride_lt, stride_lv)
+    labels_ptr,  # (N, T) int32 | int64, strides (stride_yn, stride_yt)
+    logp_ptr,  # (N, T_OUT) fp32, contiguous: log_softmax(logits[n, t])[labels[n, t + shift]]
+    lse_ptr,  # (N, T_OUT) fp32, contiguous: logsumexp(logits[n, t]), saved for the backward
+    T_OUT,
+    V,
+    stride_ln,
+    stride_lt,
+    stride_lv,
+    stride_yn,
+    stride_yt,
+    ignore_index,
+    shift,
+    BLOCK_V: tl.constexpr,
+):
+    """logp = x[label] - lse(x), lse(x) = m + log(sum_v exp(x_v - m)), online over V tiles.
+
+    Rows whose label is ``ignore_index`` write zeros and never read their logits. A label outside
+    [0, V) writes NaN instead of reading out of bounds (the Python side rejects it first).
+    """
+    row = tl.program_id(0)
+    n = (row // T_OUT).to(tl.int64)
+    t = (row % T_OUT).to(tl.int64)
+    label = tl.load(labels_ptr + n * stride_yn + (t + shift) * stride_yt).to(tl.int64)
+    if label == ignore_index:
+        tl.store(logp_ptr + row, 0.0)
+        tl.store(lse_ptr + row, 0.0)
+    else:
+        row_ptr = logits_ptr + n * stride_ln + t * stride_lt
+        cols = tl.arange(0, BLOCK_V)
+        m = float("-inf")  # running max
+        s = 0.0  # running sum of exp(x - m)
+        x_label = 0.0
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            x = tl.load(row_ptr + offs.to(tl.int64) * stride_lv, mask=offs < V, other=float("-inf"))
+            x = x.to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            m = m_new
+            x_label += tl.sum(tl.where(offs == label, x, 0.0), axis=0)
+        lse = m + tl.log(s)
+        in_range = (label >= 0) & (label < V)
+        tl.store(logp_ptr + row, tl.where(in_range, x_label - lse, float("nan")))
+        tl.store(lse_ptr + row, lse)
+
+
+@triton.jit
+def token_logps_bwd_kernel(
+    grad_logits_ptr,  # (N, T, V) dtype of the logits, strides (stride_gn, stride_gt, stride_gv); may alias logits
+    logits_ptr,  # (N, T, V) fp32 | bf16 | fp16, strides (stride_ln, stride_lt, stride_lv)
+    labels_ptr,  # (N, T) int32 | int64, strides (stride_yn, stride_yt)
+    grad_tok_ptr,  # (N, T_OUT) fp32, strides (stride_dn, stride_dt); 0-strides of an expand are fine
+    lse_ptr,  # (N, T_OUT) fp32, contiguous, from the forward
+    T,
+    T_OUT,
+    V,
+    stride_gn,
+    stride_gt,
+    stride_gv,
+    stride_ln,
+    stride_lt,
+    stride_lv,
+    stride_yn,
+    stride_yt,
+    stride_dn,
+    stride_dt,
+    ignore_index,
+    shift,
+    BLOCK_V: tl.constexpr,
+):
+    """grad_logits[n, t, v] = g[n, t] * (onehot(label)_v - exp(x_v - lse)): one read, one write per logit.
+
+    Masked rows and the unscored last row (with a shift) are written as zeros without reading the
+    logits. Each program reads a tile before writing it, so the gradient may overwrite the logits.
+    """
+    row = tl.program_id(0)  # over N * T: every logits row gets a gradient row
+    n = (row // T).to(tl.int64)
+    t = (row % T).to(tl.int64)
+    scored = t < T_OUT
+    label = tl.load(labels_ptr + n * stride_yn + (t + shift) * stride_yt, mask=scored, other=ignore_index)
+    label = label.to(tl.int64)
+    out_ptr = grad_logits_ptr + n * stride_gn + t * stride_gt
+    cols = tl.arange(0, BLOCK_V)
+    if label == ignore_index:
+        zeros = tl.zeros([BLOCK_V], dtype=grad_logits_ptr.dtype.element_ty)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            tl.store(out_ptr + offs.to(tl.int64) * stride_gv, zeros, mask=offs < V)
+    else:
+        g = tl.load(grad_tok_ptr + n * stride_dn + t * stride_dt)
+        lse = tl.load(lse_ptr + n * T_OUT + t)
+        row_ptr = logits_ptr + n * stride_ln + t * stride_lt
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            x = tl.load(row_ptr + offs.to(tl.int64) * stride_lv, mask=offs < V, other=0.0)
+            gp = g * tl.exp(x.to(tl.float32) - lse)
+            grad = tl.where(offs == label, g - gp, -gp)
+            tl.store(out_ptr + offs.to(tl.int64) * stride_gv, grad.to(grad_logits_ptr.dtype.element_ty), mask=offs < V)
+
+
+# --------------------------------------------------------------------------------------------- launchers
+
+# Real vocabularies (32k-256k) take 4096-element tiles over 8 warps: 16 elements per thread (two
+# 128-bit loads of a 16-bit type), enough in flight to saturate HBM without spilling. Toy vocabularies
+# take one 1024 tile; two choices keep the set of compiled (and ahead-of-time checked) variants small.
+LAUNCH_CONFIGS = ((1024, 4), (4096, 8))  # (BLOCK_V, num_warps)
+
+
+def launch_config(V: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) the launchers use for a vocabulary of size V."""
+    return LAUNCH_CONFIGS[0] if V <= LAUNCH_CONFIGS[0][0] else LAUNCH_CONFIGS[1]
+
+
+def token_logps_fwd(logits, labels, ignore_index: int, shift: bool):
+    import torch
+
+    N, T, V = logits.shape
+    t_out = max(T - int(shift), 0)
+    logp = torch.empty((N, t_out), dtype=torch.float32, device=logits.device)
+    lse = torch.empty((N, t_out), dtype=torch.float32, device=logits.device)
+    if N * t_out == 0:
+        return logp, lse
+    block, warps = launch_config(V)
+    token_logps_fwd_kernel[(N * t_out,)](
+        logits, labels, logp, lse,
+        t_out, V,
+        *logits.stride(), *labels.stride(),
+        ignore_index, int(shift),
+        BLOCK_V=block, num_warps=warps,
+    )  # fmt: skip
+    return logp, lse
+
+
+def token_logps_bwd(grad_tok, logits, labels, lse, ignore_index: int, shift: bool, out):
+    """Writes the gradient into ``out`` (a fresh tensor, or ``logits`` itself for the in-place mode)."""
+    N, T, V = logits.shape
+    t_out = max(T - int(shift), 0)
+    if N * T == 0:
+        return out
+    block, warps = launch_config(V)
+    token_logps_bwd_kernel[(N * T,)](
+        out, logits, labels, grad_tok, lse,
+        T, t_out, V,
+        *out.stride(), *logits.stride(), *labels.stride(), *grad_tok.stride(),
+        ignore_index, int(shift),
+        BLOCK_V=block, num_warps=warps,
+    )  # fmt: skip
+    return out

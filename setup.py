@@ -1,0 +1,5 @@
+"""Build script. The package is pure Python today; native extensions (csrc/) hook in here."""
+
+from setuptools import setup
+
+setup()
