@@ -35,6 +35,11 @@ def sequence_logps(
     check_logits("logits", logits)
     backend = ops.resolve_backend(backend, logits.device, logits.dtype)
     check_labels(labels, logits, "logits")
+    if inplace_backward and logits.is_leaf and logits.requires_grad:
+        raise ValueError(
+            "inplace_backward=True would overwrite the leaf tensor `logits` with its own gradient; "
+            "use it on logits produced by a model (a non-leaf tensor)"
+        )
     token_logp, _ = torch.ops.dpo_kernels.token_logps(logits, labels, ignore_index, shift, backend, inplace_backward)
     total = token_logp.sum(-1)
     if average:

@@ -1,0 +1,54 @@
+"""Shared fixtures, tolerances and data for the test suite.
+
+The Triton kernels run on CPU tensors under the interpreter. ``triton.jit`` reads TRITON_INTERPRET
+when a kernel is decorated, so it is set here, before any test imports dpo_kernels.triton.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+BACKENDS = ["torch", "triton"]
+LOW_PRECISION = [torch.bfloat16, torch.float16]
+DTYPES = [torch.float32, *LOW_PRECISION]
+
+# fp32: results within 1e-5 relative of the reference. The per-sequence log-probs and the loss are
+# computed in fp32 from the same input values in every dtype, so this holds for bf16/fp16 too.
+FP32_RTOL, FP32_ATOL = 1e-5, 1e-6
+# bf16/fp16 gradients: the kernel's error from the fp64 truth may exceed the same-dtype reference's own
+# error by at most this many ulps of the dtype at the largest gradient magnitude.
+LOW_PRECISION_ULPS = 1.0
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(0)
+
+
+def make_batch(n, t, v, dtype=torch.float32, prompt=0.25, scale=3.0, label_dtype=torch.int64):
+    """Logits and labels like a DPO batch: a masked prompt prefix and a ragged masked padding tail."""
+    logits = (torch.randn(n, t, v) * scale).to(dtype)
+    labels = torch.randint(0, v, (n, t), dtype=label_dtype)
+    prompt_len = int(t * prompt)
+    labels[:, :prompt_len] = -100
+    for i in range(n):
+        pad = i % max(t // 4, 1)
+        if pad:
+            labels[i, t - pad :] = -100
+    return logits, labels
+
+
+def assert_fp32_close(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=FP32_RTOL, atol=FP32_ATOL)
+
+
+def assert_low_precision_grad(kernel_grad, reference_grad, truth):
+    """Kernel error from the fp64 truth <= the same-dtype reference's own error + a small margin."""
+    assert kernel_grad.dtype == reference_grad.dtype
+    kernel_err = (kernel_grad.double() - truth).abs().max().item()
+    reference_err = (reference_grad.double() - truth).abs().max().item()
+    margin = LOW_PRECISION_ULPS * torch.finfo(kernel_grad.dtype).eps * truth.abs().max().item()
+    assert kernel_err <= reference_err + margin, (kernel_err, reference_err, margin)
