@@ -93,29 +93,36 @@ def sync(device):
 # Timing (this process)
 
 
-def time_impl(fn, source, logits, labels, pristine, reps, device):
-    """Median seconds of ``reps`` forward + backward passes, after one warm-up."""
-    times = []
-    for i in range(reps + 1):
-        # The in-place mode overwrites the logits with their gradient; every pass starts from the same
-        # values so all implementations do identical work. The restore is outside the timed region.
-        with torch.no_grad():
-            source.copy_(pristine)
-        sync(device)
-        start = time.perf_counter()
-        grad = fwd_bwd(fn, logits, labels)
-        sync(device)
-        elapsed = time.perf_counter() - start
-        del grad
-        if i > 0:
-            times.append(elapsed)
-    return statistics.median(times)
+def time_once(fn, source, logits, labels, pristine, device) -> float:
+    # The in-place mode overwrites the logits with their gradient; every pass starts from the same
+    # values so all implementations do identical work. The restore is outside the timed region.
+    with torch.no_grad():
+        source.copy_(pristine)
+    sync(device)
+    start = time.perf_counter()
+    grad = fwd_bwd(fn, logits, labels)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    del grad
+    return elapsed
 
 
 def time_all(args, impls, dtype, device):
+    """Seconds of every forward + backward pass per impl, after one warm-up pass each.
+
+    The reps are interleaved across impls (round-robin) rather than run back to back, so a slow spell of
+    a shared machine lands on all impls alike instead of skewing one impl's ratio to the reference.
+    """
     source, logits, labels = make_inputs(args, dtype, device)
     pristine = source.detach().clone()
-    return {name: time_impl(impl_fn(name), source, logits, labels, pristine, args.reps, device) for name in impls}
+    fns = {name: impl_fn(name) for name in impls}
+    times = {name: [] for name in impls}
+    for rep in range(args.reps + 1):
+        for name, fn in fns.items():
+            elapsed = time_once(fn, source, logits, labels, pristine, device)
+            if rep > 0:
+                times[name].append(elapsed)
+    return times
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -306,16 +313,18 @@ def select(args, device):
 def bench_dtype(args, impls, dtype_name, device):
     dtype = DTYPES[dtype_name]
     times = time_all(args, impls, dtype, device)
+    medians = {name: statistics.median(reps) for name, reps in times.items()}
     logits_bytes = args.n * args.t * args.v * torch.finfo(dtype).bits // 8
-    ref_time = times.get("reference")
+    ref_time = medians.get("reference")
     rows = []
     for name in impls:
         rows.append(
             {
                 "dtype": dtype_name,
                 "impl": name,
-                "time_s": times[name],
-                "ratio": times[name] / ref_time if ref_time else None,
+                "time_s": medians[name],
+                "rep_times_s": times[name],
+                "ratio": medians[name] / ref_time if ref_time else None,
                 "extra_bytes": measure_in_child(args, name, dtype_name, device),
                 "logits_bytes": logits_bytes,
             }
@@ -344,7 +353,8 @@ def main(argv=None):
         print("  " + verdict(rows, dtype_name, default_impl))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": vars(args), "env": env, "results": rows}, f, indent=2)
+            config = {k: v for k, v in vars(args).items() if k not in ("child", "device", "json")}
+            json.dump({"config": config, "env": env, "results": rows}, f, indent=2)
         print(f"\nwrote {args.json}")
 
 

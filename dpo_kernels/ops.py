@@ -156,7 +156,7 @@ def _backward(ctx, grad_logp, grad_lse):
     grad_logp = grad_logp.to(lse.dtype)
     if ctx.inplace_backward and not torch.compiler.is_compiling():
         torch.ops.dpo_kernels.token_logps_backward_(grad_logp, logits, labels, lse, *ctx.args)
-        grad = logits
+        grad = logits.detach()  # the gradient is data, not a node of the graph
     else:
         grad = torch.ops.dpo_kernels.token_logps_backward(grad_logp, logits, labels, lse, *ctx.args)
     return grad, None, None, None, None, None

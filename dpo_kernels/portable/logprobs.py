@@ -1,15 +1,20 @@
 """Portable backend: the same two kernels as the Triton ones, in chunked PyTorch.
 
-Only scored rows (label != ignore_index) are visited, a bounded chunk of them at a time, so the
-temporaries never exceed ``CHUNK_ELEMENTS`` logits (times a small constant) whatever N, T and V are.
-fp64 logits are computed in fp64 (that is what makes the fp64 gradcheck meaningful); every other
-dtype in fp32.
+Only scored rows (label != ignore_index) are visited, a bounded chunk at a time, so temporaries never
+exceed ``CHUNK_ELEMENTS`` values whatever N, T and V are. Each chunk goes through ATen's fused,
+vectorized ``log_softmax`` / ``softmax`` kernels, which read 16-bit logits directly and accumulate in
+fp32 (fp64 for fp64 logits, which is what makes the fp64 gradcheck meaningful).
+
+When the (N, T) token grid of the logits can be viewed as one row dimension (any batch-major layout,
+including ``logits[:, :-1]`` of a longer tensor) a chunk is a slice of consecutive rows and costs no
+copy; otherwise (e.g. a time-major batch) the chunk's rows are gathered into a bounded buffer.
 """
 
 import torch
 
-# 2^19 fp32 logits = 2 MiB per temporary: a chunk and its exponentials stay in this CPU's L2/L3 and the
-# extra memory stays a few percent of any realistic logits tensor.
+# 2^19 fp32 values = 2 MiB: a chunk's softmax stays in this CPU's caches, and the extra memory stays a
+# few percent of any realistic logits tensor. The buffer is allocated once per call and reused: a
+# fresh multi-MiB tensor per chunk is a fresh mmap whose page faults cost more than the softmax.
 CHUNK_ELEMENTS = 1 << 19
 
 
@@ -17,54 +22,116 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _scored_rows(labels: torch.Tensor, ignore_index: int, shift: bool, T_out: int):
-    """(n, t) indices of the logits rows that are scored, and the chunk length in rows."""
+def _row_view(x: torch.Tensor):
+    """x (N, T, V) as an (N·T, V) view whose row n·T + t is x[n, t], or None if no such view exists."""
+    N, T, V = x.shape
+    if N > 1 and x.stride(0) != T * x.stride(1):
+        return None
+    return x.as_strided((N * T, V), (x.stride(1), x.stride(2)))
+
+
+def _scored(labels: torch.Tensor, ignore_index: int, shift: bool, T: int):
+    """Boolean (N, T) mask of the logits rows that are scored, and the label of each logits row."""
+    N = labels.shape[0]
+    scored = torch.zeros((N, T), dtype=torch.bool, device=labels.device)
+    target = torch.zeros((N, T), dtype=torch.long, device=labels.device)
+    T_out = max(T - int(shift), 0)
     y = labels[:, int(shift) : int(shift) + T_out]
-    n_idx, t_idx = (y != ignore_index).nonzero(as_tuple=True)
-    return n_idx, t_idx, y
+    scored[:, :T_out] = y != ignore_index
+    target[:, :T_out] = y.masked_fill(y == ignore_index, 0)
+    return scored, target
 
 
-def _row_chunks(n_rows: int, V: int):
-    step = max(1, CHUNK_ELEMENTS // max(V, 1))
-    for start in range(0, n_rows, step):
-        yield slice(start, min(start + step, n_rows))
+def _runs(mask: torch.Tensor):
+    """(start, stop) bounds of the runs of consecutive flat row ids where ``mask`` holds.
+
+    In a DPO batch the completion rows of a sequence form one run, its prompt and padding another.
+    """
+    ids = mask.flatten().nonzero().squeeze(1)
+    if ids.numel() == 0:
+        return []
+    breaks = (ids.diff() != 1).nonzero().squeeze(1) + 1
+    bounds = torch.cat([ids.new_zeros(1), breaks, ids.new_full((1,), ids.numel())]).tolist()
+    starts = ids[bounds[:-1]].tolist()
+    return [(start, start + hi - lo) for start, lo, hi in zip(starts, bounds[:-1], bounds[1:])]
+
+
+def _chunk_rows(V: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(V, 1))
+
+
+def _chunks(mask: torch.Tensor, V: int):
+    """The runs of ``mask`` cut into slices of at most ``_chunk_rows(V)`` rows."""
+    step = _chunk_rows(V)
+    for first, stop in _runs(mask):
+        for start in range(first, stop, step):
+            yield start, min(start + step, stop)
+
+
+def _gather_chunks(mask: torch.Tensor, V: int):
+    """For layouts without a row view: (n, t) index tensors of at most CHUNK_ELEMENTS // V rows."""
+    n_idx, t_idx = mask.nonzero(as_tuple=True)
+    step = _chunk_rows(V)
+    for start in range(0, n_idx.numel(), step):
+        yield n_idx[start : start + step], t_idx[start : start + step]
 
 
 def token_logps_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool):
+    """logp[n, t] = log_softmax(logits[n, t])[label] and lse[n, t] = logits[n, t, label] − logp[n, t]."""
     N, T, V = logits.shape
     T_out = max(T - int(shift), 0)
     acc = _acc_dtype(logits.dtype)
-    logp = logits.new_zeros((N, T_out), dtype=acc)
-    lse = logits.new_zeros((N, T_out), dtype=acc)
-    n_idx, t_idx, y = _scored_rows(labels, ignore_index, shift, T_out)
-    for rows in _row_chunks(n_idx.numel(), V):
-        n, t = n_idx[rows], t_idx[rows]
-        x = logits[n, t].to(acc)  # (rows, V): the only copy, bounded by the chunk
-        row_lse = torch.logsumexp(x, dim=-1)
-        picked = x.gather(1, y[n, t].long().unsqueeze(1)).squeeze(1)
-        logp[n, t] = picked - row_lse
-        lse[n, t] = row_lse
-    return logp, lse
+    scored, target = _scored(labels, ignore_index, shift, T)
+    logp = logits.new_zeros((N, T), dtype=acc)
+    lse = logits.new_zeros((N, T), dtype=acc)
+    buffer = logits.new_empty((min(_chunk_rows(V), N * T), V), dtype=acc)
+
+    def score(x, y):  # x: (rows, V) logits, y: (rows,) labels -> (logp, lse) of those rows
+        x_label = x.gather(1, y.unsqueeze(1)).squeeze(1).to(acc)
+        log_probs = torch.log_softmax(x, dim=-1, dtype=acc, out=buffer[: x.shape[0]])
+        row_logp = log_probs.gather(1, y.unsqueeze(1)).squeeze(1)
+        return row_logp, x_label - row_logp
+
+    rows = _row_view(logits)
+    if rows is not None:
+        flat_logp, flat_lse, flat_target = logp.view(-1), lse.view(-1), target.view(-1)
+        for a, b in _chunks(scored, V):
+            flat_logp[a:b], flat_lse[a:b] = score(rows[a:b], flat_target[a:b])
+    else:
+        for n, t in _gather_chunks(scored, V):
+            logp[n, t], lse[n, t] = score(logits[n, t], target[n, t])
+    return logp[:, :T_out].contiguous(), lse[:, :T_out].contiguous()
 
 
 def token_logps_bwd(grad_tok, logits, labels, lse, ignore_index: int, shift: bool, out: torch.Tensor):
-    """grad = g * (onehot(label) - exp(x - lse)) on scored rows, zeros elsewhere, written into ``out``.
+    """grad = g · (onehot(label) − softmax(logits)) on scored rows, zeros elsewhere, written into ``out``.
 
-    Each chunk is copied out of the logits before its gradient is written back, so ``out`` may be
-    ``logits`` itself (the in-place mode).
+    The softmax is recomputed by ATen's fused kernel rather than as exp(x − lse): one vectorized pass
+    instead of three. Each chunk's gradient is formed in a separate buffer before it is stored, so
+    ``out`` may be ``logits`` itself (the in-place mode).
     """
     N, T, V = logits.shape
     T_out = max(T - int(shift), 0)
     acc = _acc_dtype(logits.dtype)
-    n_idx, t_idx, y = _scored_rows(labels, ignore_index, shift, T_out)
-    unscored = torch.ones((N, T), dtype=torch.bool, device=logits.device)
-    unscored[n_idx, t_idx] = False
-    out[unscored] = 0
-    for rows in _row_chunks(n_idx.numel(), V):
-        n, t = n_idx[rows], t_idx[rows]
-        g = grad_tok[n, t].to(acc).unsqueeze(1)
-        grad = torch.exp(logits[n, t].to(acc) - lse[n, t].unsqueeze(1))
-        grad.mul_(-g)
-        grad.scatter_add_(1, y[n, t].long().unsqueeze(1), g)
-        out[n, t] = grad.to(out.dtype)
+    scored, target = _scored(labels, ignore_index, shift, T)
+    g = grad_tok.new_zeros((N, T), dtype=acc)
+    g[:, :T_out] = grad_tok
+    buffer = logits.new_empty((min(_chunk_rows(V), N * T), V), dtype=acc)
+
+    def gradient(x, y, g_rows):
+        grad = torch.softmax(x, dim=-1, dtype=acc, out=buffer[: x.shape[0]])
+        grad.mul_(-g_rows.unsqueeze(1))
+        return grad.scatter_add_(1, y.unsqueeze(1), g_rows.unsqueeze(1))
+
+    rows, out_rows = _row_view(logits), _row_view(out)
+    if rows is not None and out_rows is not None:
+        flat_g, flat_target = g.view(-1), target.view(-1)
+        for a, b in _runs(~scored):
+            out_rows[a:b].zero_()
+        for a, b in _chunks(scored, V):
+            out_rows[a:b].copy_(gradient(rows[a:b], flat_target[a:b], flat_g[a:b]))
+    else:
+        out[~scored] = 0
+        for n, t in _gather_chunks(scored, V):
+            out[n, t] = gradient(logits[n, t], target[n, t], g[n, t]).to(out.dtype)
     return out
