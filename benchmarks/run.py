@@ -351,10 +351,15 @@ def main(argv=None):
     print(f"targets for the default backend: time <= {TARGET_TIME_RATIO}x reference, extra <= {TARGET_EXTRA_PCT:.0f}%")
     for dtype_name in dtypes:
         print("  " + verdict(rows, dtype_name, default_impl))
+    print()
+    from benchmarks.modeled_memory import report
+
+    # The GPU path at Llama-3-8B scale, whatever machine this is: the one memory figure for real sizes.
+    modeled = report(n=8, t=4096, v=128256, dtype_name="bf16")
     if args.json:
         with open(args.json, "w") as f:
             config = {k: v for k, v in vars(args).items() if k not in ("child", "device", "json")}
-            json.dump({"config": config, "env": env, "results": rows}, f, indent=2)
+            json.dump({"config": config, "env": env, "results": rows, "modeled_gpu_memory": modeled}, f, indent=2)
         print(f"\nwrote {args.json}")
 
 
