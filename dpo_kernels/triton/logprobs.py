@@ -150,8 +150,8 @@ def token_logps_bwd(grad_tok, logits, labels, lse, ignore_index: int, shift: boo
     """Writes the gradient into ``out`` (a fresh tensor, or ``logits`` itself for the in-place mode)."""
     N, T, V = logits.shape
     t_out = max(T - int(shift), 0)
-    if N * T == 0:
-        return out
+    if N * t_out == 0:  # nothing is scored; also keeps empty (null-pointer) tensors out of the launch
+        return out.zero_()
     block, warps = launch_config(V)
     token_logps_bwd_kernel[(N * T,)](
         out, logits, labels, grad_tok, lse,
