@@ -17,7 +17,9 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+from . import native
+
+BACKENDS = ("auto", "triton", "native", "torch")
 BACKEND_ENV = "DPO_KERNELS_BACKEND"
 
 
@@ -28,8 +30,10 @@ def triton_interpreting() -> bool:
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
     """The concrete backend for tensors of ``dtype`` on ``device``.
 
-    An explicit ``backend`` wins; ``"auto"`` defers to ``$DPO_KERNELS_BACKEND`` and then picks Triton
-    for CUDA tensors and the portable PyTorch kernels for everything else.
+    An explicit ``backend`` wins; ``"auto"`` defers to ``$DPO_KERNELS_BACKEND`` and then picks, for CUDA
+    tensors, Triton (else the native CUDA kernels), and for CPU tensors the native C++ kernels; the
+    portable PyTorch kernels serve whatever is left (with a one-line warning when native kernels were
+    wanted but are not built).
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -37,25 +41,41 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype = tor
         backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
         if backend not in BACKENDS:
             raise ValueError(f"${BACKEND_ENV} must be one of {BACKENDS}, got {backend!r}")
+    return _resolve(backend, device.type, dtype, triton_interpreting())
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device_type: str, dtype: torch.dtype, interpreting: bool) -> str:
+    has_triton = importlib.util.find_spec("triton") is not None
     if backend == "auto":
-        has_triton = importlib.util.find_spec("triton") is not None
-        return "triton" if device.type == "cuda" and has_triton else "torch"
+        if device_type == "cuda" and has_triton:
+            return "triton"
+        if device_type in ("cpu", "cuda"):
+            if native.has_kernel(device_type):
+                return "native"
+            native.warn_unavailable()
+        return "torch"
     if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not has_triton:
             raise ValueError("backend='triton' needs the triton package, which is not importable")
-        if device.type != "cuda" and not triton_interpreting():
+        if device_type != "cuda" and not interpreting:
             raise ValueError(
                 f"backend='triton' runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1); "
-                f"got tensors on {device}"
+                f"got tensors on {device_type}"
             )
         if dtype == torch.float64:
             raise TypeError("backend='triton' takes float32, bfloat16 or float16 logits, got float64")
+    if backend == "native" and not native.has_kernel(device_type):
+        reason = native.load_error() or f"it has no kernels for {device_type} tensors"
+        raise ValueError(f"backend='native' needs the compiled extension dpo_kernels._C: {reason}")
     return backend
 
 
 def _kernels(backend: str):
     if backend == "triton":
         from .triton import logprobs
+    elif backend == "native":
+        logprobs = native
     elif backend == "torch":
         from .portable import logprobs
     else:
@@ -114,8 +134,7 @@ def token_logps_backward(
     shift: bool,
     backend: str,
 ) -> torch.Tensor:
-    out = torch.empty_like(logits)
-    return _kernels(backend).token_logps_bwd(grad_logp, logits, labels, lse, ignore_index, shift, out)
+    return _kernels(backend).token_logps_bwd(grad_logp, logits, labels, lse, ignore_index, shift)
 
 
 @token_logps_backward.register_fake

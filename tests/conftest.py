@@ -11,7 +11,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["torch", "triton", "native"]
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 DTYPES = [torch.float32, *LOW_PRECISION]
 

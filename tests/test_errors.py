@@ -61,21 +61,24 @@ def test_unknown_backend_and_environment_override(monkeypatch):
 
 
 def test_environment_selects_the_backend(monkeypatch):
-    logits, labels = batch()
-    calls = []
+    from dpo_kernels import native
     from dpo_kernels.triton import logprobs
 
-    real = logprobs.token_logps_fwd
-    monkeypatch.setattr(logprobs, "token_logps_fwd", lambda *a: calls.append(1) or real(*a))
+    logits, labels = batch()
+    calls = []
+    for module, name in ((logprobs, "triton"), (native, "native")):
+        real = module.token_logps_fwd
+        monkeypatch.setattr(module, "token_logps_fwd", lambda *a, real=real, name=name: calls.append(name) or real(*a))
     monkeypatch.setenv("DPO_KERNELS_BACKEND", "triton")
     out = sequence_logps(logits, labels)
-    assert calls == [1]
     monkeypatch.setenv("DPO_KERNELS_BACKEND", "torch")
     torch.testing.assert_close(sequence_logps(logits, labels), out, rtol=1e-6, atol=1e-6)
-    assert calls == [1]  # "auto" on CPU tensors is the portable backend
+    assert calls == ["triton"]
     monkeypatch.delenv("DPO_KERNELS_BACKEND")
     sequence_logps(logits, labels)
-    assert calls == [1]
+    assert calls == ["triton", "native"]  # "auto" on CPU tensors: the native C++ kernels
+    sequence_logps(logits, labels, backend="torch")
+    assert calls == ["triton", "native"]
 
 
 def test_triton_needs_cuda_or_the_interpreter(monkeypatch):

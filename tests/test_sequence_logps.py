@@ -166,3 +166,15 @@ def test_offsets_past_2_pow_31(backend):
     dense.requires_grad_()
     reference.sequence_logps(dense, labels).sum().backward()
     torch.testing.assert_close(leaf.grad, dense.grad, rtol=0, atol=2**-8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_minus_infinity_logits_a_whole_tile_long(backend, dtype):
+    """Banned tokens at -inf, more of them than one vocabulary tile: the online max starts at -inf
+    and must not turn the running sum into NaN."""
+    logits, labels = make_batch(2, 4, 5000, dtype=dtype)
+    logits[..., :4500] = float("-inf")
+    labels[labels >= 0] = labels[labels >= 0] % 500 + 4500
+    out, grad = check_against_reference(backend, logits, labels)
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()

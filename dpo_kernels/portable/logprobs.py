@@ -103,13 +103,15 @@ def token_logps_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: in
     return logp[:, :T_out].contiguous(), lse[:, :T_out].contiguous()
 
 
-def token_logps_bwd(grad_tok, logits, labels, lse, ignore_index: int, shift: bool, out: torch.Tensor):
-    """grad = g · (onehot(label) − softmax(logits)) on scored rows, zeros elsewhere, written into ``out``.
+def token_logps_bwd(grad_tok, logits, labels, lse, ignore_index: int, shift: bool, out=None):
+    """grad = g · (onehot(label) − softmax(logits)) on scored rows, zeros elsewhere, in a new tensor or,
+    with ``out=logits``, in the logits' storage.
 
     The softmax is recomputed by ATen's fused kernel rather than as exp(x − lse): one vectorized pass
     instead of three. Each chunk's gradient is formed in a separate buffer before it is stored, so
     ``out`` may be ``logits`` itself (the in-place mode).
     """
+    out = torch.empty_like(logits) if out is None else out
     N, T, V = logits.shape
     T_out = max(T - int(shift), 0)
     acc = _acc_dtype(logits.dtype)

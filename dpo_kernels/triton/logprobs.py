@@ -6,6 +6,7 @@ against label ``t + SHIFT``; with a shift the last logits row predicts nothing a
 All offsets are formed in int64 because N·T·V passes 2^31 at real sizes.
 """
 
+import torch
 import triton
 import triton.language as tl
 
@@ -50,7 +51,9 @@ def token_logps_fwd_kernel(
             x = tl.load(row_ptr + offs.to(tl.int64) * stride_lv, mask=offs < V, other=float("-inf"))
             x = x.to(tl.float32)
             m_new = tl.maximum(m, tl.max(x, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            # Shift by 0 while every logit so far is -inf (banned tokens): exp(-inf - -inf) is NaN.
+            pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - pivot) + tl.sum(tl.exp(x - pivot), axis=0)
             m = m_new
             x_label += tl.sum(tl.where(offs == label, x, 0.0), axis=0)
         lse = m + tl.log(s)
@@ -127,8 +130,6 @@ def launch_config(V: int) -> tuple[int, int]:
 
 
 def token_logps_fwd(logits, labels, ignore_index: int, shift: bool):
-    import torch
-
     N, T, V = logits.shape
     t_out = max(T - int(shift), 0)
     logp = torch.empty((N, t_out), dtype=torch.float32, device=logits.device)
@@ -146,8 +147,9 @@ def token_logps_fwd(logits, labels, ignore_index: int, shift: bool):
     return logp, lse
 
 
-def token_logps_bwd(grad_tok, logits, labels, lse, ignore_index: int, shift: bool, out):
-    """Writes the gradient into ``out`` (a fresh tensor, or ``logits`` itself for the in-place mode)."""
+def token_logps_bwd(grad_tok, logits, labels, lse, ignore_index: int, shift: bool, out=None):
+    """The gradient w.r.t. the logits, in a new tensor or, with ``out=logits``, in the logits' storage."""
+    out = torch.empty_like(logits) if out is None else out
     N, T, V = logits.shape
     t_out = max(T - int(shift), 0)
     if N * t_out == 0:  # nothing is scored; also keeps empty (null-pointer) tensors out of the launch

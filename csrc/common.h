@@ -1,0 +1,74 @@
+// Shared by the CPU and CUDA kernels: argument checks and the row geometry of the log-prob ops.
+//
+// Semantics (the same as dpo_kernels/triton/logprobs.py): logits (N, T, V) with any strides, labels
+// (N, T). With a shift, logits row t is scored against label t + 1 and the last row against nothing.
+// Rows whose label is ignore_index are not read; their log-prob, lse and gradient are zero.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace dpo_kernels {
+
+struct RowGeometry {
+  int64_t N, T, T_out, V;
+  int64_t shift;
+  int64_t logits_n, logits_t, logits_v;  // logits strides, in elements
+  int64_t labels_n, labels_t;            // labels strides, in elements
+};
+
+inline RowGeometry row_geometry(const at::Tensor& logits, const at::Tensor& labels, bool shift) {
+  RowGeometry g;
+  g.N = logits.size(0);
+  g.T = logits.size(1);
+  g.V = logits.size(2);
+  g.shift = shift ? 1 : 0;
+  g.T_out = std::max<int64_t>(g.T - g.shift, 0);
+  g.logits_n = logits.stride(0);
+  g.logits_t = logits.stride(1);
+  g.logits_v = logits.stride(2);
+  g.labels_n = labels.stride(0);
+  g.labels_t = labels.stride(1);
+  return g;
+}
+
+inline void check_logits_labels(const at::Tensor& logits, const at::Tensor& labels) {
+  TORCH_CHECK_VALUE(logits.dim() == 3, "logits must have shape (N, T, V), got ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(2) > 0, "logits has an empty vocabulary dimension: ", logits.sizes());
+  auto dtype = logits.scalar_type();
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
+                   "logits must be float32, bfloat16, float16 or float64, got ", dtype);
+  TORCH_CHECK_TYPE(labels.scalar_type() == at::kLong || labels.scalar_type() == at::kInt,
+                   "labels must be int64 or int32 token ids, got ", labels.scalar_type());
+  TORCH_CHECK_VALUE(labels.dim() == 2 && labels.size(0) == logits.size(0) && labels.size(1) == logits.size(1),
+                    "labels must have shape (N, T) = (", logits.size(0), ", ", logits.size(1),
+                    ") to match logits, got ", labels.sizes());
+  TORCH_CHECK_VALUE(labels.device() == logits.device(), "labels are on ", labels.device(), " but logits is on ",
+                    logits.device());
+}
+
+inline void check_backward(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
+                           const at::Tensor& lse, bool shift) {
+  check_logits_labels(logits, labels);
+  const int64_t t_out = std::max<int64_t>(logits.size(1) - (shift ? 1 : 0), 0);
+  const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  for (const auto* t : {&grad_logp, &lse}) {
+    const char* name = t == &lse ? "lse" : "grad_logp";
+    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == logits.size(0) && t->size(1) == t_out, name,
+                      " must have shape (N, T - shift) = (", logits.size(0), ", ", t_out, "), got ", t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == acc, name, " must be ", acc, ", got ", t->scalar_type());
+    TORCH_CHECK_VALUE(t->device() == logits.device(), name, " is on ", t->device(), " but logits is on ",
+                      logits.device());
+  }
+  TORCH_CHECK_VALUE(lse.is_contiguous(), "lse must be contiguous (it is the forward's output)");
+}
+
+// The dtype of the per-token outputs: fp64 logits are scored in fp64, everything else in fp32.
+inline at::ScalarType output_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace dpo_kernels

@@ -1,0 +1,266 @@
+// CPU log-prob kernels. This file is compiled once per CPU capability (DEFAULT, AVX2, AVX512) with
+// that capability's flags and -DCPU_CAPABILITY=<name>, so at::vec::Vectorized is the real vector type
+// in each copy; logprobs.cpp picks the copy the running CPU supports (as ATen's own kernels do).
+//
+//   forward   logp[n, t] = x[label] - lse(x),  lse(x) = m + log(sum_v exp(x_v - m)),  x = logits[n, t]
+//   backward  grad[n, t, v] = g[n, t] * ((v == label) - exp(x_v - lse[n, t]))
+//
+// Work is split over the scored rows only (a compacted list), so masked prompt rows cost nothing and
+// both threads get the same number of rows whatever the mask looks like.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../common.h"
+
+#ifndef CPU_CAPABILITY
+#error "compile this file with -DCPU_CAPABILITY=DEFAULT|AVX2|AVX512"
+#endif
+
+namespace dpo_kernels::cpu::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+using fVec = Vectorized<float>;
+
+// 4096 fp32 values = 16 KiB: a tile converted to fp32 stays in L1 for its second (exp) pass, so the
+// logits are read from memory once while the max and the sum each get a vectorized pass.
+constexpr int64_t kTile = 4096;
+
+// Loads fVec::size() values starting at p as fp32. 16-bit types are converted in pairs of vectors by
+// the caller; this is the fp32 case and the scalar fallback for the tail.
+template <typename scalar_t>
+inline void tile_to_float(const scalar_t* p, int64_t n, float* out) {
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; i + fVec::size() <= n; i += fVec::size()) fVec::loadu(p + i).store(out + i);
+  } else {
+    using sVec = Vectorized<scalar_t>;
+    for (; i + sVec::size() <= n; i += sVec::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(sVec::loadu(p + i));
+      lo.store(out + i);
+      hi.store(out + i + fVec::size());
+    }
+  }
+  for (; i < n; ++i) out[i] = static_cast<float>(p[i]);
+}
+
+inline float tile_max(const float* x, int64_t n) {
+  int64_t i = 0;
+  float m = -std::numeric_limits<float>::infinity();
+  if (n >= fVec::size()) {
+    fVec vm(-std::numeric_limits<float>::infinity());
+    for (; i + fVec::size() <= n; i += fVec::size()) vm = at::vec::maximum(vm, fVec::loadu(x + i));
+    m = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, vm);
+  }
+  for (; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+inline float tile_sum_exp(const float* x, int64_t n, float m) {
+  int64_t i = 0;
+  const fVec vm(m);
+  fVec vs(0.f);
+  for (; i + fVec::size() <= n; i += fVec::size()) vs += (fVec::loadu(x + i) - vm).exp_u20();
+  float s = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, vs);
+  for (; i < n; ++i) s += std::exp(x[i] - m);
+  return s;
+}
+
+// Online log-sum-exp of a contiguous row over fp32 tiles: one read of the row from memory.
+template <typename scalar_t>
+float row_lse_contiguous(const scalar_t* row, int64_t V, float* tile) {
+  float m = -std::numeric_limits<float>::infinity();
+  float s = 0.f;
+  for (int64_t start = 0; start < V; start += kTile) {
+    const int64_t n = std::min(kTile, V - start);
+    const float* x = tile;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      x = row + start;
+    } else {
+      tile_to_float(row + start, n, tile);
+    }
+    const float m_new = std::max(m, tile_max(x, n));
+    if (m_new == -std::numeric_limits<float>::infinity()) continue;  // nothing but -inf so far
+    s = (m == m_new ? s : s * std::exp(m - m_new)) + tile_sum_exp(x, n, m_new);
+    m = m_new;
+  }
+  return m + std::log(s);
+}
+
+// grad = -g * exp(x - lse) over a contiguous row, stored in the logits' dtype; the caller fixes the
+// label's element. In place when out == row: every element is read before it is written.
+template <typename scalar_t>
+void row_grad_contiguous(const scalar_t* row, scalar_t* out, int64_t V, float lse, float g) {
+  const fVec vlse(lse), vneg_g(-g);
+  int64_t i = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; i + fVec::size() <= V; i += fVec::size())
+      ((fVec::loadu(row + i) - vlse).exp_u20() * vneg_g).store(out + i);
+  } else {
+    using sVec = Vectorized<scalar_t>;
+    for (; i + sVec::size() <= V; i += sVec::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(sVec::loadu(row + i));
+      lo = (lo - vlse).exp_u20() * vneg_g;
+      hi = (hi - vlse).exp_u20() * vneg_g;
+      at::vec::convert_from_float<scalar_t>(lo, hi).store(out + i);
+    }
+  }
+  for (; i < V; ++i) out[i] = static_cast<scalar_t>(-g * std::exp(static_cast<float>(row[i]) - lse));
+}
+
+// Any vocabulary stride, and fp64: plain scalar loops in the accumulation type.
+template <typename scalar_t, typename acc_t>
+acc_t row_lse_strided(const scalar_t* row, int64_t V, int64_t stride) {
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t v = 0; v < V; ++v) m = std::max(m, static_cast<acc_t>(row[v * stride]));
+  acc_t s = 0;
+  for (int64_t v = 0; v < V; ++v) s += std::exp(static_cast<acc_t>(row[v * stride]) - m);
+  return m + std::log(s);
+}
+
+template <typename scalar_t, typename acc_t>
+void row_grad_strided(const scalar_t* row, int64_t row_stride, scalar_t* out, int64_t out_stride, int64_t V,
+                      acc_t lse, acc_t g) {
+  for (int64_t v = 0; v < V; ++v)
+    out[v * out_stride] = static_cast<scalar_t>(-g * std::exp(static_cast<acc_t>(row[v * row_stride]) - lse));
+}
+
+template <typename scalar_t>
+constexpr bool kVectorized = !std::is_same_v<scalar_t, double>;
+
+// Flat ids n * T + t of the logits rows that are scored, and of those that are not.
+template <typename label_t>
+void split_rows(const RowGeometry& g, const label_t* labels, int64_t ignore_index, std::vector<int64_t>& scored,
+                std::vector<int64_t>* unscored) {
+  for (int64_t n = 0; n < g.N; ++n) {
+    for (int64_t t = 0; t < g.T; ++t) {
+      const bool is_scored =
+          t < g.T_out && static_cast<int64_t>(labels[n * g.labels_n + (t + g.shift) * g.labels_t]) != ignore_index;
+      if (is_scored) {
+        scored.push_back(n * g.T + t);
+      } else if (unscored) {
+        unscored->push_back(n * g.T + t);
+      }
+    }
+  }
+}
+
+// Rows of about this many logits per task: fewer tasks than rows for a small V, one row for a large V.
+inline int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1)); }
+
+template <typename scalar_t, typename label_t>
+void forward(const RowGeometry& g, const at::Tensor& logits, const at::Tensor& labels, at::Tensor& logp,
+             at::Tensor& lse, int64_t ignore_index) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x = logits.const_data_ptr<scalar_t>();
+  const label_t* y = labels.const_data_ptr<label_t>();
+  acc_t* out_logp = logp.mutable_data_ptr<acc_t>();
+  acc_t* out_lse = lse.mutable_data_ptr<acc_t>();
+  std::vector<int64_t> rows;
+  split_rows(g, y, ignore_index, rows, nullptr);
+  const bool contiguous = g.logits_v == 1;
+  at::parallel_for(0, static_cast<int64_t>(rows.size()), grain_rows(g.V), [&](int64_t begin, int64_t end) {
+    std::vector<float> tile(kVectorized<scalar_t> && contiguous ? kTile : 0);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = rows[i] / g.T, t = rows[i] % g.T;
+      const scalar_t* row = x + n * g.logits_n + t * g.logits_t;
+      const int64_t label = static_cast<int64_t>(y[n * g.labels_n + (t + g.shift) * g.labels_t]);
+      acc_t row_lse;
+      if constexpr (kVectorized<scalar_t>) {
+        row_lse = contiguous ? row_lse_contiguous(row, g.V, tile.data()) : row_lse_strided<scalar_t, acc_t>(row, g.V, g.logits_v);
+      } else {
+        row_lse = row_lse_strided<scalar_t, acc_t>(row, g.V, g.logits_v);
+      }
+      const bool in_range = label >= 0 && label < g.V;
+      const int64_t out = n * g.T_out + t;
+      out_lse[out] = row_lse;
+      out_logp[out] = in_range ? static_cast<acc_t>(row[label * g.logits_v]) - row_lse
+                               : std::numeric_limits<acc_t>::quiet_NaN();
+    }
+  });
+}
+
+template <typename scalar_t, typename label_t>
+void backward(const RowGeometry& g, const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
+              const at::Tensor& lse, at::Tensor& out, int64_t ignore_index) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x = logits.const_data_ptr<scalar_t>();
+  scalar_t* grad = out.data_ptr<scalar_t>();  // may be x itself (in place)
+  const label_t* y = labels.const_data_ptr<label_t>();
+  const acc_t* g_tok = grad_logp.const_data_ptr<acc_t>();
+  const acc_t* row_lse = lse.const_data_ptr<acc_t>();
+  const int64_t g_n = grad_logp.stride(0), g_t = grad_logp.stride(1);
+  const int64_t o_n = out.stride(0), o_t = out.stride(1), o_v = out.stride(2);
+  std::vector<int64_t> rows, zero_rows;
+  split_rows(g, y, ignore_index, rows, &zero_rows);
+  const bool contiguous = g.logits_v == 1 && o_v == 1;
+
+  at::parallel_for(0, static_cast<int64_t>(zero_rows.size()), grain_rows(g.V), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      scalar_t* o = grad + (zero_rows[i] / g.T) * o_n + (zero_rows[i] % g.T) * o_t;
+      if (o_v == 1) {
+        std::fill(o, o + g.V, scalar_t(0));
+      } else {
+        for (int64_t v = 0; v < g.V; ++v) o[v * o_v] = scalar_t(0);
+      }
+    }
+  });
+  at::parallel_for(0, static_cast<int64_t>(rows.size()), grain_rows(g.V), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t n = rows[i] / g.T, t = rows[i] % g.T;
+      const scalar_t* row = x + n * g.logits_n + t * g.logits_t;
+      scalar_t* o = grad + n * o_n + t * o_t;
+      const int64_t label = static_cast<int64_t>(y[n * g.labels_n + (t + g.shift) * g.labels_t]);
+      const acc_t gt = g_tok[n * g_n + t * g_t];
+      const acc_t l = row_lse[n * g.T_out + t];
+      // Read before the row is overwritten (in place), and formed in fp32 to avoid a double rounding.
+      const bool in_range = label >= 0 && label < g.V;
+      const acc_t label_grad = in_range ? gt - gt * std::exp(static_cast<acc_t>(row[label * g.logits_v]) - l) : 0;
+      if constexpr (kVectorized<scalar_t>) {
+        if (contiguous) {
+          row_grad_contiguous(row, o, g.V, l, gt);
+        } else {
+          row_grad_strided<scalar_t, acc_t>(row, g.logits_v, o, o_v, g.V, l, gt);
+        }
+      } else {
+        row_grad_strided<scalar_t, acc_t>(row, g.logits_v, o, o_v, g.V, l, gt);
+      }
+      if (in_range) o[label * o_v] = static_cast<scalar_t>(label_grad);
+    }
+  });
+}
+
+}  // namespace
+
+void token_logps_fwd(const at::Tensor& logits, const at::Tensor& labels, at::Tensor& logp, at::Tensor& lse,
+                     int64_t ignore_index, bool shift) {
+  const RowGeometry g = row_geometry(logits, labels, shift);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logps_fwd", [&] {
+    if (labels.scalar_type() == at::kLong) {
+      forward<scalar_t, int64_t>(g, logits, labels, logp, lse, ignore_index);
+    } else {
+      forward<scalar_t, int32_t>(g, logits, labels, logp, lse, ignore_index);
+    }
+  });
+}
+
+void token_logps_bwd(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
+                     const at::Tensor& lse, at::Tensor& out, int64_t ignore_index, bool shift) {
+  const RowGeometry g = row_geometry(logits, labels, shift);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logps_bwd", [&] {
+    if (labels.scalar_type() == at::kLong) {
+      backward<scalar_t, int64_t>(g, grad_logp, logits, labels, lse, out, ignore_index);
+    } else {
+      backward<scalar_t, int32_t>(g, grad_logp, logits, labels, lse, out, ignore_index);
+    }
+  });
+}
+
+}  // namespace dpo_kernels::cpu::CPU_CAPABILITY

@@ -1,0 +1,24 @@
+// The op schemas of the native kernels. CPU implementations live in cpu/, CUDA ones in cuda/.
+//
+// The Python package registers the differentiable `dpo_kernels::token_logps` (with its autograd and
+// fake implementations) and calls these ops for backend="native"; they are also usable on their own.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(dpo_kernels, m) {
+  // -> (logp, lse), both (N, T - shift), fp32 (fp64 for fp64 logits); zeros on unscored rows.
+  m.def("native_token_logps(Tensor logits, Tensor labels, int ignore_index, bool shift) -> (Tensor, Tensor)");
+  // -> the gradient w.r.t. logits: grad_logp * (onehot(label) - softmax(logits)), in the logits' dtype.
+  m.def(
+      "native_token_logps_backward(Tensor grad_logp, Tensor logits, Tensor labels, Tensor lse, int ignore_index, "
+      "bool shift) -> Tensor");
+  // The same gradient written into the logits' own storage.
+  m.def(
+      "native_token_logps_backward_(Tensor grad_logp, Tensor(a!) logits, Tensor labels, Tensor lse, "
+      "int ignore_index, bool shift) -> ()");
+}
+
+// `import dpo_kernels._C` loads this library, which registers the ops; the module itself is empty.
+static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module_def); }
