@@ -37,12 +37,23 @@ def flag(name: str) -> bool:
 
 
 def find_cuda_home():
-    """CUDA_HOME, or the toolkit holding the nvcc on PATH (through symlinks: /usr/local/bin/nvcc is a
-    link into /usr/local/cuda, and torch's own guess from the link's folder, /usr/local, fails to link)."""
+    """CUDA_HOME, or the toolkit that holds nvcc and libcudart.
+
+    The nvcc on PATH may be a link or a wrapper script outside the toolkit (here /usr/local/bin/nvcc
+    execs /usr/local/cuda-13.0/bin/nvcc); torch's own guess, the folder above it, then fails to link
+    (-lcudart), so a candidate counts only where the runtime library is found beside nvcc.
+    """
     if os.environ.get("CUDA_HOME"):
         return os.environ["CUDA_HOME"]
-    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
-    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    if nvcc:
+        candidates.insert(1, os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in filter(None, candidates):
+        has_nvcc = os.path.exists(os.path.join(home, "bin", "nvcc"))
+        if has_nvcc and any(os.path.exists(os.path.join(home, lib, "libcudart.so")) for lib in ("lib64", "lib")):
+            return home
+    return None
 
 
 def cuda_include_dirs():

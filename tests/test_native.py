@@ -39,7 +39,9 @@ def test_cuda_fallback_is_compiled_linked_and_registered():
     if not cuda_build_expected() and not os.environ.get("CI"):
         pytest.skip("torch without CUDA or no nvcc: the CUDA sources are not built on this machine")
     assert native.has_kernel("cuda")
-    cuobjdump = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / "bin" / "cuobjdump"
+    import triton  # its NVIDIA backend ships cuobjdump; the CUDA 13 toolkit here does not
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     library = Path(dpo_kernels._C.__file__)
     listing = subprocess.run([str(cuobjdump), "--list-elf", str(library)], capture_output=True, text=True, check=True)
     archs = set(re.findall(r"sm_(\d+)", listing.stdout))

@@ -1,0 +1,460 @@
+// CUDA fallback of the log-prob ops, for GPUs or stacks where the Triton kernels cannot run. Same
+// semantics as dpo_kernels/triton/logprobs.py (see ../common.h): per-token log-probs of the labels,
+// the log-sum-exp saved for the backward, and the one-pass gradient w.r.t. the logits.
+//
+// One 256-thread block streams one logits row. A unit-stride row is read in 128-bit packs starting at
+// its first 16-byte boundary, so rows of any length and offset (odd vocabularies such as 50257 or
+// 32001) are vectorized; the few elements before that boundary and after the last pack take one
+// thread each. Rows with any other vocabulary stride are read element by element. Everything is
+// accumulated in fp32 (fp64 for fp64 logits) and all offsets are int64.
+//
+// Only ATen/c10 headers are included: torch/extension.h would make nvcc take minutes.
+#include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+#include <limits>
+#include <tuple>
+#include <type_traits>
+
+#include "../common.h"
+#include "logprobs.h"
+
+namespace dpo_kernels::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kPackBytes = 16;
+
+// fp64 logits are scored in fp64 (output_dtype in common.h); every other dtype in fp32.
+template <typename scalar_t>
+using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+// Elements per 128-bit access, or 1 for the strided kernels.
+template <typename scalar_t>
+constexpr int kPack = kPackBytes / static_cast<int>(sizeof(scalar_t));
+
+// Packs loaded before any is consumed: two 128-bit loads in flight per thread hide HBM latency at the
+// occupancy these kernels get. Strided elements of 2 or 4 bytes keep four in flight; fp64 keeps two,
+// as four inlined fp64 exp() would spill on sm_90.
+template <typename scalar_t, int VEC>
+constexpr int kUnroll = VEC > 1 || sizeof(scalar_t) == 8 ? 2 : 4;
+
+// --------------------------------------------------------------------------------------------- math
+
+// In fp32 e^x is 2^(x·log2 e) on MUFU.EX2, as Triton's tl.exp, but in its flush-to-zero form: exp2f
+// rescales around subnormal results, which took the bf16 forward loop from 120 to 171 instructions
+// per 16 logits on sm_90, too close to what the memory stream leaves at H100/H200 bandwidth (expf
+// costs more still). Only results below 2^-126 are flushed: in the sum they sit next to the row
+// max's term 1, and as gradients they are below 1e-38 |g|.
+__device__ __forceinline__ float exp_acc(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * 1.4426950408889634f));
+  return y;
+}
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+__device__ __forceinline__ float max_acc(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_acc(double a, double b) { return fmax(a, b); }
+
+// A running log-sum-exp: the max m of the values seen and s = sum_i exp(x_i - ref(m)).
+//
+// ref(m) is m when it is finite and 0 otherwise. A thread that has seen nothing, or only -inf, holds
+// (-inf, 0), and exp(m - ref) = exp(-inf) = 0 scales its s away instead of forming -inf - (-inf) = NaN
+// (the naive exp(m - m_new)). A +inf logit drives s and the lse to +inf; a NaN logit makes s NaN
+// (fmax ignores NaN, so the NaN travels in s, never in m).
+template <typename acc>
+struct LogSumExp {
+  acc m = -std::numeric_limits<acc>::infinity();
+  acc s = 0;
+
+  __device__ __forceinline__ static acc ref(acc m) { return isinf(m) ? acc(0) : m; }
+
+  // Adds K values at once: one rescale of s per K exponentials.
+  template <int K>
+  __device__ __forceinline__ void add(const acc (&x)[K]) {
+    acc m_new = m;
+#pragma unroll
+    for (int k = 0; k < K; ++k) m_new = max_acc(m_new, x[k]);
+    const acc r = ref(m_new);
+    acc sum = s * exp_acc(m - r);
+#pragma unroll
+    for (int k = 0; k < K; ++k) sum += exp_acc(x[k] - r);
+    m = m_new;
+    s = sum;
+  }
+
+  // The union of two disjoint sets of values.
+  __device__ __forceinline__ void merge(acc m_other, acc s_other) {
+    const acc m_new = max_acc(m, m_other);
+    const acc r = ref(m_new);
+    s = s * exp_acc(m - r) + s_other * exp_acc(m_other - r);
+    m = m_new;
+  }
+
+  __device__ __forceinline__ void warp_reduce() {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) {
+      const acc m_other = __shfl_xor_sync(0xffffffffu, m, offset);
+      const acc s_other = __shfl_xor_sync(0xffffffffu, s, offset);
+      merge(m_other, s_other);
+    }
+  }
+
+  // log(sum_i exp(x_i)); -inf for an all -inf row (log 0).
+  __device__ __forceinline__ acc value() const { return ref(m) + log_acc(s); }
+};
+
+// The block's combined state, valid in thread 0: butterfly within each warp, then warp 0 merges the
+// kWarps partial states. Warp 0's lanes past kWarps bring the empty state (-inf, 0), the identity.
+template <typename acc>
+__device__ __forceinline__ LogSumExp<acc> block_reduce(LogSumExp<acc> state) {
+  __shared__ acc warp_m[kWarps];
+  __shared__ acc warp_s[kWarps];
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  state.warp_reduce();
+  if (lane == 0) {
+    warp_m[warp] = state.m;
+    warp_s[warp] = state.s;
+  }
+  __syncthreads();
+  LogSumExp<acc> block;
+  if (warp == 0) {
+    if (lane < kWarps) {
+      block.m = warp_m[lane];
+      block.s = warp_s[lane];
+    }
+    block.warp_reduce();
+  }
+  return block;
+}
+
+// ------------------------------------------------------------------------------------------ row layout
+
+// VEC consecutive elements, 16-byte aligned when VEC > 1 so that one access is one 128-bit instruction.
+template <typename scalar_t, int VEC>
+struct alignas(sizeof(scalar_t) * VEC) Pack {
+  scalar_t v[VEC];
+};
+
+// A row of V elements as [0, head) ++ nvec packs ++ [tail, V). With VEC > 1 (unit stride) the packs
+// start at the row's first 16-byte boundary and head, V - tail < VEC: those at most 2 (VEC - 1) edge
+// elements take one thread each. With VEC == 1 every element is a "pack" at v * stride_v.
+struct RowSplit {
+  int64_t head, nvec, tail;
+};
+
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ RowSplit split_row(const scalar_t* row, int64_t V) {
+  if constexpr (VEC == 1) {
+    return {0, V, V};
+  } else {
+    const int misaligned = static_cast<int>(reinterpret_cast<uintptr_t>(row) % kPackBytes / sizeof(scalar_t));
+    const int64_t head = min(static_cast<int64_t>((VEC - misaligned) % VEC), V);
+    const int64_t nvec = (V - head) / VEC;
+    return {head, nvec, head + nvec * VEC};
+  }
+}
+
+// The edge element of this thread (see RowSplit), or -1.
+__device__ __forceinline__ int64_t edge_element(const RowSplit& split, int64_t V) {
+  const int64_t tid = threadIdx.x;
+  if (tid < split.head) return tid;
+  const int64_t v = split.tail + (tid - split.head);
+  return v < V ? v : -1;
+}
+
+// The vocabulary index of element 0 of pack i.
+template <int VEC>
+__device__ __forceinline__ int64_t pack_start(const RowSplit& split, int64_t i) {
+  return split.head + i * VEC;
+}
+
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ Pack<scalar_t, VEC> load_pack(const scalar_t* row, const RowSplit& split, int64_t i,
+                                                         int64_t stride_v) {
+  if constexpr (VEC == 1) {
+    return {row[i * stride_v]};
+  } else {
+    return reinterpret_cast<const Pack<scalar_t, VEC>*>(row + split.head)[i];
+  }
+}
+
+template <int VEC, typename scalar_t>
+__device__ __forceinline__ void store_pack(scalar_t* row, const RowSplit& split, int64_t i, int64_t stride_v,
+                                           const Pack<scalar_t, VEC>& pack) {
+  if constexpr (VEC == 1) {
+    row[i * stride_v] = pack.v[0];
+  } else {
+    reinterpret_cast<Pack<scalar_t, VEC>*>(row + split.head)[i] = pack;
+  }
+}
+
+// --------------------------------------------------------------------------------------------- kernels
+
+// Row r = n * T_out + t of the outputs, x = logits[n, t, :], y = labels[n, t + shift]:
+//   lse[r] = log sum_v exp(x_v) (online: running max and rescaled sum),  logp[r] = x_y - lse[r].
+// y == ignore_index: both are 0 and x is not read. y outside [0, V): logp is NaN, x_y is not read.
+template <typename scalar_t, typename index_t, int VEC>
+__global__ void __launch_bounds__(kThreads) token_logps_fwd_kernel(
+    const scalar_t* __restrict__ logits,  // (N, T, V), strides geo.logits_{n,t,v}; unit vocab stride if VEC > 1
+    const index_t* __restrict__ labels,   // (N, T), strides geo.labels_{n,t}
+    acc_t<scalar_t>* __restrict__ logp,   // (N, T_out), contiguous
+    acc_t<scalar_t>* __restrict__ lse,    // (N, T_out), contiguous
+    const RowGeometry geo, const int64_t ignore_index) {
+  using acc = acc_t<scalar_t>;
+  constexpr int U = kUnroll<scalar_t, VEC>;
+  const int64_t r = blockIdx.x;
+  const int64_t n = r / geo.T_out;
+  const int64_t t = r - n * geo.T_out;
+  // Every thread reads the label (one broadcast transaction per warp), so a masked row leaves at once.
+  const int64_t label = static_cast<int64_t>(labels[n * geo.labels_n + (t + geo.shift) * geo.labels_t]);
+  if (label == ignore_index) {
+    if (threadIdx.x == 0) {
+      logp[r] = 0;
+      lse[r] = 0;
+    }
+    return;
+  }
+  const int64_t V = geo.V;
+  const scalar_t* row = logits + n * geo.logits_n + t * geo.logits_t;
+  const bool in_range = label >= 0 && label < V;
+  acc x_label = 0;
+  if (threadIdx.x == 0 && in_range) x_label = static_cast<acc>(row[label * geo.logits_v]);  // issued early
+
+  LogSumExp<acc> state;
+  const RowSplit split = split_row<VEC>(row, V);
+  int64_t i = threadIdx.x;
+  for (; i + (U - 1) * kThreads < split.nvec; i += U * kThreads) {
+    Pack<scalar_t, VEC> packs[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) packs[u] = load_pack<VEC>(row, split, i + u * kThreads, geo.logits_v);
+    acc x[U * VEC];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) x[u * VEC + j] = static_cast<acc>(packs[u].v[j]);
+    state.add(x);
+  }
+  for (; i < split.nvec; i += kThreads) {
+    const Pack<scalar_t, VEC> pack = load_pack<VEC>(row, split, i, geo.logits_v);
+    acc x[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) x[j] = static_cast<acc>(pack.v[j]);
+    state.add(x);
+  }
+  if constexpr (VEC > 1) {
+    const int64_t v = edge_element(split, V);
+    if (v >= 0) {
+      const acc x[1] = {static_cast<acc>(row[v])};
+      state.add(x);
+    }
+  }
+
+  state = block_reduce(state);
+  if (threadIdx.x == 0) {
+    const acc row_lse = state.value();
+    logp[r] = in_range ? x_label - row_lse : std::numeric_limits<acc>::quiet_NaN();
+    lse[r] = row_lse;
+  }
+}
+
+// Row r = n * T + t of the gradient (every logits row), x = logits[n, t, :], y = labels[n, t + shift]:
+//   grad[n, t, v] = g * ((v == y) - exp(x_v - lse[n, t])),  g = grad_logp[n, t],
+// computed in fp32 (fp64) and rounded once to the logits' dtype. Rows with t >= T_out or
+// y == ignore_index are zeros and x is not read. Each element is read once and written once, by the
+// same thread and read first, so grad may be the logits themselves.
+template <typename scalar_t, typename index_t, int VEC>
+__global__ void __launch_bounds__(kThreads) token_logps_bwd_kernel(
+    scalar_t* grad,          // (N, T, V), strides (grad_n, grad_t, grad_v); may alias logits: no __restrict__
+    const scalar_t* logits,  // (N, T, V), strides geo.logits_{n,t,v}; if VEC > 1 both have unit vocab
+                             // stride and every logits row starts at grad's row address mod 16 bytes
+    const index_t* __restrict__ labels,              // (N, T), strides geo.labels_{n,t}
+    const acc_t<scalar_t>* __restrict__ grad_logp,   // (N, T_out), strides (grad_logp_n, grad_logp_t), 0 allowed
+    const acc_t<scalar_t>* __restrict__ lse,         // (N, T_out), contiguous, from the forward
+    const RowGeometry geo, const int64_t grad_n, const int64_t grad_t, const int64_t grad_v,
+    const int64_t grad_logp_n, const int64_t grad_logp_t, const int64_t ignore_index) {
+  using acc = acc_t<scalar_t>;
+  constexpr int U = kUnroll<scalar_t, VEC>;
+  const int64_t r = blockIdx.x;
+  const int64_t n = r / geo.T;
+  const int64_t t = r - n * geo.T;
+  const int64_t V = geo.V;
+  const int64_t label =
+      t < geo.T_out ? static_cast<int64_t>(labels[n * geo.labels_n + (t + geo.shift) * geo.labels_t]) : ignore_index;
+  scalar_t* out = grad + n * grad_n + t * grad_t;
+  // The packs are aligned for out; the launcher guarantees the logits row shares that alignment.
+  const RowSplit split = split_row<VEC>(out, V);
+  const int64_t edge = VEC > 1 ? edge_element(split, V) : -1;
+
+  if (label == ignore_index) {
+    Pack<scalar_t, VEC> zeros;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) zeros.v[j] = static_cast<scalar_t>(0);
+    for (int64_t i = threadIdx.x; i < split.nvec; i += kThreads) store_pack<VEC>(out, split, i, grad_v, zeros);
+    if (edge >= 0) out[edge] = static_cast<scalar_t>(0);
+    return;
+  }
+
+  const acc g = grad_logp[n * grad_logp_n + t * grad_logp_t];
+  const acc row_lse = lse[n * geo.T_out + t];
+  const scalar_t* row = logits + n * geo.logits_n + t * geo.logits_t;
+  // g - g·p at the label and -g·p elsewhere, as the Triton kernel rounds it.
+  auto grad_of = [&](scalar_t x, int64_t v) -> scalar_t {
+    const acc gp = g * exp_acc(static_cast<acc>(x) - row_lse);
+    return static_cast<scalar_t>(v == label ? g - gp : -gp);
+  };
+
+  int64_t i = threadIdx.x;
+  for (; i + (U - 1) * kThreads < split.nvec; i += U * kThreads) {
+    Pack<scalar_t, VEC> packs[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) packs[u] = load_pack<VEC>(row, split, i + u * kThreads, geo.logits_v);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t v0 = pack_start<VEC>(split, i + u * kThreads);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) packs[u].v[j] = grad_of(packs[u].v[j], v0 + j);
+      store_pack<VEC>(out, split, i + u * kThreads, grad_v, packs[u]);
+    }
+  }
+  for (; i < split.nvec; i += kThreads) {
+    Pack<scalar_t, VEC> pack = load_pack<VEC>(row, split, i, geo.logits_v);
+    const int64_t v0 = pack_start<VEC>(split, i);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) pack.v[j] = grad_of(pack.v[j], v0 + j);
+    store_pack<VEC>(out, split, i, grad_v, pack);
+  }
+  if (edge >= 0) out[edge] = grad_of(row[edge], edge);
+}
+
+// -------------------------------------------------------------------------------------------- launchers
+
+bool element_aligned(const void* p, size_t size) { return reinterpret_cast<uintptr_t>(p) % size == 0; }
+
+// blockIdx.x indexes rows.
+void check_rows(int64_t rows) {
+  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), "dpo_kernels: ", rows,
+              " logits rows exceed the CUDA kernels' grid limit of 2^31 - 1");
+}
+
+template <typename scalar_t, typename index_t>
+void launch_fwd(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& logp, const at::Tensor& lse,
+                const RowGeometry& geo, int64_t rows, int64_t ignore_index) {
+  const auto* x = logits.const_data_ptr<scalar_t>();
+  const auto* y = labels.const_data_ptr<index_t>();
+  auto* logp_ptr = logp.mutable_data_ptr<acc_t<scalar_t>>();
+  auto* lse_ptr = lse.mutable_data_ptr<acc_t<scalar_t>>();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  // Unit vocab stride is all the packed kernel needs: split_row finds each row's 16-byte boundary.
+  const bool packed = geo.logits_v == 1 && element_aligned(x, sizeof(scalar_t));
+  if (packed) {
+    token_logps_fwd_kernel<scalar_t, index_t, kPack<scalar_t>>
+        <<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, y, logp_ptr, lse_ptr, geo, ignore_index);
+  } else {
+    token_logps_fwd_kernel<scalar_t, index_t, 1>
+        <<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, y, logp_ptr, lse_ptr, geo, ignore_index);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename scalar_t, typename index_t>
+void launch_bwd(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
+                const at::Tensor& lse, const at::Tensor& out, const RowGeometry& geo, int64_t rows,
+                int64_t ignore_index) {
+  // For in-place, out is logits: read the pointer through the mutable accessor once.
+  auto* g = out.mutable_data_ptr<scalar_t>();
+  const auto* x = logits.is_same(out) ? g : logits.const_data_ptr<scalar_t>();
+  const auto* y = labels.const_data_ptr<index_t>();
+  const auto* dy = grad_logp.const_data_ptr<acc_t<scalar_t>>();
+  const auto* lse_ptr = lse.const_data_ptr<acc_t<scalar_t>>();
+  const int64_t out_n = out.stride(0), out_t = out.stride(1), out_v = out.stride(2);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  // The packs are aligned for the gradient row, so the logits row must sit at the same address mod 16
+  // bytes in every row: equal base offsets and row strides that differ by whole packs (empty_like and
+  // in-place give identical strides). A dimension of size 1 never moves the row.
+  const int64_t bytes = sizeof(scalar_t);
+  const auto congruent = [](int64_t byte_delta) { return byte_delta % kPackBytes == 0; };
+  const bool packed = geo.logits_v == 1 && out_v == 1 && element_aligned(x, sizeof(scalar_t)) &&
+                      element_aligned(g, sizeof(scalar_t)) &&
+                      congruent(static_cast<int64_t>(reinterpret_cast<uintptr_t>(g) - reinterpret_cast<uintptr_t>(x))) &&
+                      (geo.N == 1 || congruent((out_n - geo.logits_n) * bytes)) &&
+                      (geo.T == 1 || congruent((out_t - geo.logits_t) * bytes));
+  // grad_logp's strides are taken as given: a (N, T_out) expand has zero strides.
+  const int64_t dn = grad_logp.stride(0), dt = grad_logp.stride(1);
+  if (packed) {
+    token_logps_bwd_kernel<scalar_t, index_t, kPack<scalar_t>><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+        g, x, y, dy, lse_ptr, geo, out_n, out_t, out_v, dn, dt, ignore_index);
+  } else {
+    token_logps_bwd_kernel<scalar_t, index_t, 1><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+        g, x, y, dy, lse_ptr, geo, out_n, out_t, out_v, dn, dt, ignore_index);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Writes the gradient into out (a fresh tensor or the logits themselves); arguments already checked.
+void token_logps_bwd_into(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
+                          const at::Tensor& lse, int64_t ignore_index, bool shift, const at::Tensor& out) {
+  const RowGeometry geo = row_geometry(logits, labels, shift);
+  // Every logits row gets a gradient row, the unscored ones zeros; with T_out == 0 that is all of them
+  // and grad_logp / lse (empty, perhaps null) are never read.
+  const int64_t rows = geo.N * geo.T;
+  if (rows == 0) return;
+  check_rows(rows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "token_logps_bwd", [&] {
+    AT_DISPATCH_INDEX_TYPES(labels.scalar_type(), "token_logps_bwd", [&] {
+      launch_bwd<scalar_t, index_t>(grad_logp, logits, labels, lse, out, geo, rows, ignore_index);
+    });
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> token_logps_fwd(const at::Tensor& logits, const at::Tensor& labels,
+                                                   int64_t ignore_index, bool shift) {
+  check_logits_labels(logits, labels);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const RowGeometry geo = row_geometry(logits, labels, shift);
+  const auto options = logits.options().dtype(output_dtype(logits));
+  at::Tensor logp = at::empty({geo.N, geo.T_out}, options);
+  at::Tensor lse = at::empty({geo.N, geo.T_out}, options);
+  const int64_t rows = geo.N * geo.T_out;
+  if (rows == 0) return {logp, lse};
+  check_rows(rows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "token_logps_fwd", [&] {
+    AT_DISPATCH_INDEX_TYPES(labels.scalar_type(), "token_logps_fwd", [&] {
+      launch_fwd<scalar_t, index_t>(logits, labels, logp, lse, geo, rows, ignore_index);
+    });
+  });
+  return {logp, lse};
+}
+
+at::Tensor token_logps_bwd(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
+                           const at::Tensor& lse, int64_t ignore_index, bool shift) {
+  check_backward(grad_logp, logits, labels, lse, shift);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  // empty_like keeps the strides of dense logits; the kernel takes the gradient's strides either way.
+  at::Tensor grad = at::empty_like(logits);
+  token_logps_bwd_into(grad_logp, logits, labels, lse, ignore_index, shift, grad);
+  return grad;
+}
+
+void token_logps_bwd_(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
+                      const at::Tensor& lse, int64_t ignore_index, bool shift) {
+  check_backward(grad_logp, logits, labels, lse, shift);
+  // Rows that share memory (an expanded logits) would be read after another row wrote them.
+  at::assert_no_internal_overlap(logits);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  token_logps_bwd_into(grad_logp, logits, labels, lse, ignore_index, shift, logits);
+}
+
+}  // namespace dpo_kernels::cuda

@@ -1,0 +1,24 @@
+// Host entry points of the CUDA log-prob kernels (logprobs.cu), registered in register.cpp under the
+// schemas of ../ops.cpp. Semantics: ../common.h and dpo_kernels/triton/logprobs.py.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace dpo_kernels::cuda {
+
+// -> (logp, lse), both new contiguous (N, T - shift) tensors of output_dtype(logits).
+std::tuple<at::Tensor, at::Tensor> token_logps_fwd(const at::Tensor& logits, const at::Tensor& labels,
+                                                   int64_t ignore_index, bool shift);
+
+// -> grad_logp * (onehot(label) - softmax(logits)) as a new tensor shaped like logits (empty_like).
+at::Tensor token_logps_bwd(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
+                           const at::Tensor& lse, int64_t ignore_index, bool shift);
+
+// The same gradient written over the logits.
+void token_logps_bwd_(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
+                      const at::Tensor& lse, int64_t ignore_index, bool shift);
+
+}  // namespace dpo_kernels::cuda
