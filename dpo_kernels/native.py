@@ -24,8 +24,8 @@ def load_error():
     return None
 
 
-def warn_unavailable() -> None:
-    _warn_once(load_error())
+def warn_unavailable(device_type: str) -> None:
+    _warn_once(load_error() or f"dpo_kernels._C was built without {device_type.upper()} kernels")
 
 
 @functools.cache

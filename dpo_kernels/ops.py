@@ -53,7 +53,7 @@ def _resolve(backend: str, device_type: str, dtype: torch.dtype, interpreting: b
         if device_type in ("cpu", "cuda"):
             if native.has_kernel(device_type):
                 return "native"
-            native.warn_unavailable()
+            native.warn_unavailable(device_type)
         return "torch"
     if backend == "triton":
         if not has_triton:

@@ -1,5 +1,6 @@
 // CPU implementations of the native ops: argument checks, output allocation, and the choice of the
 // kernel copy (logprobs_kernel.cpp, compiled per capability) that the running CPU supports.
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Version.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
@@ -91,6 +92,8 @@ at::Tensor token_logps_backward(const at::Tensor& grad_logp, const at::Tensor& l
 void token_logps_backward_(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
                            const at::Tensor& lse, int64_t ignore_index, bool shift) {
   check_backward(grad_logp, logits, labels, lse, shift);
+  // Rows that share memory (an expanded logits) would be read after another row wrote them.
+  at::assert_no_internal_overlap(logits);
   at::Tensor out = logits;
   kernels().bwd(grad_logp, logits, labels, lse, out, ignore_index, shift);
 }
