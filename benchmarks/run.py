@@ -4,7 +4,9 @@ Run ``python benchmarks/run.py`` (or ``python -m benchmarks.run``) for the defau
 issue: 8 x 512 tokens, V = 32000, a 128-token prompt prefix masked out, forward + backward of
 ``sequence_logps(...).sum()`` in fp32 and bf16. ``--help`` lists the knobs.
 
-Time is the median wall clock of ``--reps`` forward + backward passes after one warm-up, all
+Time is the median wall clock of ``--reps`` forward + backward passes after ``--warmup`` untimed ones
+(first passes pay one-time costs a training loop pays once: lazy initialization, and the kernel finding
+huge pages for the first logits-sized gradients), all
 implementations measured in this process. Memory is measured once per (impl, dtype) in a fresh child
 process, so one measurement's allocator state cannot leak into the next: on CPU from the kernel's
 peak-RSS counter (VmHWM, reset through /proc/self/clear_refs), on CUDA from the caching allocator.
@@ -118,10 +120,10 @@ def time_all(args, impls, dtype, device):
     pristine = source.detach().clone()
     fns = {name: impl_fn(name) for name in impls}
     times = {name: [] for name in impls}
-    for rep in range(args.reps + 1):
+    for rep in range(args.warmup + args.reps):
         for name, fn in fns.items():
             elapsed = time_once(fn, source, logits, labels, pristine, device)
-            if rep > 0:
+            if rep >= args.warmup:
                 times[name].append(elapsed)
     return times
 
@@ -231,7 +233,7 @@ def print_header(args, env, impls):
     scored = args.n * (args.t - max(prompt_len(args), 1))
     print(
         f"  workload: N={args.n} T={args.t} V={args.v}, prompt prefix {prompt_len(args)} tokens "
-        f"({args.prompt_frac:.0%}) masked, {scored} scored tokens; median of {args.reps} reps after 1 warm-up"
+        f"({args.prompt_frac:.0%}) masked, {scored} scored tokens; median of {args.reps} reps after {args.warmup} warm-up"
     )
     print(f"  impls: {', '.join(impls)}; extra memory = peak beyond logits and their gradient")
     print()
@@ -286,7 +288,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-frac", type=float, default=0.25, help="share of each sequence masked as prompt")
     p.add_argument("--dtypes", default="fp32,bf16", help=f"comma list of {','.join(DTYPES)}")
     p.add_argument("--impls", default=None, help=f"comma list of {','.join(CUDA_IMPLS)} (triton: CUDA only)")
-    p.add_argument("--reps", type=int, default=3, help="timed repetitions (default 3)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions (default 5)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed passes first (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
