@@ -8,10 +8,6 @@
 
 #include "../common.h"
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 #define DPO_DECLARE_CPU_KERNELS(CAP)                                                                          \
   namespace dpo_kernels::cpu::CAP {                                                                           \
   void token_logps_fwd(const at::Tensor& logits, const at::Tensor& labels, at::Tensor& logp, at::Tensor& lse, \
@@ -49,20 +45,6 @@ Kernels select_kernels() {
   return {DEFAULT::token_logps_fwd, DEFAULT::token_logps_bwd};
 }
 
-// A fresh logits-sized gradient is first touched by the kernel's writes: with 4 KiB pages that is one
-// page fault per 4 KiB, which on this kind of machine costs more than computing the gradient. Asking
-// for transparent huge pages (honoured where THP is in "madvise" or "always" mode) cuts the faults
-// 512-fold. Advice only: where it is refused nothing changes.
-void advise_huge_pages(const at::Tensor& t) {
-#ifdef __linux__
-  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t end = begin + t.numel() * t.element_size();
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1), last = end & ~(kHuge - 1);
-  if (last > first + 8 * kHuge) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-}
-
 const Kernels& kernels() {
   static const Kernels chosen = select_kernels();
   return chosen;
@@ -84,7 +66,6 @@ at::Tensor token_logps_backward(const at::Tensor& grad_logp, const at::Tensor& l
                                 const at::Tensor& lse, int64_t ignore_index, bool shift) {
   check_backward(grad_logp, logits, labels, lse, shift);
   at::Tensor out = at::empty_like(logits);
-  advise_huge_pages(out);
   kernels().bwd(grad_logp, logits, labels, lse, out, ignore_index, shift);
   return out;
 }
