@@ -41,6 +41,11 @@ def sequence_logps(
             "use it on logits produced by a model (a non-leaf tensor)"
         )
     token_logp, _ = torch.ops.dpo_kernels.token_logps(logits, labels, ignore_index, shift, backend, inplace_backward)
+    return _per_sequence(token_logp, labels, ignore_index, shift, average)
+
+
+def _per_sequence(token_logp, labels, ignore_index: int, shift: bool, average: bool) -> torch.Tensor:
+    """Sum (or mean over scored tokens, 0 where there are none) of (N, T - shift) per-token log-probs."""
     total = token_logp.sum(-1)
     if average:
         scored = labels[:, int(shift) :] != ignore_index

@@ -61,3 +61,16 @@ def dpo_loss(policy_logits, ref_logits, labels, beta: float = 0.1, *, ignore_ind
         "accuracy": (logits > 0).float().mean().detach(),
     }
     return loss, metrics
+
+
+def lm_head_logits(hidden, weight, bias=None, *, logit_scale=1.0, softcap=None, temperature=1.0):
+    """The logits a fused LM head scores: ``z = (hidden @ weightᵀ + bias) · logit_scale`` (Cohere's
+    logit scale), then ``softcap · tanh(z / softcap)`` when ``softcap`` is set (Gemma's final-logit
+    softcapping), then ``/ temperature``. hidden: (..., H), weight: (V, H), bias: (V,) or None."""
+    logits = hidden @ weight.T
+    if bias is not None:
+        logits = logits + bias
+    logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits / temperature

@@ -1,0 +1,243 @@
+"""Fused LM head + per-sequence log-probs: the (N, T, V) logits are never materialized.
+
+``dpo_kernels::fused_linear_token_logps(hidden, weight, bias, labels, ...)`` -> (logp, lse), both
+(N, T - shift), is a torch.library custom op with a fake implementation and registered autograd
+(gradients w.r.t. hidden, weight and bias). Only scored rows reach the kernels (a compacted row list),
+so prompt and padding tokens cost no FLOPs; their hidden gradient is an exact zero.
+"""
+
+import math
+from typing import Optional
+
+import torch
+
+from . import losses, ops
+from ._validation import FLOAT_DTYPES, check_beta, check_labels, check_pairs
+from .functional import _per_sequence
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        from .triton import linear
+    else:  # "torch", and "native": the native library has no matmul kernels; ATen's matmuls serve both
+        from .portable import linear
+    return linear
+
+
+def _scored_rows(labels: torch.Tensor, ignore_index: int, shift: bool, T_out: int):
+    y = labels[:, int(shift) : int(shift) + T_out]
+    n_idx, t_idx = (y != ignore_index).nonzero(as_tuple=True)
+    return n_idx, t_idx, y[n_idx, t_idx].long()
+
+
+def _out_dtype(hidden: torch.Tensor) -> torch.dtype:
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+@torch.library.custom_op("dpo_kernels::fused_linear_token_logps", mutates_args=())
+def fused_linear_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    ignore_index: int,
+    shift: bool,
+    logit_scale: float,
+    softcap: Optional[float],
+    temperature: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    ops._check_label_range(labels, ignore_index, shift, weight.shape[0])
+    N, T, _ = hidden.shape
+    T_out = max(T - int(shift), 0)
+    logp = hidden.new_zeros((N, T_out), dtype=_out_dtype(hidden))
+    lse = torch.zeros_like(logp)
+    n, t, y = _scored_rows(labels, ignore_index, shift, T_out)
+    if n.numel():
+        rows = _kernels(backend).fused_linear_logps_fwd(
+            hidden[n, t], weight, bias, y, logit_scale, softcap, temperature
+        )
+        logp[n, t], lse[n, t] = (r.to(logp.dtype) for r in rows)
+    return logp, lse
+
+
+@fused_linear_token_logps.register_fake
+def _(hidden, weight, bias, labels, ignore_index, shift, logit_scale, softcap, temperature, backend):
+    N, T, _ = hidden.shape
+    shape = (N, max(T - int(shift), 0))
+    return hidden.new_empty(shape, dtype=_out_dtype(hidden)), hidden.new_empty(shape, dtype=_out_dtype(hidden))
+
+
+@torch.library.custom_op("dpo_kernels::fused_linear_token_logps_backward", mutates_args=())
+def fused_linear_token_logps_backward(
+    grad_logp: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    shift: bool,
+    logit_scale: float,
+    softcap: Optional[float],
+    temperature: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (d_hidden, d_weight, d_bias); d_bias is empty when there is no bias."""
+    T_out = lse.shape[1]
+    n, t, y = _scored_rows(labels, ignore_index, shift, T_out)
+    d_hidden = torch.zeros_like(hidden)
+    if n.numel() == 0:
+        d_bias = torch.zeros_like(bias) if bias is not None else weight.new_empty(0)
+        return d_hidden, torch.zeros_like(weight), d_bias
+    dh, d_weight, d_bias = _kernels(backend).fused_linear_logps_bwd(
+        grad_logp[n, t], hidden[n, t], weight, bias, y, lse[n, t], logit_scale, softcap, temperature
+    )
+    d_hidden[n, t] = dh
+    return d_hidden, d_weight, d_bias if d_bias is not None else weight.new_empty(0)
+
+
+@fused_linear_token_logps_backward.register_fake
+def _(grad_logp, hidden, weight, bias, labels, lse, *args):
+    d_bias = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
+    return torch.empty_like(hidden), torch.empty_like(weight), d_bias
+
+
+def _setup_context(ctx, inputs, output):
+    hidden, weight, bias, labels, *args = inputs
+    ctx.save_for_backward(hidden, weight, bias, labels, output[1])
+    ctx.args = tuple(args)
+
+
+def _backward(ctx, grad_logp, grad_lse):
+    hidden, weight, bias, labels, lse = ctx.saved_tensors
+    grads = torch.ops.dpo_kernels.fused_linear_token_logps_backward(
+        grad_logp.to(lse.dtype), hidden, weight, bias, labels, lse, *ctx.args
+    )
+    d_hidden, d_weight, d_bias = grads
+    return (d_hidden, d_weight, d_bias if bias is not None else None) + (None,) * 7
+
+
+fused_linear_token_logps.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------------------------------ API
+
+
+def _check_lm_head(hidden_name, hidden, weight_name, weight, bias_name, bias) -> None:
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"{hidden_name} must be a torch.Tensor, got {type(hidden).__name__}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{hidden_name} must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
+    if hidden.dim() != 3:
+        raise ValueError(f"{hidden_name} must have shape (N, T, H), got {tuple(hidden.shape)}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"{weight_name} must have shape (V, H) with H = {hidden.shape[2]}, got {shape}")
+    for name, t in ((weight_name, weight), (bias_name, bias)):
+        if t is None:
+            continue
+        if t.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have {hidden_name}'s dtype {hidden.dtype}, got {t.dtype}")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but {hidden_name} is on {hidden.device}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{bias_name} must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def _check_transform(logit_scale, softcap, temperature) -> None:
+    if not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale):
+        raise ValueError(f"logit_scale must be a finite number, got {logit_scale!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
+        raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}")
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+
+
+def fused_linear_sequence_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    ignore_index: int = -100,
+    shift: bool = True,
+    average: bool = False,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-sequence log-probs of ``labels`` under the LM head ``weight`` applied to ``hidden``.
+
+    The same numbers as ``reference.sequence_logps(reference.lm_head_logits(hidden, weight, bias, ...),
+    labels)`` without ever forming the (N, T, V) logits. hidden: (N, T, H); weight: (V, H); bias:
+    (V,) or None; labels: (N, T). Logits are ``(hidden·weightᵀ + bias)·logit_scale``, softcapped as
+    ``softcap·tanh(z / softcap)`` when ``softcap`` is set (Gemma), divided by ``temperature``.
+    Returns (N,) fp32 (fp64 for fp64 inputs), differentiable w.r.t. hidden, weight and bias.
+    """
+    _check_lm_head("hidden", hidden, "weight", weight, "bias", bias)
+    check_labels(labels, hidden, "hidden")
+    _check_transform(logit_scale, softcap, temperature)
+    backend = ops.resolve_backend(backend, hidden.device, hidden.dtype)
+    token_logp, _ = torch.ops.dpo_kernels.fused_linear_token_logps(
+        hidden, weight, bias, labels, ignore_index, shift, float(logit_scale),
+        None if softcap is None else float(softcap), float(temperature), backend,
+    )  # fmt: skip
+    return _per_sequence(token_logp, labels, ignore_index, shift, average)
+
+
+def fused_linear_dpo_loss(
+    policy_hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ref_logps: Optional[torch.Tensor] = None,
+    ref_hidden: Optional[torch.Tensor] = None,
+    ref_weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    ref_bias: Optional[torch.Tensor] = None,
+    beta: float = 0.1,
+    ignore_index: int = -100,
+    average: bool = False,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+    backend: str = "auto",
+):
+    """The DPO loss of :func:`dpo_kernels.fused_dpo_loss` straight from the last hidden states.
+
+    policy_hidden: (2B, T, H), chosen first; weight: (V, H). The reference side is either
+    ``ref_logps`` (2B,) precomputed log-probs, or ``ref_hidden`` (2B, T, H) scored under ``ref_weight``
+    (default: ``weight``, the shared head of a PEFT run) and ``ref_bias`` without autograd, storing
+    nothing; neither means reference-free. Returns ``(loss, metrics)`` like ``fused_dpo_loss``.
+    """
+    check_beta(beta)
+    kwargs = dict(
+        ignore_index=ignore_index, average=average, logit_scale=logit_scale, softcap=softcap,
+        temperature=temperature, backend=backend,
+    )  # fmt: skip
+    policy = fused_linear_sequence_logps(policy_hidden, weight, labels, bias, **kwargs)
+    check_pairs("policy_hidden", policy_hidden.shape[0])
+    if ref_logps is not None and ref_hidden is not None:
+        raise ValueError("give the reference as ref_logps or as ref_hidden, not both")
+    if ref_logps is not None:
+        if not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) != (policy.shape[0],):
+            shape = tuple(ref_logps.shape) if isinstance(ref_logps, torch.Tensor) else type(ref_logps).__name__
+            raise ValueError(f"ref_logps must have shape ({policy.shape[0]},), got {shape}")
+        ref = ref_logps.detach().to(policy.dtype)
+    elif ref_hidden is not None:
+        head = weight if ref_weight is None else ref_weight
+        _check_lm_head("ref_hidden", ref_hidden, "ref_weight", head, "ref_bias", ref_bias)
+        if ref_hidden.shape[:2] != policy_hidden.shape[:2]:
+            raise ValueError(
+                f"ref_hidden must have shape (N, T, H) with (N, T) = {tuple(policy_hidden.shape[:2])}, "
+                f"got {tuple(ref_hidden.shape)}"
+            )
+        with torch.no_grad():
+            ref = fused_linear_sequence_logps(ref_hidden, head, labels, ref_bias, **kwargs)
+    else:
+        ref = torch.zeros_like(policy)
+    policy_chosen, policy_rejected = policy.chunk(2)
+    ref_chosen, ref_rejected = ref.chunk(2)
+    return losses.dpo_sigmoid(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
