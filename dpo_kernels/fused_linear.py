@@ -213,6 +213,7 @@ def fused_linear_dpo_loss(
     nothing; neither means reference-free. Returns ``(loss, metrics)`` like ``fused_dpo_loss``.
     """
     check_beta(beta)
+    _check_lm_head("policy_hidden", policy_hidden, "weight", weight, "bias", bias)
     kwargs = dict(
         ignore_index=ignore_index, average=average, logit_scale=logit_scale, softcap=softcap,
         temperature=temperature, backend=backend,

@@ -1,0 +1,171 @@
+"""Fused LM head + log-probs against ``hidden @ weight.T`` + the reference: values, gradients w.r.t.
+hidden, weight and bias, the logit transform, chunking, the DPO loss, torch.library contract, errors."""
+
+import pytest
+import torch
+
+from conftest import assert_fp32_close, assert_low_precision_grad, make_batch
+from dpo_kernels import fused_linear_dpo_loss, fused_linear_sequence_logps, reference
+from dpo_kernels.portable import linear as portable_linear
+
+LINEAR_BACKENDS = ["torch"]
+TRANSFORMS = {
+    "plain": dict(),
+    "softcap": dict(softcap=4.0),
+    "scale_temperature": dict(logit_scale=0.7, temperature=1.3),
+    "all": dict(softcap=4.0, logit_scale=1.5, temperature=0.8),
+}
+
+
+def lm_head(n, t, h, v, dtype, bias):
+    hidden = torch.randn(n, t, h).to(dtype)
+    weight = (torch.randn(v, h) / h**0.5 * 3).to(dtype)
+    return hidden, weight, (torch.randn(v) * 0.5).to(dtype) if bias else None
+
+
+def run(fn, hidden, weight, bias, labels, upstream, **kwargs):
+    """fn(...) and the gradients w.r.t. hidden, weight, bias (None where there is no bias)."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
+    out = fn(*leaves, labels, **kwargs)
+    out.backward(upstream)
+    return out.detach(), [leaf.grad if leaf is not None else None for leaf in leaves]
+
+
+def fused(hidden, weight, bias, labels, **kwargs):
+    return fused_linear_sequence_logps(hidden, weight, labels, bias, **kwargs)
+
+
+def naive(hidden, weight, bias, labels, shift=True, average=False, backend=None, **transform):
+    logits = reference.lm_head_logits(hidden, weight, bias, **transform)
+    return reference.sequence_logps(logits, labels, shift=shift, average=average)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+@pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+def test_matches_matmul_plus_reference(backend, dtype, bias, transform):
+    n, t, h, v = 4, 6, 40, 123
+    hidden, weight, b = lm_head(n, t, h, v, dtype, bias)
+    _, labels = make_batch(n, t, v)
+    labels[3] = -100  # an all-masked sequence
+    upstream = torch.randn(n)
+    kwargs = dict(TRANSFORMS[transform], backend=backend)
+    out, grads = run(fused, hidden, weight, b, labels, upstream, **kwargs)
+    assert out[3] == 0 and (grads[0][3] == 0).all()
+    if dtype == torch.float32:
+        ref_out, ref_grads = run(naive, hidden, weight, b, labels, upstream, **kwargs)
+        assert_fp32_close(out, ref_out)
+        for grad, ref_grad in zip(grads, ref_grads):
+            if grad is not None:
+                torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+        return
+    # bf16: the naive path rounds its logits to bf16; the fused one keeps them in fp32.
+    ref_out, ref_grads = run(naive, hidden, weight, b, labels, upstream, **kwargs)
+    b64 = b.double() if b is not None else None
+    truth_out, truth_grads = run(naive, hidden.double(), weight.double(), b64, labels, upstream.double(), **kwargs)
+    assert (out.double() - truth_out).abs().max() <= (ref_out.double() - truth_out).abs().max() + 1e-5
+    for grad, ref_grad, truth in zip(grads, ref_grads, truth_grads):
+        if grad is not None:
+            assert_low_precision_grad(grad, ref_grad, truth)
+
+
+@pytest.mark.parametrize("shift", [True, False])
+@pytest.mark.parametrize("average", [False, True])
+def test_chunking_over_rows_and_vocabulary(monkeypatch, shift, average):
+    """Chunks far smaller than the problem: online log-sum-exp across vocabulary chunks, ragged last
+    chunks in both directions."""
+    monkeypatch.setattr(portable_linear, "CHUNK_ELEMENTS", 7 * 50)
+    monkeypatch.setattr(portable_linear, "MAX_VOCAB_CHUNK", 50)
+    hidden, weight, b = lm_head(3, 9, 24, 307, torch.float32, True)
+    _, labels = make_batch(3, 9, 307)
+    upstream = torch.randn(3)
+    kwargs = dict(shift=shift, average=average, softcap=6.0)
+    out, grads = run(fused, hidden, weight, b, labels, upstream, backend="torch", **kwargs)
+    ref_out, ref_grads = run(naive, hidden, weight, b, labels, upstream, **kwargs)
+    assert_fp32_close(out, ref_out)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_gradcheck_fp64():
+    hidden, weight, b = lm_head(2, 4, 6, 11, torch.float64, True)
+    labels = torch.tensor([[-100, 3, 7, 10], [-100, -100, 0, 5]])
+    inputs = tuple(t.requires_grad_() for t in (hidden, weight, b))
+    fn = lambda h, w, bb: fused_linear_sequence_logps(h, w, labels, bb, softcap=2.0, logit_scale=1.3, backend="torch")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("ref_mode", ["hidden", "hidden_own_head", "logps", "none"])
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+def test_dpo_loss_matches_reference(backend, ref_mode):
+    n, t, h, v = 4, 7, 32, 211
+    hidden, weight, bias = lm_head(n, t, h, v, torch.float32, True)
+    _, labels = make_batch(n, t, v)
+    ref_hidden, ref_weight, _ = lm_head(n, t, h, v, torch.float32, False)
+    kwargs = dict(beta=0.3, bias=bias, backend=backend)
+    ref_logits = None
+    if ref_mode == "hidden":
+        kwargs["ref_hidden"] = ref_hidden
+        ref_logits = reference.lm_head_logits(ref_hidden, weight)
+    elif ref_mode == "hidden_own_head":
+        kwargs.update(ref_hidden=ref_hidden, ref_weight=ref_weight)
+        ref_logits = reference.lm_head_logits(ref_hidden, ref_weight)
+    elif ref_mode == "logps":
+        kwargs["ref_logps"] = ref_logits = -torch.rand(n) * 30
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, metrics = fused_linear_dpo_loss(h1, w1, labels, **kwargs)
+    loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref_loss, ref_metrics = reference.dpo_loss(reference.lm_head_logits(h2, w2, bias), ref_logits, labels, beta=0.3)
+    ref_loss.backward()
+    assert_fp32_close(loss.detach(), ref_loss.detach())
+    for name in ref_metrics:
+        assert_fp32_close(metrics[name], ref_metrics[name])
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+def test_opcheck_and_compile(backend):
+    hidden, weight, bias = lm_head(4, 5, 16, 123, torch.float32, True)
+    _, labels = make_batch(4, 5, 123)
+    args = (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), labels, -100, True, 1.0, 3.0, 1.0, backend)
+    torch.library.opcheck(torch.ops.dpo_kernels.fused_linear_token_logps.default, args)
+    torch._dynamo.reset()
+    step = torch.compile(fused_linear_dpo_loss, fullgraph=True, backend="aot_eager")
+    h = hidden.detach().clone().requires_grad_()
+    loss, _ = step(h, weight.detach(), labels, bias=bias.detach(), backend=backend)
+    loss.backward()
+    h_eager = hidden.detach().clone().requires_grad_()
+    eager_loss, _ = fused_linear_dpo_loss(h_eager, weight.detach(), labels, bias=bias.detach(), backend=backend)
+    eager_loss.backward()
+    assert_fp32_close(loss.detach(), eager_loss.detach())
+    assert_fp32_close(h.grad, h_eager.grad)
+
+
+def bad_cases():
+    h, w, b = lm_head(4, 5, 8, 50, torch.float32, True)
+    _, y = make_batch(4, 5, 50)
+    y_bad = y.clone()
+    y_bad[0, 3] = 50
+    return {
+        "weight_H": (dict(policy_hidden=h, weight=w[:, :-1], labels=y), ValueError, r"weight must have shape \(V, H\) with H = 8"),
+        "weight_dtype": (dict(policy_hidden=h, weight=w.double(), labels=y), TypeError, "weight must have hidden's dtype"),
+        "bias_shape": (dict(policy_hidden=h, weight=w, labels=y, bias=b[:-1]), ValueError, r"bias must have shape \(50,\)"),
+        "hidden_2d": (dict(policy_hidden=h[0], weight=w, labels=y), ValueError, r"policy_hidden must have shape \(N, T, H\)"),
+        "label_range": (dict(policy_hidden=h, weight=w, labels=y_bad), ValueError, r"labels must lie in \[0, 50\)"),
+        "softcap": (dict(policy_hidden=h, weight=w, labels=y, softcap=0.0), ValueError, "softcap must be None or a positive"),
+        "temperature": (dict(policy_hidden=h, weight=w, labels=y, temperature=0), ValueError, "temperature must be a positive"),
+        "odd_batch": (dict(policy_hidden=h[:3], weight=w, labels=y[:3]), ValueError, "policy_hidden must hold 2B sequences"),
+        "two_refs": (dict(policy_hidden=h, weight=w, labels=y, ref_logps=torch.zeros(4), ref_hidden=h), ValueError, "not both"),
+        "ref_logps_shape": (dict(policy_hidden=h, weight=w, labels=y, ref_logps=torch.zeros(3)), ValueError, r"ref_logps must have shape \(4,\)"),
+        "ref_hidden_shape": (dict(policy_hidden=h, weight=w, labels=y, ref_hidden=h[:, :-1]), ValueError, "ref_hidden must have shape"),
+    }
+
+
+@pytest.mark.parametrize("case", list(bad_cases()))
+def test_bad_input(case):
+    kwargs, error, message = bad_cases()[case]
+    with pytest.raises(error, match=message):
+        fused_linear_dpo_loss(**kwargs)
