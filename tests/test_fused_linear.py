@@ -151,7 +151,7 @@ def bad_cases():
     y_bad[0, 3] = 50
     return {
         "weight_H": (dict(policy_hidden=h, weight=w[:, :-1], labels=y), ValueError, r"weight must have shape \(V, H\) with H = 8"),
-        "weight_dtype": (dict(policy_hidden=h, weight=w.double(), labels=y), TypeError, "weight must have hidden's dtype"),
+        "weight_dtype": (dict(policy_hidden=h, weight=w.double(), labels=y), TypeError, "weight must have policy_hidden's dtype"),
         "bias_shape": (dict(policy_hidden=h, weight=w, labels=y, bias=b[:-1]), ValueError, r"bias must have shape \(50,\)"),
         "hidden_2d": (dict(policy_hidden=h[0], weight=w, labels=y), ValueError, r"policy_hidden must have shape \(N, T, H\)"),
         "label_range": (dict(policy_hidden=h, weight=w, labels=y_bad), ValueError, r"labels must lie in \[0, 50\)"),
