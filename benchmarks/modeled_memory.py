@@ -18,21 +18,40 @@ GiB = 2**30
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def modeled_peak_bytes(loss_fn, n: int, t: int, v: int, dtype: torch.dtype, with_ref: bool = False) -> int:
-    """Modeled peak bytes of ``loss_fn(logits, ref_logits, labels).backward()``, inputs included."""
+def modeled_peak_bytes(make_inputs, loss_fn) -> int:
+    """Modeled peak bytes of ``loss_fn(*make_inputs()).backward()``, its tensor inputs included.
+
+    ``make_inputs`` runs under FakeTensorMode: it allocates nothing.
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
     with FakeTensorMode():
-        logits = torch.empty(n, t, v, dtype=dtype, requires_grad=True)
-        ref_logits = torch.empty(n, t, v, dtype=dtype) if with_ref else None
-        labels = torch.zeros(n, t, dtype=torch.long)
+        inputs = make_inputs()
         tracker = MemTracker()
-        tracker.track_external(logits, *([ref_logits] if with_ref else []))
+        tracker.track_external(*(x for x in inputs if isinstance(x, torch.Tensor)))
         with tracker:
-            loss_fn(logits, ref_logits, labels).backward()
+            loss_fn(*inputs).backward()
         snapshot = tracker.get_tracker_snapshot("peak")
     return next(stats["Total"] for device, stats in snapshot.items() if str(device) == "cpu")
+
+
+def logits_inputs(n: int, t: int, v: int, dtype: torch.dtype, with_ref: bool):
+    """(logits, ref_logits or None, labels) for the log-prob workloads."""
+    return lambda: (
+        torch.empty(n, t, v, dtype=dtype, requires_grad=True),
+        torch.empty(n, t, v, dtype=dtype) if with_ref else None,
+        torch.zeros(n, t, dtype=torch.long),
+    )
+
+
+def lm_head_inputs(n: int, t: int, h: int, v: int, dtype: torch.dtype):
+    """(hidden, weight, labels) for the fused LM head workloads."""
+    return lambda: (
+        torch.empty(n, t, h, dtype=dtype, requires_grad=True),
+        torch.empty(v, h, dtype=dtype, requires_grad=True),
+        torch.zeros(n, t, dtype=torch.long),
+    )
 
 
 def workloads():
@@ -55,7 +74,7 @@ def report(n: int, t: int, v: int, dtype_name: str) -> list[dict]:
     print(f"  logits {logits_bytes / GiB:.2f} GiB; 'extra' = peak beyond the inputs and the logits' gradient")
     rows = []
     for name, fn, with_ref in workloads():
-        peak = modeled_peak_bytes(fn, n, t, v, dtype, with_ref)
+        peak = modeled_peak_bytes(logits_inputs(n, t, v, dtype, with_ref), fn)
         extra = peak - logits_bytes * (3 if with_ref else 2)
         rows.append({"name": name, "peak_bytes": peak, "extra_bytes": extra})
         print(f"  {name:<28} peak {peak / GiB:7.2f} GiB   extra {extra / GiB:7.2f} GiB (modeled)")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.modeled_memory import modeled_peak_bytes
+from benchmarks.modeled_memory import logits_inputs, modeled_peak_bytes
 from dpo_kernels import fused_dpo_loss, reference, sequence_logps
 
 LLAMA3_8B = dict(n=8, t=4096, v=128256, dtype=torch.bfloat16)
@@ -16,7 +16,8 @@ def test_modeled_gpu_memory_at_llama3_8b_scale():
     logits_bytes = 8 * 4096 * 128256 * 2
 
     def extra(fn, with_ref=False):
-        return modeled_peak_bytes(fn, **LLAMA3_8B, with_ref=with_ref) - logits_bytes * (3 if with_ref else 2)
+        peak = modeled_peak_bytes(logits_inputs(**LLAMA3_8B, with_ref=with_ref), fn)
+        return peak - logits_bytes * (3 if with_ref else 2)
 
     # Fused: nothing beyond the logits and their gradient but O(N·T) per-token floats.
     assert extra(lambda x, r, y: sequence_logps(x, y).sum()) <= 8 * 4096 * 4 * 4
