@@ -35,3 +35,12 @@ def test_harness_runs_on_a_tiny_workload():
             assert any(line.split()[:2] == [dtype, impl] for line in out.splitlines()), out
         assert f"{dtype} [torch]: time" in out
     assert "fused_dpo_loss  fused" in out
+
+
+def test_fused_linear_harness_runs_on_a_tiny_workload():
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(root / "benchmarks" / "fused_linear.py"), "--n", "2", "--t", "8", "--h", "16", "--v", "64"]
+    out = subprocess.run(cmd + ["--reps", "1"], cwd=root, capture_output=True, text=True, timeout=600, check=True).stdout
+    lines = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in (["naive"], ["fused"])}
+    assert "x" in lines["naive"] and "x" in lines["fused"], out
+    assert "targets:" in out and "modeled GPU peak" in out
