@@ -8,7 +8,7 @@ from conftest import assert_fp32_close, assert_low_precision_grad, make_batch
 from dpo_kernels import fused_linear_dpo_loss, fused_linear_sequence_logps, reference
 from dpo_kernels.portable import linear as portable_linear
 
-LINEAR_BACKENDS = ["torch"]
+LINEAR_BACKENDS = ["torch", "triton"]
 TRANSFORMS = {
     "plain": dict(),
     "softcap": dict(softcap=4.0),

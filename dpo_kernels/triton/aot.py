@@ -8,6 +8,13 @@ in the argument specializations Triton's JIT would make (vocabulary stride 1 fol
 strided vocabulary), down to cubin for each architecture. Prints registers, shared memory and local
 memory per variant, and exits non-zero on a compile error, on register spills (local memory), or on
 an aligned variant whose logits loads are not vectorized. Must run without TRITON_INTERPRET.
+
+The fused LM-head kernels (dpo_kernels.triton.linear) are compiled per dtype at their launch config,
+with every combination of bias and softcap for H, row strides and pointers divisible by 16
+("aligned"), and without / with both for neither ("unaligned"). Their checks: no spills, shared
+memory within the architecture's per-block limit, bf16/fp16 products on tensor cores (mma.sync /
+wgmma in the PTX), and 16-byte global loads (plain or cp.async) when aligned; the "vec" column
+reads "mma" / "fma" for how they multiply.
 """
 
 import argparse
@@ -94,6 +101,153 @@ def source(variant: Variant):
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
+# ---------------------------------------------------------------------------- fused LM head (linear.py)
+
+LINEAR_POINTERS = {  # pointer argument -> element type ("X" hidden/weight dtype)
+    "fused_linear_logps_fwd_kernel": {
+        "hidden_ptr": "X", "weight_ptr": "X", "bias_ptr": "X", "labels_ptr": "i64",
+        "m_part_ptr": "fp32", "s_part_ptr": "fp32", "zl_part_ptr": "fp32",
+    },
+    "fused_linear_logps_merge_kernel": {
+        "m_part_ptr": "fp32", "s_part_ptr": "fp32", "zl_part_ptr": "fp32", "labels_ptr": "i64",
+        "logp_ptr": "fp32", "lse_ptr": "fp32",
+    },
+    "fused_linear_logps_bwd_dh_kernel": {
+        "dh_ptr": "fp32", "grad_ptr": "fp32", "hidden_ptr": "X", "weight_ptr": "X", "bias_ptr": "X",
+        "labels_ptr": "i64", "lse_ptr": "fp32",
+    },
+    "fused_linear_logps_bwd_dw_kernel": {
+        "dw_ptr": "X", "db_ptr": "X", "ws_ptr": "fp32", "grad_ptr": "fp32", "hidden_ptr": "X",
+        "weight_ptr": "X", "bias_ptr": "X", "labels_ptr": "i64", "lse_ptr": "fp32",
+    },
+}  # fmt: skip
+LINEAR_FLOATS = ("logit_scale", "softcap", "temperature", "filter_eps")
+LINEAR_UNIT_STRIDES = ("stride_y", "stride_g")  # contiguous labels and grad: the JIT folds 1 to a constant
+# Divisible by 16 when H is (4096, 5120, ...); v_per_split is a multiple of BLOCK_V in every layout.
+# "unaligned" also drops the 16-byte divisibility of the hidden and weight pointers (a sliced view).
+LINEAR_ALIGNED_INTS = ("H", "stride_hm", "stride_wv")
+LINEAR_FEATURES = {  # name -> (HAS_BIAS, HAS_SOFTCAP)
+    "plain": (False, False),
+    "bias": (True, False),
+    "softcap": (False, True),
+    "bias+softcap": (True, True),
+}
+# Opt-in shared memory per block: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
+MAX_SHARED = {80: 166912, 90: 232448}
+CP_ASYNC_16 = r"cp\.async\.c[ag]\.shared\.global \[[^\]]*\], \[[^\]]*\], (16|0x10)\b"  # 16-byte async copy
+
+
+@dataclass(frozen=True)
+class LinearVariant:
+    kernel: str
+    dtype: str
+    features: str
+    layout: str
+    arch: int
+
+    @property
+    def config(self):
+        import torch
+
+        from .linear import launch_config
+
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
+        return launch_config(dtype, aligned=self.layout == "aligned")
+
+    @property
+    def warps(self):
+        return 4 if self.kernel == "fused_linear_logps_merge_kernel" else self.config.num_warps
+
+    @property
+    def stages(self):
+        return self.config.num_stages
+
+    @property
+    def name(self):
+        if self.kernel == "fused_linear_logps_merge_kernel":
+            return f"{self.kernel} fp32/i64 BLOCK={self._merge_block()} warps={self.warps} sm_{self.arch}"
+        c = self.config
+        blocks = f"{c.BLOCK_M}x{c.BLOCK_V}x{c.BLOCK_H}"
+        return (
+            f"{self.kernel} {self.dtype}/i64 {blocks} warps={self.warps} stages={self.stages} "
+            f"{self.features} {self.layout} sm_{self.arch}"
+        )
+
+    @staticmethod
+    def _merge_block():
+        from .linear import MERGE_BLOCK
+
+        return MERGE_BLOCK
+
+
+def linear_variants(archs):
+    for arch in archs:
+        for kernel in LINEAR_POINTERS:
+            if kernel == "fused_linear_logps_merge_kernel":  # no products, no dtype: one variant
+                yield LinearVariant(kernel, "fp32", "plain", "aligned", arch)
+                continue
+            for dtype in DTYPES:
+                for features in LINEAR_FEATURES:
+                    yield LinearVariant(kernel, dtype, features, "aligned", arch)
+                for features in ("plain", "bias+softcap"):
+                    yield LinearVariant(kernel, dtype, features, "unaligned", arch)
+
+
+def linear_source(variant: LinearVariant):
+    from triton.compiler import ASTSource
+
+    from . import linear
+
+    fn = getattr(linear, variant.kernel)
+    pointers = LINEAR_POINTERS[variant.kernel]
+    has_bias, has_softcap = LINEAR_FEATURES[variant.features]
+    if variant.kernel == "fused_linear_logps_merge_kernel":
+        constexprs = {"BLOCK": variant._merge_block()}
+    else:
+        c = variant.config
+        constexprs = {
+            "HAS_BIAS": has_bias, "HAS_SOFTCAP": has_softcap, "UPCAST_DOT": False,
+            "BLOCK_M": c.BLOCK_M, "BLOCK_V": c.BLOCK_V, "BLOCK_H": c.BLOCK_H,
+        }  # fmt: skip
+    signature, attrs = {}, {}
+    for index, arg in enumerate(fn.arg_names):
+        if arg in pointers:
+            kind = pointers[arg]
+            signature[arg] = "*" + (variant.dtype if kind == "X" else kind)
+            if variant.layout == "aligned" or arg not in ("hidden_ptr", "weight_ptr"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        elif arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg in LINEAR_UNIT_STRIDES:
+            signature[arg] = "constexpr"
+            constexprs[arg] = 1
+        elif arg in LINEAR_FLOATS:
+            signature[arg] = "fp32"
+        else:
+            signature[arg] = "i32"
+            if arg == "v_per_split" or (arg in LINEAR_ALIGNED_INTS and variant.layout == "aligned"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+
+
+def linear_problems(variant: LinearVariant, ptx: str, shared: int) -> list:
+    problems = []
+    if shared > MAX_SHARED.get(variant.arch, min(MAX_SHARED.values())):
+        problems.append(f"shared memory {shared} B over the sm_{variant.arch} limit {MAX_SHARED.get(variant.arch)}")
+    if variant.kernel != "fused_linear_logps_merge_kernel":
+        if variant.dtype != "fp32" and not uses_mma(ptx):
+            problems.append("bf16/fp16 products not on tensor cores (no mma.sync / wgmma)")
+        if variant.layout == "aligned" and not re.search(CP_ASYNC_16, ptx) and not (
+            re.search(r"ld\.global(\.\w+)*\.v[248]", ptx)
+        ):
+            problems.append("aligned variant without 16-byte global loads")
+    return problems
+
+
+def uses_mma(ptx: str) -> bool:
+    return bool(re.search(r"\b(mma\.sync|wgmma\.mma_async)", ptx))
+
+
 def resource_usage(cubin: bytes) -> dict:
     import triton
 
@@ -110,18 +264,29 @@ def compile_variant(variant: Variant) -> dict:
     from triton.backends.compiler import GPUTarget
 
     start = time.perf_counter()
+    linear = isinstance(variant, LinearVariant)
+    options = {"num_warps": variant.warps}
+    if linear:
+        options["num_stages"] = variant.stages
     try:
         kernel = triton.compile(
-            source(variant), target=GPUTarget("cuda", variant.arch, 32), options={"num_warps": variant.warps}
+            linear_source(variant) if linear else source(variant),
+            target=GPUTarget("cuda", variant.arch, 32),
+            options=options,
         )
     except Exception as error:  # report every failing variant, not just the first
         return {"variant": variant, "error": f"{type(error).__name__}: {error}"}
     usage = resource_usage(kernel.asm["cubin"])
-    vector_loads = bool(re.search(r"ld\.global(\.\w+)*\.v[248]", kernel.asm["ptx"]))
+    ptx = kernel.asm["ptx"]
+    vector_loads = bool(re.search(r"ld\.global(\.\w+)*\.v[248]", ptx))
     problems = []
     if usage.get("LOCAL", 0) or usage.get("STACK", 0):
         problems.append(f"register spills: local={usage.get('LOCAL')} stack={usage.get('STACK')}")
-    if variant.layout == "aligned" and not vector_loads:
+    if linear:
+        problems += linear_problems(variant, ptx, kernel.metadata.shared)
+        if variant.kernel != "fused_linear_logps_merge_kernel":
+            vector_loads = "mma" if uses_mma(ptx) else "fma"
+    elif variant.layout == "aligned" and not vector_loads:
         problems.append("aligned variant without vectorized global loads")
     return {
         "variant": variant,
@@ -131,6 +296,10 @@ def compile_variant(variant: Variant) -> dict:
         "seconds": time.perf_counter() - start,
         "problems": problems,
     }
+
+
+def vec_column(value) -> str:
+    return value if isinstance(value, str) else ("yes" if value else "no")
 
 
 def main(argv=None) -> int:
@@ -143,21 +312,22 @@ def main(argv=None) -> int:
         return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-    todo = list(variants(args.arch))
+    todo = list(variants(args.arch)) + list(linear_variants(args.arch))
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(compile_variant, todo))
     failures = 0
-    print(f"{'variant':<80} {'regs':>4} {'smem':>6} {'local':>5} {'vec':>3} {'s':>5}")
+    width = max([80] + [len(variant.name) for variant in todo])
+    print(f"{'variant':<{width}} {'regs':>4} {'smem':>6} {'local':>5} {'vec':>3} {'s':>5}")
     for result in results:
         variant = result["variant"]
         if "error" in result:
             failures += 1
-            print(f"{variant.name:<80} COMPILE ERROR {result['error']}")
+            print(f"{variant.name:<{width}} COMPILE ERROR {result['error']}")
             continue
         usage = result["usage"]
         print(
-            f"{variant.name:<80} {usage.get('REG', 0):>4} {result['shared']:>6} {usage.get('LOCAL', 0):>5} "
-            f"{'yes' if result['vector_loads'] else 'no':>3} {result['seconds']:>5.1f}"
+            f"{variant.name:<{width}} {usage.get('REG', 0):>4} {result['shared']:>6} {usage.get('LOCAL', 0):>5} "
+            f"{vec_column(result['vector_loads']):>3} {result['seconds']:>5.1f}"
         )
         for problem in result["problems"]:
             failures += 1

@@ -1,0 +1,597 @@
+"""Triton kernels: a fused LM head scored by per-token log-probs, without a logits tensor.
+
+For compacted rows (every row is scored) the forward computes, per row m,
+
+    z = (h_m · W_vᵀ + b_v) · logit_scale;  z = softcap · tanh(z / softcap) if softcap;  z = z / temperature
+    logp_m = z[label_m] − logsumexp_v z,
+
+the transform of ``reference.lm_head_logits``. Each program forms a (BLOCK_M, BLOCK_V) logits tile in
+registers with ``tl.dot`` (fp32 accumulator) over BLOCK_H slices of the hidden size, folds it into an
+online log-sum-exp and picks the label logit in the same loop; no logits tile is ever written to global
+memory. The backward recomputes the tiles: one kernel (programs over row blocks, looping over V)
+accumulates d_hidden, a second one (programs over V blocks, looping over rows) accumulates d_weight and
+d_bias, so neither needs float atomics and both are deterministic.
+
+fp32 inputs multiply in IEEE fp32 (FMA, no TF32: the exact path); bf16/fp16 inputs go to tensor cores
+with fp32 accumulation, and the backward rounds dz to the input dtype before the second product, as a
+bf16 autograd graph would. The bases of row blocks, V tiles and scratch slabs are int64 (M·H and V·H
+pass 2^31 at real sizes); offsets inside a tile (r · stride_hm, c · stride_wv) are int32.
+
+The interpreter (TRITON_INTERPRET=1) runs these same kernels; it multiplies bf16 ``tl.dot`` operands as
+their raw uint16 bit patterns (triton-lang/triton#11584), so under it the launchers set UPCAST_DOT and
+the operands are widened to fp32 first. bf16 × bf16 products are exact in fp32, so only the
+summation order differs from the tensor-core path.
+"""
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST_DOT: tl.constexpr):
+    """acc + a @ b with an fp32 accumulator; IEEE (not TF32) for fp32 operands."""
+    if UPCAST_DOT:  # interpreter only: it cannot multiply bf16
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from one exp, exact at ±inf: sign(x) · (1 − e) / (1 + e), e = exp(−2|x|).
+
+    The absolute error stays at a few fp32 ulps of 1 near 0 (so a softcapped logit is off by about
+    softcap · 1e-7); libdevice's tanh is not available to the interpreter.
+    """
+    e = tl.exp(-2.0 * tl.abs(x))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _logits_tile(
+    h_base,  # pointer to hidden[row0, 0]; hidden is (M, H) fp32 | bf16 | fp16, strides (stride_hm, 1)
+    w_base,  # pointer to weight[col0, 0]; weight is (V, H) dtype of hidden, strides (stride_wv, 1)
+    b_base,  # pointer to bias[col0]; bias is (V,) fp32 | bf16 | fp16, contiguous; not read without HAS_BIAS
+    h_offs,  # (BLOCK_M, BLOCK_H) int32: r * stride_hm + ks, the tile's rows and its first H slice
+    w_offs,  # (BLOCK_V, BLOCK_H) int32: c * stride_wv + ks
+    row_mask,  # (BLOCK_M,) rows < M
+    col_mask,  # (BLOCK_V,) columns < V
+    H,
+    logit_scale,
+    softcap,
+    temperature,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """(z, t): the (BLOCK_M, BLOCK_V) logits tile z (−inf in masked columns) and tanh(x / softcap)
+    (x itself without HAS_SOFTCAP), for the backward's 1 − t², where x = (h · Wᵀ + b) · logit_scale
+    and z = (softcap · tanh(x / softcap) if HAS_SOFTCAP else x) / temperature."""
+    ks = tl.arange(0, BLOCK_H)
+    acc = tl.zeros([BLOCK_M, BLOCK_V], dtype=tl.float32)
+    for k in range(0, H, BLOCK_H):
+        k_mask = ks < H - k
+        h = tl.load(h_base + k + h_offs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_base + k + w_offs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = _dot(h, tl.trans(w), acc, UPCAST_DOT)
+    if HAS_BIAS:
+        acc += tl.load(b_base + tl.arange(0, BLOCK_V), mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    x = acc * logit_scale
+    if HAS_SOFTCAP:
+        t = _tanh(x / softcap)
+        x = softcap * t
+    else:
+        t = x
+    z = tl.where(col_mask[None, :], x / temperature, float("-inf"))
+    return z, t
+
+
+@triton.jit
+def _label_column(labels, col0, BLOCK_V: tl.constexpr):
+    """(BLOCK_M,) int32: each row's label as a column of the tile starting at col0, or -1."""
+    local = labels - col0
+    return tl.where((local >= 0) & (local < BLOCK_V), local, -1).to(tl.int32)
+
+
+@triton.jit
+def _dlogits_tile(
+    z,  # (BLOCK_M, BLOCK_V) fp32 logits tile from _logits_tile
+    t,  # (BLOCK_M, BLOCK_V) fp32 tanh(x / softcap) from _logits_tile
+    label_col,  # (BLOCK_M,) int32 from _label_column
+    row_mask,  # (BLOCK_M,) rows < M
+    g,  # (BLOCK_M,) fp32, d loss / d logp (0 in masked rows)
+    lse,  # (BLOCK_M,) fp32, from the forward
+    logit_scale,
+    temperature,
+    filter_eps,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """(dacc, keep): d loss / d(h · Wᵀ) of the tile and whether it contributes.
+
+    dz = g · (onehot(label) − exp(z − lse)), then back through / temperature, softcap · tanh (× (1 − t²))
+    and · logit_scale. ``keep`` is false when every softmax entry of the tile is below filter_eps and
+    no label falls in it (never with filter_eps = 0; a NaN keeps the tile).
+    """
+    p = tl.where(row_mask[:, None], tl.exp(z - lse[:, None]), 0.0)  # exp(-inf) = 0 in masked columns
+    is_label = tl.arange(0, BLOCK_V)[None, :] == label_col[:, None]
+    dz = g[:, None] * (tl.where(is_label, 1.0, 0.0) - p)
+    if HAS_SOFTCAP:
+        dacc = dz * (1.0 - t * t) * (logit_scale / temperature)
+    else:
+        dacc = dz * (logit_scale / temperature)
+    p_max = tl.max(tl.max(p, axis=1), axis=0)
+    has_label = tl.max(label_col, axis=0) >= 0
+    keep = (p_max >= filter_eps) | (p_max != p_max) | has_label
+    return dacc, keep
+
+
+@triton.jit
+def fused_linear_logps_fwd_kernel(
+    hidden_ptr,  # (M, H) fp32 | bf16 | fp16, strides (stride_hm, 1)
+    weight_ptr,  # (V, H) dtype of hidden, strides (stride_wv, 1)
+    bias_ptr,  # (V,) fp32 | bf16 | fp16, contiguous; not read without HAS_BIAS
+    labels_ptr,  # (M,) int64, stride stride_y, in [0, V)
+    m_part_ptr,  # (SPLITS, M) fp32, contiguous: max_v z over the split's vocabulary range
+    s_part_ptr,  # (SPLITS, M) fp32, contiguous: sum_v exp(z - m_part) over the range
+    zl_part_ptr,  # (SPLITS, M) fp32, contiguous: z[label] if the label is in the range, else 0
+    M,
+    V,
+    H,
+    stride_hm,
+    stride_wv,
+    stride_y,
+    v_per_split,  # a multiple of BLOCK_V
+    logit_scale,
+    softcap,
+    temperature,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """Per (row block, vocabulary split): m = max_v z, s = sum_v exp(z − m), online over V tiles
+    (s ← s · exp(m_old − m_new) + sum exp(z − m_new)), and z[label], with z from _logits_tile."""
+    row0 = tl.program_id(0) * BLOCK_M
+    split = tl.program_id(1)
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_V)
+    ks = tl.arange(0, BLOCK_H)
+    row_mask = r < M - row0
+    rows = (row0 + r).to(tl.int64)
+    labels = tl.load(labels_ptr + rows * stride_y, mask=row_mask, other=-1).to(tl.int64)
+    h_base = hidden_ptr + tl.cast(row0, tl.int64) * stride_hm
+    h_offs = r[:, None] * stride_hm + ks[None, :]
+    w_offs = c[:, None] * stride_wv + ks[None, :]
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    z_label = tl.zeros([BLOCK_M], dtype=tl.float32)
+    v_begin = split * v_per_split
+    v_end = tl.minimum(v_begin + v_per_split, V)
+    for col0 in range(v_begin, v_end, BLOCK_V):
+        z, _ = _logits_tile(
+            h_base, weight_ptr + tl.cast(col0, tl.int64) * stride_wv, bias_ptr + col0, h_offs, w_offs,
+            row_mask, c < V - col0, H, logit_scale, softcap, temperature,
+            HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_H, UPCAST_DOT,
+        )  # fmt: skip
+        m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile holds a column < V
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        m = m_new
+        is_label = c[None, :] == _label_column(labels, col0, BLOCK_V)[:, None]
+        z_label += tl.sum(tl.where(is_label, z, 0.0), axis=1)
+    out = tl.cast(split, tl.int64) * M + rows
+    tl.store(m_part_ptr + out, m, mask=row_mask)
+    tl.store(s_part_ptr + out, s, mask=row_mask)
+    tl.store(zl_part_ptr + out, z_label, mask=row_mask)
+
+
+@triton.jit
+def fused_linear_logps_merge_kernel(
+    m_part_ptr,  # (SPLITS, M) fp32, contiguous, from the forward kernel
+    s_part_ptr,  # (SPLITS, M) fp32, contiguous
+    zl_part_ptr,  # (SPLITS, M) fp32, contiguous
+    labels_ptr,  # (M,) int64, stride stride_y
+    logp_ptr,  # (M,) fp32, contiguous: z[label] - lse
+    lse_ptr,  # (M,) fp32, contiguous: logsumexp_v z, saved for the backward
+    M,
+    V,
+    stride_y,
+    splits,
+    BLOCK: tl.constexpr,
+):
+    """lse = m + log(sum_s s_s · exp(m_s − m)), m = max_s m_s; logp = sum_s zl_s − lse.
+
+    The splits are merged in a fixed order, so the result does not depend on scheduling. A label
+    outside [0, V) gives NaN instead of a wrong log-prob.
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = rows < M
+    m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+    for split in range(0, splits):
+        m = tl.maximum(m, tl.load(m_part_ptr + tl.cast(split, tl.int64) * M + rows, mask=mask, other=0.0))
+    s = tl.zeros([BLOCK], dtype=tl.float32)
+    z_label = tl.zeros([BLOCK], dtype=tl.float32)
+    for split in range(0, splits):
+        part = tl.cast(split, tl.int64) * M + rows
+        m_split = tl.load(m_part_ptr + part, mask=mask, other=0.0)
+        s += tl.load(s_part_ptr + part, mask=mask, other=1.0) * tl.exp(m_split - m)
+        z_label += tl.load(zl_part_ptr + part, mask=mask, other=0.0)
+    lse = m + tl.log(s)
+    label = tl.load(labels_ptr + rows * stride_y, mask=mask, other=0)
+    in_range = (label >= 0) & (label < V)
+    tl.store(logp_ptr + rows, tl.where(in_range, z_label - lse, float("nan")), mask=mask)
+    tl.store(lse_ptr + rows, lse, mask=mask)
+
+
+@triton.jit
+def fused_linear_logps_bwd_dh_kernel(
+    dh_ptr,  # (SPLITS, M_PAD, H_PAD) fp32, contiguous, zero-filled: each vocabulary split's part of d_hidden
+    grad_ptr,  # (M,) fp32, stride stride_g (0 for an expand): d loss / d logp
+    hidden_ptr,  # (M, H) fp32 | bf16 | fp16, strides (stride_hm, 1)
+    weight_ptr,  # (V, H) dtype of hidden, strides (stride_wv, 1)
+    bias_ptr,  # (V,) fp32 | bf16 | fp16, contiguous; not read without HAS_BIAS
+    labels_ptr,  # (M,) int64, stride stride_y
+    lse_ptr,  # (M,) fp32, contiguous, from the forward
+    M,
+    V,
+    H,
+    stride_hm,
+    stride_wv,
+    stride_y,
+    stride_g,
+    v_per_split,  # a multiple of BLOCK_V
+    logit_scale,
+    softcap,
+    temperature,
+    filter_eps,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """d_hidden[rows] += dacc · W[cols] for every V tile of the split, dacc from _dlogits_tile.
+
+    The program owns its (rows, split) slab of dh_ptr and updates it in place, one BLOCK_H slice at a
+    time; a barrier after each V tile orders one tile's stores before the next tile's loads, which
+    other threads of the program may issue. The scratch is padded to M_PAD = programs · BLOCK_M rows
+    and H_PAD = cdiv(H, BLOCK_H) · BLOCK_H columns, so its tiles need no masks and load as vectors.
+    """
+    row0 = tl.program_id(0) * BLOCK_M
+    split = tl.program_id(1)
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_V)
+    ks = tl.arange(0, BLOCK_H)
+    row_mask = r < M - row0
+    rows = (row0 + r).to(tl.int64)
+    labels = tl.load(labels_ptr + rows * stride_y, mask=row_mask, other=-1).to(tl.int64)
+    g = tl.load(grad_ptr + rows * stride_g, mask=row_mask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    h_base = hidden_ptr + tl.cast(row0, tl.int64) * stride_hm
+    h_offs = r[:, None] * stride_hm + ks[None, :]
+    w_offs = c[:, None] * stride_wv + ks[None, :]
+    h_pad = tl.cdiv(H, BLOCK_H) * BLOCK_H
+    dh_base = dh_ptr + (tl.cast(split, tl.int64) * tl.num_programs(0) * BLOCK_M + row0) * h_pad
+    dh_offs = r[:, None] * h_pad + ks[None, :]
+    v_begin = split * v_per_split
+    v_end = tl.minimum(v_begin + v_per_split, V)
+    for col0 in range(v_begin, v_end, BLOCK_V):
+        w_base = weight_ptr + tl.cast(col0, tl.int64) * stride_wv
+        col_mask = c < V - col0
+        z, t = _logits_tile(
+            h_base, w_base, bias_ptr + col0, h_offs, w_offs, row_mask, col_mask, H,
+            logit_scale, softcap, temperature, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_H, UPCAST_DOT,
+        )  # fmt: skip
+        dacc, keep = _dlogits_tile(
+            z, t, _label_column(labels, col0, BLOCK_V), row_mask, g, lse,
+            logit_scale, temperature, filter_eps, HAS_SOFTCAP, BLOCK_V,
+        )  # fmt: skip
+        if keep:
+            d = dacc.to(weight_ptr.dtype.element_ty)
+            for k in range(0, H, BLOCK_H):
+                w = tl.load(w_base + k + w_offs, mask=col_mask[:, None] & (ks < H - k)[None, :], other=0.0)
+                dh = _dot(d, w, tl.load(dh_base + k + dh_offs), UPCAST_DOT)
+                tl.store(dh_base + k + dh_offs, dh)
+            tl.debug_barrier()
+
+
+@triton.jit
+def fused_linear_logps_bwd_dw_kernel(
+    dw_ptr,  # (V, H) dtype of weight, contiguous: d_weight
+    db_ptr,  # (V,) dtype of bias, contiguous: d_bias; not written without HAS_BIAS
+    ws_ptr,  # (PROGRAMS, H_PAD / BLOCK_H, BLOCK_V, BLOCK_H) fp32, contiguous: one accumulator slot per program
+    grad_ptr,  # (M,) fp32, stride stride_g (0 for an expand): d loss / d logp
+    hidden_ptr,  # (M, H) fp32 | bf16 | fp16, strides (stride_hm, 1)
+    weight_ptr,  # (V, H) dtype of hidden, strides (stride_wv, 1)
+    bias_ptr,  # (V,) fp32 | bf16 | fp16, contiguous; not read without HAS_BIAS
+    labels_ptr,  # (M,) int64, stride stride_y
+    lse_ptr,  # (M,) fp32, contiguous, from the forward
+    M,
+    V,
+    H,
+    stride_hm,
+    stride_wv,
+    stride_y,
+    stride_g,
+    logit_scale,
+    softcap,
+    temperature,
+    filter_eps,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """d_weight[cols] = sum over row blocks of daccᵀ · h[rows], d_bias[cols] = sum_rows dacc.
+
+    Persistent: program p takes V blocks p, p + PROGRAMS, ... and accumulates each in its fp32 slot,
+    one BLOCK_H slice at a time (the first kept row block starts from zero instead of loading), then
+    casts the slot into d_weight. The scratch is PROGRAMS · BLOCK_V · H_PAD floats, not V · H; a slot
+    stores its (BLOCK_V, BLOCK_H) tiles one after the other, so they need no masks and load as vectors.
+    """
+    pid = tl.program_id(0)
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_V)
+    ks = tl.arange(0, BLOCK_H)
+    h_offs = r[:, None] * stride_hm + ks[None, :]
+    w_offs = c[:, None] * stride_wv + ks[None, :]
+    slot_offs = c[:, None] * BLOCK_H + ks[None, :]  # tile k of the slot starts at k · BLOCK_V
+    dw_offs = c[:, None] * H + ks[None, :]
+    slot = ws_ptr + tl.cast(pid, tl.int64) * BLOCK_V * (tl.cdiv(H, BLOCK_H) * BLOCK_H)
+    for vb in range(pid, tl.cdiv(V, BLOCK_V), tl.num_programs(0)):
+        col0 = vb * BLOCK_V
+        w_base = weight_ptr + tl.cast(col0, tl.int64) * stride_wv
+        col_mask = c < V - col0
+        db = tl.zeros([BLOCK_V], dtype=tl.float32)
+        kept = 0  # row blocks accumulated into the slot so far
+        for row0 in range(0, M, BLOCK_M):
+            row_mask = r < M - row0
+            rows = (row0 + r).to(tl.int64)
+            labels = tl.load(labels_ptr + rows * stride_y, mask=row_mask, other=-1).to(tl.int64)
+            g = tl.load(grad_ptr + rows * stride_g, mask=row_mask, other=0.0)
+            lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+            h_base = hidden_ptr + tl.cast(row0, tl.int64) * stride_hm
+            z, t = _logits_tile(
+                h_base, w_base, bias_ptr + col0, h_offs, w_offs, row_mask, col_mask, H,
+                logit_scale, softcap, temperature, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_H, UPCAST_DOT,
+            )  # fmt: skip
+            dacc, keep = _dlogits_tile(
+                z, t, _label_column(labels, col0, BLOCK_V), row_mask, g, lse,
+                logit_scale, temperature, filter_eps, HAS_SOFTCAP, BLOCK_V,
+            )  # fmt: skip
+            if keep:
+                db += tl.sum(dacc, axis=0)
+                d = tl.trans(dacc.to(hidden_ptr.dtype.element_ty))
+                for k in range(0, H, BLOCK_H):
+                    h = tl.load(h_base + k + h_offs, mask=row_mask[:, None] & (ks < H - k)[None, :], other=0.0)
+                    acc = tl.load(slot + k * BLOCK_V + slot_offs, mask=kept > 0, other=0.0)
+                    tl.store(slot + k * BLOCK_V + slot_offs, _dot(d, h, acc, UPCAST_DOT))
+                kept += 1
+                tl.debug_barrier()
+        dw_base = dw_ptr + tl.cast(col0, tl.int64) * H
+        for k in range(0, H, BLOCK_H):
+            acc = tl.load(slot + k * BLOCK_V + slot_offs, mask=kept > 0, other=0.0)  # zeros if nothing was kept
+            dw_mask = col_mask[:, None] & (ks < H - k)[None, :]
+            tl.store(dw_base + k + dw_offs, acc.to(dw_ptr.dtype.element_ty), mask=dw_mask)
+        if HAS_BIAS:
+            tl.store(db_ptr + col0 + c, db.to(db_ptr.dtype.element_ty), mask=col_mask)
+        tl.debug_barrier()  # the slot's last loads before the next V block's first stores
+
+
+# --------------------------------------------------------------------------------------------- launchers
+
+
+class LinearConfig(NamedTuple):
+    BLOCK_M: int
+    BLOCK_V: int
+    BLOCK_H: int
+    num_warps: int
+    num_stages: int
+
+
+# bf16/fp16: 64 x 128 logits tiles over 64-wide slices of H on tensor cores (mma.sync on sm_80, wgmma
+# on sm_90), 3-stage cp.async pipeline; 8 warps keep the fp32 tile, its softmax temporaries, the
+# backward's dz operand and its 64 x 64 update tile in registers without spilling (the AOT check).
+# Rows that are not 16-byte aligned load element by element, which costs an address register per
+# element: they take 32-wide slices and 2 stages. fp32 multiplies in IEEE fp32 on FMA units: 64 x 64
+# tiles over 16-wide slices, unpipelined (with 2 stages ptxas spills some variants). The interpreter
+# tests run these same kernels, mostly at smaller blocks (``config``) so that every dimension spans
+# several tiles.
+LAUNCH_CONFIGS = {  # (dtype, aligned) -> config
+    (torch.float32, True): LinearConfig(64, 64, 16, 8, 1),
+    (torch.float32, False): LinearConfig(64, 64, 16, 8, 1),
+    (torch.bfloat16, True): LinearConfig(64, 128, 64, 8, 3),
+    (torch.bfloat16, False): LinearConfig(64, 128, 32, 8, 2),
+    (torch.float16, True): LinearConfig(64, 128, 64, 8, 3),
+    (torch.float16, False): LinearConfig(64, 128, 32, 8, 2),
+}
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MERGE_BLOCK = 1024
+MAX_BWD_SPLITS = 16  # the d_hidden scratch is SPLITS x M x H floats
+
+
+def launch_config(dtype: torch.dtype, aligned: bool = True) -> LinearConfig:
+    """Block sizes, warps and pipeline stages the launchers use for hidden/weight of ``dtype``;
+    ``aligned``: H, both row strides and both data pointers are multiples of 16 (elements / bytes),
+    as the JIT specializes them, so that tiles load as 16-byte vectors."""
+    return LAUNCH_CONFIGS[(dtype, bool(aligned))]
+
+
+def _aligned(hidden, weight) -> bool:
+    H = hidden.shape[1]
+    return (
+        H % 16 == 0 and hidden.stride(0) % 16 == 0 and weight.stride(0) % 16 == 0
+        and hidden.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+    )  # fmt: skip
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of the device; 1 under the interpreter (CPU tensors)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def _target_programs(device: torch.device) -> int:
+    """Programs that fill the device: two waves of one program per SM (the launch configs use up to
+    255 registers x 256 threads, so one program runs per SM at a time)."""
+    return 2 * _sm_count(device) if device.type == "cuda" else 1
+
+
+def _vocab_splits(V: int, block_v: int, row_blocks: int, device, splits, cap: int) -> tuple[int, int]:
+    """(splits, v_per_split): split V across programs when the row blocks alone do not fill the device."""
+    v_tiles = triton.cdiv(V, block_v)
+    if splits is None:
+        splits = min(triton.cdiv(_target_programs(device), row_blocks), cap)
+    splits = max(1, min(int(splits), v_tiles))
+    per_split = triton.cdiv(v_tiles, splits) * block_v
+    return triton.cdiv(V, per_split), per_split
+
+
+def _check(hidden, weight, bias, labels):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden (M, H) and weight (V, H) expected, got {tuple(hidden.shape)}, {tuple(weight.shape)}")
+    if hidden.dtype not in DTYPES or weight.dtype != hidden.dtype:
+        raise ValueError(f"hidden and weight must share one of fp32/bf16/fp16, got {hidden.dtype}, {weight.dtype}")
+    if hidden.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("hidden and weight need a unit stride along H (call .contiguous())")
+    if bias is not None and (bias.shape != (weight.shape[0],) or not bias.is_floating_point()):
+        raise ValueError(f"bias must be a float (V,) tensor, got {bias.dtype} {tuple(bias.shape)}")
+    if labels.shape != (hidden.shape[0],) or labels.dtype != torch.int64:
+        raise ValueError(f"labels must be (M,) int64, got {labels.dtype} {tuple(labels.shape)}")
+
+
+def _check_offsets(hidden, weight, cfg):
+    """In-tile offsets are int32 (r · stride_hm, c · stride_wv); everything that scales with M or V is int64."""
+    if hidden.stride(0) * cfg.BLOCK_M >= 2**31 or weight.stride(0) * cfg.BLOCK_V >= 2**31:
+        raise ValueError("row strides of hidden / weight too large for int32 in-tile offsets")
+
+
+def _transform_args(bias, weight, logit_scale, softcap, temperature):
+    bias_arg = (bias.contiguous() if bias is not None else weight)  # a dummy pointer without bias
+    return bias_arg, float(logit_scale), float(softcap) if softcap is not None else 1.0, float(temperature)
+
+
+def fused_linear_logps_fwd(hidden, weight, bias, labels, logit_scale=1.0, softcap=None, temperature=1.0, *,
+                           splits=None, config=None):  # fmt: skip
+    """(logp, lse), both (M,) fp32: log_softmax(z)[label] and logsumexp(z) of the LM-head logits z.
+
+    hidden: (M, H) fp32 | bf16 | fp16 with any row stride but a unit stride along H (required); weight:
+    (V, H) same dtype, unit stride along H; bias: (V,) or None; labels: (M,) int64 in [0, V) (a label
+    outside gives NaN). z = (hidden · weightᵀ + bias) · logit_scale, softcapped if ``softcap``, divided by
+    ``temperature`` (``reference.lm_head_logits``). ``splits`` divides V across that many programs per row
+    block (default: enough to fill the GPU; 1 under the interpreter), merged deterministically by a second
+    kernel. ``config`` overrides ``launch_config(hidden.dtype, aligned)``.
+    """
+    _check(hidden, weight, bias, labels)
+    M, H = hidden.shape
+    V = weight.shape[0]
+    logp = torch.empty(M, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(M, dtype=torch.float32, device=hidden.device)
+    if M == 0:
+        return logp, lse
+    cfg = config or launch_config(hidden.dtype, _aligned(hidden, weight))
+    _check_offsets(hidden, weight, cfg)
+    row_blocks = triton.cdiv(M, cfg.BLOCK_M)
+    n_splits, per_split = _vocab_splits(V, cfg.BLOCK_V, row_blocks, hidden.device, splits, cap=V)
+    parts = torch.empty((3, n_splits, M), dtype=torch.float32, device=hidden.device)
+    bias_arg, scale, cap, temp = _transform_args(bias, weight, logit_scale, softcap, temperature)
+    fused_linear_logps_fwd_kernel[(row_blocks, n_splits)](
+        hidden, weight, bias_arg, labels, parts[0], parts[1], parts[2],
+        M, V, H, hidden.stride(0), weight.stride(0), labels.stride(0), per_split,
+        scale, cap, temp,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H,
+        UPCAST_DOT=_interpreting() and hidden.dtype == torch.bfloat16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    fused_linear_logps_merge_kernel[(triton.cdiv(M, MERGE_BLOCK),)](
+        parts[0], parts[1], parts[2], labels, logp, lse,
+        M, V, labels.stride(0), n_splits,
+        BLOCK=MERGE_BLOCK, num_warps=4,
+    )  # fmt: skip
+    return logp, lse
+
+
+def fused_linear_logps_bwd(grad, hidden, weight, bias, labels, lse, logit_scale=1.0, softcap=None, temperature=1.0,
+                           *, filter_eps=0.0, splits=None, programs=None, config=None):  # fmt: skip
+    """(d_hidden, d_weight, d_bias) of sum_m grad[m] · logp[m], recomputing the logits tiles.
+
+    grad: (M,) fp32 (any stride); lse: (M,) fp32 from ``fused_linear_logps_fwd``; the other arguments as
+    there (unit stride along H required). d_hidden is (M, H) in hidden's dtype, d_weight (V, H) in
+    weight's dtype, d_bias (V,) in bias's dtype or None; all accumulate in fp32 and are cast once.
+
+    Deterministic, without float atomics: d_hidden comes from programs over row blocks (× ``splits``
+    vocabulary ranges, default enough to fill the GPU, at most 16; 1 under the interpreter), each
+    accumulating its own fp32 slab (scratch: splits · M · H floats), summed in a fixed order; d_weight
+    and d_bias from ``programs`` persistent programs over V blocks (default one per SM), each with an
+    fp32 slot of BLOCK_V · H floats (scratch: about 0.28 GB for 132 SMs at H = 4096, not V · H).
+
+    ``filter_eps`` > 0 skips the contribution of every (row block, V tile) whose softmax entries are all
+    below filter_eps and that holds no label: it saves that tile's second product (about half of the
+    tile's backward work; the logits are still recomputed) at a gradient error of at most
+    g · p · |logit_scale / temperature| per dropped entry p < filter_eps, times |W_v| for d_hidden and
+    |h_m| for d_weight (times 1 for d_bias). 0 (default) drops nothing and matches the reference.
+    """
+    _check(hidden, weight, bias, labels)
+    M, H = hidden.shape
+    V = weight.shape[0]
+    device = hidden.device
+    d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    d_bias = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias is not None else None
+    if M == 0:
+        d_weight.zero_()
+        if d_bias is not None:
+            d_bias.zero_()
+        return torch.empty_like(hidden), d_weight, d_bias
+    cfg = config or launch_config(hidden.dtype, _aligned(hidden, weight))
+    _check_offsets(hidden, weight, cfg)
+    grad = grad.to(torch.float32)
+    lse = lse.to(torch.float32).contiguous()
+    bias_arg, scale, cap, temp = _transform_args(bias, weight, logit_scale, softcap, temperature)
+    common = dict(
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H,
+        UPCAST_DOT=_interpreting() and hidden.dtype == torch.bfloat16,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+    row_blocks = triton.cdiv(M, cfg.BLOCK_M)
+    n_splits, per_split = _vocab_splits(V, cfg.BLOCK_V, row_blocks, device, splits, cap=MAX_BWD_SPLITS)
+    h_pad = triton.cdiv(H, cfg.BLOCK_H) * cfg.BLOCK_H
+    dh = torch.zeros((n_splits, row_blocks * cfg.BLOCK_M, h_pad), dtype=torch.float32, device=device)
+    fused_linear_logps_bwd_dh_kernel[(row_blocks, n_splits)](
+        dh, grad, hidden, weight, bias_arg, labels, lse,
+        M, V, H, hidden.stride(0), weight.stride(0), labels.stride(0), grad.stride(0), per_split,
+        scale, cap, temp, float(filter_eps),
+        **common,
+    )  # fmt: skip
+    d_hidden = (dh[0] if n_splits == 1 else dh.sum(0))[:M, :H].to(hidden.dtype).contiguous()
+
+    v_blocks = triton.cdiv(V, cfg.BLOCK_V)
+    n_programs = max(1, min(int(programs or _sm_count(device)), v_blocks))
+    ws = torch.empty((n_programs, h_pad // cfg.BLOCK_H, cfg.BLOCK_V, cfg.BLOCK_H), dtype=torch.float32, device=device)
+    fused_linear_logps_bwd_dw_kernel[(n_programs,)](
+        d_weight, d_bias if d_bias is not None else d_weight, ws, grad, hidden, weight, bias_arg, labels, lse,
+        M, V, H, hidden.stride(0), weight.stride(0), labels.stride(0), grad.stride(0),
+        scale, cap, temp, float(filter_eps),
+        **common,
+    )  # fmt: skip
+    return d_hidden, d_weight, d_bias

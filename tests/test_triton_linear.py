@@ -1,0 +1,166 @@
+"""Fused LM head + log-prob Triton kernels (dpo_kernels.triton.linear) against the fp64 reference.
+
+The truth is ``reference.lm_head_logits`` + log_softmax / gather in fp64, differentiated by autograd.
+Tolerances: fp32 inputs multiply in IEEE fp32 with an fp32 accumulator, in BLOCK_H slices of H and
+BLOCK_V tiles of V (a different summation order than the BLAS reference), and the exp / log of the
+online log-sum-exp run in fp32; the per-element error is a few fp32 ulps of the largest term
+(|z| ≲ 20 here), so rtol 1e-4 / atol 1e-5 holds with margin and still catches any indexing or mask
+error, which would be O(1). bf16 / fp16 log-probs are fp32 and are held to the same tolerance
+against the fp32 reference computed from the same (rounded) inputs; their gradients, rounded to
+the input dtype, are judged by conftest.assert_low_precision_grad: the kernel's error from the fp64
+truth may exceed the error of the same-dtype reference (computed in fp32 from the same inputs, cast
+once) by one ulp of the dtype at the largest gradient magnitude.
+
+Under the interpreter ``tl.dot`` is slow, so the shapes are small and most cases run at small blocks
+(``config``) so that M, V and H each span several tiles with ragged ends; one case runs at the real
+launch config of its dtype. The whole file takes ~20 s on two cores.
+"""
+
+import pytest
+import torch
+
+from conftest import assert_low_precision_grad
+from dpo_kernels import reference
+from dpo_kernels.triton.linear import (
+    LinearConfig,
+    fused_linear_logps_bwd,
+    fused_linear_logps_fwd,
+    launch_config,
+)
+
+RTOL, ATOL = 1e-4, 1e-5
+SMALL = LinearConfig(BLOCK_M=16, BLOCK_V=32, BLOCK_H=16, num_warps=4, num_stages=2)
+
+# id -> (M, H, V, bias, logit_scale, softcap, temperature, config, fwd splits, bwd splits, dw programs)
+CASES = {
+    "bias-strided-splits": (37, 40, 300, True, 1.0, None, 1.0, SMALL, 3, 2, 3),
+    "softcap-scale-temp-launchcfg": (5, 72, 123, False, 0.5, 4.0, 1.7, None, None, None, None),
+    "all-transforms": (23, 16, 123, True, 2.0, 30.0, 0.8, SMALL, 2, 4, 1),
+    "aligned-launchcfg": (70, 64, 300, True, 1.0, 15.0, 1.0, None, 2, 2, 2),
+}
+
+
+def make_inputs(M, H, V, bias, dtype, strided=False):
+    """hidden (optionally a row-strided view), weight, bias, labels, upstream grad (an expand if strided)."""
+    hidden = torch.randn(M, H + 8 if strided else H)[:, :H].to(dtype)
+    weight = (torch.randn(V, H) / H**0.5 * 3).to(dtype)
+    b = torch.randn(V).to(dtype) if bias else None
+    labels = torch.randint(0, V, (M,))
+    grad = torch.randn(M)
+    return hidden, weight, b, labels, grad
+
+
+def reference_logps(hidden, weight, bias, labels, grad, dtype, **transform):
+    """(logp, lse, d_hidden, d_weight, d_bias) of the reference in ``dtype`` (fp64 truth or fp32)."""
+    leaves = [x.detach().to(dtype).requires_grad_() if x is not None else None for x in (hidden, weight, bias)]
+    z = reference.lm_head_logits(*leaves, **transform)
+    logp = torch.log_softmax(z, dim=-1).gather(-1, labels[:, None]).squeeze(-1)
+    lse = torch.logsumexp(z, dim=-1)
+    logp.backward(grad.to(dtype))
+    return logp.detach(), lse.detach(), *(x.grad if x is not None else None for x in leaves)
+
+
+def run_kernels(hidden, weight, bias, labels, grad, config=None, splits=(None, None), programs=None,
+                filter_eps=0.0, **transform):  # fmt: skip
+    logp, lse = fused_linear_logps_fwd(hidden, weight, bias, labels, **transform, splits=splits[0], config=config)
+    grads = fused_linear_logps_bwd(
+        grad, hidden, weight, bias, labels, lse, **transform,
+        filter_eps=filter_eps, splits=splits[1], programs=programs, config=config,
+    )  # fmt: skip
+    return logp, lse, *grads
+
+
+def close(actual, expected):
+    torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_matches_fp64_reference(case, dtype):
+    M, H, V, bias, scale, softcap, temperature, config, fwd_splits, bwd_splits, programs = CASES[case]
+    transform = dict(logit_scale=scale, softcap=softcap, temperature=temperature)
+    # config None: the real launch config of the dtype, aligned (H = 64) or not (H = 72)
+    hidden, weight, b, labels, grad = make_inputs(M, H, V, bias, dtype, strided=config is not None)
+    if case == "all-transforms":
+        grad = torch.randn(1).expand(M)  # a stride-0 upstream gradient
+        labels = torch.randint(0, V, (2 * M,))[::2]  # strided labels
+    out = run_kernels(hidden, weight, b, labels, grad, config, (fwd_splits, bwd_splits), programs, **transform)
+    truth = reference_logps(hidden, weight, b, labels, grad, torch.float64, **transform)
+
+    logp, lse, d_hidden, d_weight, d_bias = out
+    assert logp.dtype == lse.dtype == torch.float32 and logp.shape == lse.shape == (M,)
+    assert d_hidden.dtype == dtype and d_hidden.shape == (M, H) and d_hidden.is_contiguous()
+    assert d_weight.dtype == dtype and d_weight.shape == (V, H)
+    assert (d_bias is None) == (b is None)
+    if b is not None:
+        assert d_bias.dtype == dtype and d_bias.shape == (V,)
+
+    close(logp, truth[0])
+    close(lse, truth[1])
+    if dtype == torch.float32:
+        for actual, expected in zip(out[2:], truth[2:]):
+            if expected is not None:
+                close(actual, expected)
+    else:
+        # bf16 operands are widened to fp32 under the interpreter (exact products); fp16 ones are not
+        same_dtype = reference_logps(hidden, weight, b, labels, grad, torch.float32, **transform)
+        for actual, ref, expected in zip(out[2:], same_dtype[2:], truth[2:]):
+            if expected is not None:
+                assert_low_precision_grad(actual, ref.to(dtype), expected)
+
+
+def test_gradient_filter():
+    """filter_eps = 0 keeps every tile; filter_eps > 0 drops tiles of negligible probability, within the
+    documented bound: each dropped entry moves a gradient by at most g · p · |logit_scale / T| · |W|."""
+    M, H, V, eps, scale, temperature = 32, 16, 300, 1e-3, 1.0, 1.0
+    hidden, weight, _, _, grad = make_inputs(M, H, V, False, torch.float32)
+    b = torch.full((V,), -4.0)
+    b[:20] = 8.0  # a peaked distribution: p < 1e-5 outside the first 20 tokens
+    labels = torch.randint(0, 20, (M,))
+    transform = dict(logit_scale=scale, softcap=None, temperature=temperature)
+    truth = reference_logps(hidden, weight, b, labels, grad, torch.float64, **transform)
+
+    exact = run_kernels(hidden, weight, b, labels, grad, SMALL, (1, 1), 2, filter_eps=0.0, **transform)
+    filtered = run_kernels(hidden, weight, b, labels, grad, SMALL, (1, 1), 2, filter_eps=eps, **transform)
+    for actual, expected in zip(exact, truth):
+        close(actual, expected)
+    assert torch.equal(exact[0], filtered[0]) and torch.equal(exact[1], filtered[1])  # the forward is untouched
+    assert not torch.equal(exact[2], filtered[2])  # some tiles were dropped
+
+    z = reference.lm_head_logits(hidden.double(), weight.double(), b.double(), **transform)
+    p = torch.softmax(z, dim=-1)
+    small = torch.where(p < eps, p, 0.0) * grad.double().abs()[:, None] * abs(scale / temperature)
+    bound_dh = small @ weight.double().abs()  # (M, H)
+    bound_dw = small.T @ hidden.double().abs()  # (V, H)
+    bound_db = small.sum(0)
+    for actual, expected, bound in zip(filtered[2:], truth[2:], (bound_dh, bound_dw, bound_db)):
+        assert ((actual.double() - expected).abs() <= bound + ATOL + RTOL * expected.abs()).all()
+
+
+def test_label_out_of_range_gives_nan_and_empty_batch():
+    hidden, weight, b, labels, _ = make_inputs(6, 16, 123, True, torch.float32)
+    labels[2] = 123
+    logp, _ = fused_linear_logps_fwd(hidden, weight, b, labels, config=SMALL)
+    assert torch.isnan(logp[2]) and torch.isfinite(logp[torch.arange(6) != 2]).all()
+
+    empty = hidden[:0]
+    logp, lse = fused_linear_logps_fwd(empty, weight, b, labels[:0])
+    assert logp.shape == lse.shape == (0,)
+    d_hidden, d_weight, d_bias = fused_linear_logps_bwd(torch.ones(0), empty, weight, b, labels[:0], lse)
+    assert d_hidden.shape == (0, 16) and (d_weight == 0).all() and (d_bias == 0).all()
+
+
+def test_rejects_non_unit_inner_stride_and_mixed_dtypes():
+    hidden, weight, b, labels, _ = make_inputs(6, 16, 123, True, torch.float32)
+    with pytest.raises(ValueError, match="unit stride"):
+        fused_linear_logps_fwd(hidden.t().contiguous().t(), weight, b, labels)
+    with pytest.raises(ValueError, match="share"):
+        fused_linear_logps_fwd(hidden.bfloat16(), weight, b, labels)
+
+
+def test_launch_configs():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for aligned in (True, False):
+            cfg = launch_config(dtype, aligned)
+            assert min(cfg.BLOCK_M, cfg.BLOCK_V, cfg.BLOCK_H) >= 16 and cfg.num_warps in (4, 8)
+    assert launch_config(torch.bfloat16) == LinearConfig(64, 128, 64, 8, 3)
