@@ -24,6 +24,11 @@ def _kernels(backend: str):
     return linear
 
 
+def _budget(backend: str, chunk_elements: int) -> dict:
+    """The portable path's chunk size (0: its default); the Triton tiles live in registers instead."""
+    return {} if backend == "triton" or chunk_elements == 0 else {"chunk_elements": chunk_elements}
+
+
 def _scored_rows(labels: torch.Tensor, ignore_index: int, shift: bool, T_out: int):
     y = labels[:, int(shift) : int(shift) + T_out]
     n_idx, t_idx = (y != ignore_index).nonzero(as_tuple=True)
@@ -45,6 +50,7 @@ def fused_linear_token_logps(
     logit_scale: float,
     softcap: Optional[float],
     temperature: float,
+    chunk_elements: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     ops._check_label_range(labels, ignore_index, shift, weight.shape[0])
@@ -55,14 +61,14 @@ def fused_linear_token_logps(
     n, t, y = _scored_rows(labels, ignore_index, shift, T_out)
     if n.numel():
         rows = _kernels(backend).fused_linear_logps_fwd(
-            hidden[n, t], weight, bias, y, logit_scale, softcap, temperature
+            hidden[n, t], weight, bias, y, logit_scale, softcap, temperature, **_budget(backend, chunk_elements)
         )
         logp[n, t], lse[n, t] = (r.to(logp.dtype) for r in rows)
     return logp, lse
 
 
 @fused_linear_token_logps.register_fake
-def _(hidden, weight, bias, labels, ignore_index, shift, logit_scale, softcap, temperature, backend):
+def _(hidden, weight, bias, labels, ignore_index, shift, logit_scale, softcap, temperature, chunk_elements, backend):
     N, T, _ = hidden.shape
     shape = (N, max(T - int(shift), 0))
     return hidden.new_empty(shape, dtype=_out_dtype(hidden)), hidden.new_empty(shape, dtype=_out_dtype(hidden))
@@ -81,6 +87,7 @@ def fused_linear_token_logps_backward(
     logit_scale: float,
     softcap: Optional[float],
     temperature: float,
+    chunk_elements: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (d_hidden, d_weight, d_bias); d_bias is empty when there is no bias."""
@@ -91,7 +98,8 @@ def fused_linear_token_logps_backward(
         d_bias = torch.zeros_like(bias) if bias is not None else weight.new_empty(0)
         return d_hidden, torch.zeros_like(weight), d_bias
     dh, d_weight, d_bias = _kernels(backend).fused_linear_logps_bwd(
-        grad_logp[n, t], hidden[n, t], weight, bias, y, lse[n, t], logit_scale, softcap, temperature
+        grad_logp[n, t], hidden[n, t], weight, bias, y, lse[n, t], logit_scale, softcap, temperature,
+        **_budget(backend, chunk_elements),
     )
     d_hidden[n, t] = dh
     return d_hidden, d_weight, d_bias if d_bias is not None else weight.new_empty(0)
@@ -115,7 +123,7 @@ def _backward(ctx, grad_logp, grad_lse):
         grad_logp.to(lse.dtype), hidden, weight, bias, labels, lse, *ctx.args
     )
     d_hidden, d_weight, d_bias = grads
-    return (d_hidden, d_weight, d_bias if bias is not None else None) + (None,) * 7
+    return (d_hidden, d_weight, d_bias if bias is not None else None) + (None,) * 8
 
 
 fused_linear_token_logps.register_autograd(_backward, setup_context=_setup_context)
@@ -166,6 +174,7 @@ def fused_linear_sequence_logps(
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
     temperature: float = 1.0,
+    memory_budget: Optional[int] = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Per-sequence log-probs of ``labels`` under the LM head ``weight`` applied to ``hidden``.
@@ -175,14 +184,22 @@ def fused_linear_sequence_logps(
     (V,) or None; labels: (N, T). Logits are ``(hidden·weightᵀ + bias)·logit_scale``, softcapped as
     ``softcap·tanh(z / softcap)`` when ``softcap`` is set (Gemma), divided by ``temperature``.
     Returns (N,) fp32 (fp64 for fp64 inputs), differentiable w.r.t. hidden, weight and bias.
+
+    ``memory_budget``: bytes of fp32 logits the portable path forms at a time (default 16 MiB);
+    smaller saves memory, larger streams the weight fewer times. The Triton kernels keep their tiles
+    in registers and ignore it.
     """
     _check_lm_head("hidden", hidden, "weight", weight, "bias", bias)
     check_labels(labels, hidden, "hidden")
     _check_transform(logit_scale, softcap, temperature)
+    valid_budget = isinstance(memory_budget, int) and not isinstance(memory_budget, bool) and memory_budget >= 4
+    if memory_budget is not None and not valid_budget:
+        raise ValueError(f"memory_budget must be None or a number of bytes >= 4, got {memory_budget!r}")
+    chunk_elements = 0 if memory_budget is None else memory_budget // 4
     backend = ops.resolve_backend(backend, hidden.device, hidden.dtype)
     token_logp, _ = torch.ops.dpo_kernels.fused_linear_token_logps(
         hidden, weight, bias, labels, ignore_index, shift, float(logit_scale),
-        None if softcap is None else float(softcap), float(temperature), backend,
+        None if softcap is None else float(softcap), float(temperature), chunk_elements, backend,
     )  # fmt: skip
     return _per_sequence(token_logp, labels, ignore_index, shift, average)
 
@@ -203,6 +220,7 @@ def fused_linear_dpo_loss(
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
     temperature: float = 1.0,
+    memory_budget: Optional[int] = None,
     backend: str = "auto",
 ):
     """The DPO loss of :func:`dpo_kernels.fused_dpo_loss` straight from the last hidden states.
@@ -216,7 +234,7 @@ def fused_linear_dpo_loss(
     _check_lm_head("policy_hidden", policy_hidden, "weight", weight, "bias", bias)
     kwargs = dict(
         ignore_index=ignore_index, average=average, logit_scale=logit_scale, softcap=softcap,
-        temperature=temperature, backend=backend,
+        temperature=temperature, memory_budget=memory_budget, backend=backend,
     )  # fmt: skip
     policy = fused_linear_sequence_logps(policy_hidden, weight, labels, bias, **kwargs)
     check_pairs("policy_hidden", policy_hidden.shape[0])

@@ -75,13 +75,12 @@ def test_matches_matmul_plus_reference(backend, dtype, bias, transform):
 def test_chunking_over_rows_and_vocabulary(monkeypatch, shift, average):
     """Chunks far smaller than the problem: online log-sum-exp across vocabulary chunks, ragged last
     chunks in both directions."""
-    monkeypatch.setattr(portable_linear, "CHUNK_ELEMENTS", 7 * 50)
     monkeypatch.setattr(portable_linear, "MAX_VOCAB_CHUNK", 50)
     hidden, weight, b = lm_head(3, 9, 24, 307, torch.float32, True)
     _, labels = make_batch(3, 9, 307)
     upstream = torch.randn(3)
     kwargs = dict(shift=shift, average=average, softcap=6.0)
-    out, grads = run(fused, hidden, weight, b, labels, upstream, backend="torch", **kwargs)
+    out, grads = run(fused, hidden, weight, b, labels, upstream, backend="torch", memory_budget=7 * 50 * 4, **kwargs)
     ref_out, ref_grads = run(naive, hidden, weight, b, labels, upstream, **kwargs)
     assert_fp32_close(out, ref_out)
     for grad, ref_grad in zip(grads, ref_grads):
@@ -130,7 +129,7 @@ def test_dpo_loss_matches_reference(backend, ref_mode):
 def test_opcheck_and_compile(backend):
     hidden, weight, bias = lm_head(4, 5, 16, 123, torch.float32, True)
     _, labels = make_batch(4, 5, 123)
-    args = (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), labels, -100, True, 1.0, 3.0, 1.0, backend)
+    args = (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), labels, -100, True, 1.0, 3.0, 1.0, 0, backend)
     torch.library.opcheck(torch.ops.dpo_kernels.fused_linear_token_logps.default, args)
     torch._dynamo.reset()
     step = torch.compile(fused_linear_dpo_loss, fullgraph=True, backend="aot_eager")
@@ -158,6 +157,7 @@ def bad_cases():
         "softcap": (dict(policy_hidden=h, weight=w, labels=y, softcap=0.0), ValueError, "softcap must be None or a positive"),
         "temperature": (dict(policy_hidden=h, weight=w, labels=y, temperature=0), ValueError, "temperature must be a positive"),
         "odd_batch": (dict(policy_hidden=h[:3], weight=w, labels=y[:3]), ValueError, "policy_hidden must hold 2B sequences"),
+        "memory_budget": (dict(policy_hidden=h, weight=w, labels=y, memory_budget=2), ValueError, "memory_budget must be None or a number of bytes"),
         "two_refs": (dict(policy_hidden=h, weight=w, labels=y, ref_logps=torch.zeros(4), ref_hidden=h), ValueError, "not both"),
         "ref_logps_shape": (dict(policy_hidden=h, weight=w, labels=y, ref_logps=torch.zeros(3)), ValueError, r"ref_logps must have shape \(4,\)"),
         "ref_hidden_shape": (dict(policy_hidden=h, weight=w, labels=y, ref_hidden=h[:, :-1]), ValueError, "ref_hidden must have shape"),

@@ -22,10 +22,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunks(M: int, V: int):
+def _chunks(M: int, V: int, chunk_elements: int):
     """(row slice, vocabulary slice) pairs covering (M, V), row chunks outermost."""
-    cols = min(V, MAX_VOCAB_CHUNK)
-    rows = max(1, CHUNK_ELEMENTS // cols)
+    cols = max(1, min(V, MAX_VOCAB_CHUNK, chunk_elements))
+    rows = max(1, chunk_elements // cols)
     for r in range(0, M, rows):
         for c in range(0, V, cols):
             yield slice(r, min(r + rows, M)), slice(c, min(c + cols, V))
@@ -47,7 +47,7 @@ def _logits(h, weight, bias, vocab, logit_scale, softcap, temperature, acc):
     return z, capped
 
 
-def fused_linear_logps_fwd(hidden, weight, bias, labels, logit_scale, softcap, temperature):
+def fused_linear_logps_fwd(hidden, weight, bias, labels, logit_scale, softcap, temperature, chunk_elements=None):
     """hidden (M, H), weight (V, H), bias (V,) | None, labels (M,) in [0, V) -> (logp, lse), (M,) fp32."""
     M, V = hidden.shape[0], weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
@@ -55,7 +55,7 @@ def fused_linear_logps_fwd(hidden, weight, bias, labels, logit_scale, softcap, t
     m = torch.full((M,), float("-inf"), dtype=acc, device=hidden.device)
     s = torch.zeros(M, dtype=acc, device=hidden.device)
     label_logit = torch.zeros(M, dtype=acc, device=hidden.device)
-    for rows, vocab in _chunks(M, V):
+    for rows, vocab in _chunks(M, V, chunk_elements or CHUNK_ELEMENTS):
         z, _ = _logits(h[rows], weight, bias, vocab, logit_scale, softcap, temperature, acc)
         y = labels[rows] - vocab.start
         hit = (y >= 0) & (y < z.shape[1])
@@ -69,7 +69,9 @@ def fused_linear_logps_fwd(hidden, weight, bias, labels, logit_scale, softcap, t
     return label_logit - lse, lse
 
 
-def fused_linear_logps_bwd(grad, hidden, weight, bias, labels, lse, logit_scale, softcap, temperature):
+def fused_linear_logps_bwd(
+    grad, hidden, weight, bias, labels, lse, logit_scale, softcap, temperature, chunk_elements=None
+):
     """-> (d_hidden (M, H) in hidden's dtype, d_weight (V, H) in weight's dtype, d_bias (V,) | None).
 
     dz = g·(onehot(label) − softmax(z)), chained back through the transform; d_hidden = dz·W,
@@ -82,7 +84,7 @@ def fused_linear_logps_bwd(grad, hidden, weight, bias, labels, lse, logit_scale,
     d_hidden = torch.zeros(M, hidden.shape[1], dtype=acc, device=hidden.device)
     d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
     d_bias = torch.zeros(V, dtype=acc, device=weight.device) if bias is not None else None
-    for rows, vocab in _chunks(M, V):
+    for rows, vocab in _chunks(M, V, chunk_elements or CHUNK_ELEMENTS):
         z, capped = _logits(h[rows], weight, bias, vocab, logit_scale, softcap, temperature, acc)
         dz = z.sub_(lse[rows].to(acc).unsqueeze(1)).exp_().mul_(-g[rows].unsqueeze(1))
         y = labels[rows] - vocab.start
