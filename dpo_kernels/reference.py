@@ -32,6 +32,33 @@ def sequence_logps(
     return total
 
 
+# Columns of the per-token statistics the kernels return when asked (``with_stats``), on the fp32
+# logits z of each scored token; unscored tokens hold zeros. TRL's logged metrics derive from them:
+# logits/* = sum_logits / V, entropy, mean_token_accuracy = top1, and WPO's log Σ p² = lse2 − 2·lse.
+STATS = ("sum_logits", "entropy", "top1", "lse2")
+
+
+def token_stats(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = True):
+    """(N, T - shift, 4) fp32 (fp64 for fp64 logits) per-token statistics, columns named by ``STATS``:
+    Σ_v z_v; the entropy −Σ_v p_v·log p_v; 1.0 where the label is the first index of the maximum logit,
+    else 0.0; log Σ_v exp(2·z_v). Zeros on tokens labelled ``ignore_index``."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logp = F.log_softmax(z, dim=-1)
+    mask = labels != ignore_index
+    stats = torch.stack(
+        [
+            z.sum(-1),
+            -(logp.exp() * logp).sum(-1),
+            (z.argmax(-1) == labels).to(z.dtype),
+            torch.logsumexp(2 * z, dim=-1),
+        ],
+        dim=-1,
+    )
+    return torch.where(mask.unsqueeze(-1), stats, 0.0)
+
+
 def dpo_loss(policy_logits, ref_logits, labels, beta: float = 0.1, *, ignore_index: int = -100, average=False):
     """Sigmoid DPO loss of Rafailov et al. (2023), arXiv:2305.18290.
 
