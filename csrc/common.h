@@ -2,7 +2,7 @@
 //
 // Semantics (the same as dpo_kernels/triton/logprobs.py): logits (N, T, V) with any strides, labels
 // (N, T). With a shift, logits row t is scored against label t + 1 and the last row against nothing.
-// Rows whose label is ignore_index are not read; their log-prob, lse and gradient are zero.
+// Rows whose label is ignore_index are not read; their log-prob, lse, stats and gradient are zero.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -65,6 +65,10 @@ inline void check_backward(const at::Tensor& grad_logp, const at::Tensor& logits
   }
   TORCH_CHECK_VALUE(lse.is_contiguous(), "lse must be contiguous (it is the forward's output)");
 }
+
+// Columns of the optional per-token statistics (dpo_kernels.reference.STATS), in this order:
+// sum_v z_v, the entropy, 1 where the label is the first index of the max logit (else 0), log sum_v exp(2 z_v).
+constexpr int64_t kNumStats = 4;
 
 // The dtype of the per-token outputs: fp64 logits are scored in fp64, everything else in fp32.
 inline at::ScalarType output_dtype(const at::Tensor& logits) {

@@ -6,8 +6,13 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(dpo_kernels, m) {
-  // -> (logp, lse), both (N, T - shift), fp32 (fp64 for fp64 logits); zeros on unscored rows.
-  m.def("native_token_logps(Tensor logits, Tensor labels, int ignore_index, bool shift) -> (Tensor, Tensor)");
+  // -> (logp, lse, stats): logp and lse (N, T - shift), fp32 (fp64 for fp64 logits); zeros on unscored
+  // rows. stats, in the same dtype, is (N, T - shift, 4) with with_stats (the columns of
+  // dpo_kernels.reference.STATS: sum_logits, entropy, top1, lse2; computed in the same pass over the
+  // logits, zeros on unscored rows), else an empty (N, T - shift, 0).
+  m.def(
+      "native_token_logps(Tensor logits, Tensor labels, int ignore_index, bool shift, bool with_stats=False) -> "
+      "(Tensor, Tensor, Tensor)");
   // -> the gradient w.r.t. logits: grad_logp * (onehot(label) - softmax(logits)), in the logits' dtype.
   m.def(
       "native_token_logps_backward(Tensor grad_logp, Tensor logits, Tensor labels, Tensor lse, int ignore_index, "

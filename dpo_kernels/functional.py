@@ -40,7 +40,9 @@ def sequence_logps(
             "inplace_backward=True would overwrite the leaf tensor `logits` with its own gradient; "
             "use it on logits produced by a model (a non-leaf tensor)"
         )
-    token_logp, _ = torch.ops.dpo_kernels.token_logps(logits, labels, ignore_index, shift, backend, inplace_backward)
+    token_logp, _, _ = torch.ops.dpo_kernels.token_logps(
+        logits, labels, ignore_index, shift, backend, inplace_backward, False
+    )
     return _per_sequence(token_logp, labels, ignore_index, shift, average)
 
 

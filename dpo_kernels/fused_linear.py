@@ -1,9 +1,11 @@
 """Fused LM head + per-sequence log-probs: the (N, T, V) logits are never materialized.
 
-``dpo_kernels::fused_linear_token_logps(hidden, weight, bias, labels, ...)`` -> (logp, lse), both
-(N, T - shift), is a torch.library custom op with a fake implementation and registered autograd
-(gradients w.r.t. hidden, weight and bias). Only scored rows reach the kernels (a compacted row list),
-so prompt and padding tokens cost no FLOPs; their hidden gradient is an exact zero.
+``dpo_kernels::fused_linear_token_logps(hidden, weight, bias, labels, ..., with_stats)`` -> (logp, lse,
+stats): logp and lse (N, T - shift), stats (N, T - shift, 4) per-token statistics of the logits from the
+same pass (``reference.token_stats``) with ``with_stats``, else (N, T - shift, 0). It is a
+torch.library custom op with a fake implementation and registered autograd (gradients of logp w.r.t.
+hidden, weight and bias; stats are not differentiable). Only scored rows reach the kernels (a
+compacted row list), so prompt and padding tokens cost no FLOPs; their hidden gradient is an exact zero.
 """
 
 import math
@@ -14,6 +16,7 @@ import torch
 from . import losses, ops
 from ._validation import FLOAT_DTYPES, check_beta, check_labels, check_pairs
 from .functional import _per_sequence
+from .reference import STATS
 
 
 def _kernels(backend: str):
@@ -35,6 +38,9 @@ def _scored_rows(labels: torch.Tensor, ignore_index: int, shift: bool, T_out: in
     return n_idx, t_idx, y[n_idx, t_idx].long()
 
 
+N_STATS = len(STATS)  # columns of the optional per-token statistics
+
+
 def _out_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
@@ -52,26 +58,34 @@ def fused_linear_token_logps(
     temperature: float,
     chunk_elements: int,
     backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ops._check_label_range(labels, ignore_index, shift, weight.shape[0])
     N, T, _ = hidden.shape
     T_out = max(T - int(shift), 0)
     logp = hidden.new_zeros((N, T_out), dtype=_out_dtype(hidden))
     lse = torch.zeros_like(logp)
+    stats = hidden.new_zeros((N, T_out, N_STATS if with_stats else 0), dtype=logp.dtype)
     n, t, y = _scored_rows(labels, ignore_index, shift, T_out)
     if n.numel():
-        rows = _kernels(backend).fused_linear_logps_fwd(
-            hidden[n, t], weight, bias, y, logit_scale, softcap, temperature, **_budget(backend, chunk_elements)
-        )
-        logp[n, t], lse[n, t] = (r.to(logp.dtype) for r in rows)
-    return logp, lse
+        out_logp, out_lse, out_stats = _kernels(backend).fused_linear_logps_fwd(
+            hidden[n, t], weight, bias, y, logit_scale, softcap, temperature,
+            **_budget(backend, chunk_elements), with_stats=with_stats,
+        )  # fmt: skip
+        logp[n, t], lse[n, t] = out_logp.to(logp.dtype), out_lse.to(logp.dtype)
+        if with_stats:
+            stats[n, t] = out_stats.to(stats.dtype)
+    return logp, lse, stats
 
 
 @fused_linear_token_logps.register_fake
-def _(hidden, weight, bias, labels, ignore_index, shift, logit_scale, softcap, temperature, chunk_elements, backend):
+def _(hidden, weight, bias, labels, ignore_index, shift, logit_scale, softcap, temperature, chunk_elements, backend,
+      with_stats):  # fmt: skip
     N, T, _ = hidden.shape
     shape = (N, max(T - int(shift), 0))
-    return hidden.new_empty(shape, dtype=_out_dtype(hidden)), hidden.new_empty(shape, dtype=_out_dtype(hidden))
+    dtype = _out_dtype(hidden)
+    stats = hidden.new_empty((*shape, N_STATS if with_stats else 0), dtype=dtype)
+    return hidden.new_empty(shape, dtype=dtype), hidden.new_empty(shape, dtype=dtype), stats
 
 
 @torch.library.custom_op("dpo_kernels::fused_linear_token_logps_backward", mutates_args=())
@@ -112,18 +126,19 @@ def _(grad_logp, hidden, weight, bias, labels, lse, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, *args = inputs
+    hidden, weight, bias, labels, *args, _with_stats = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, output[1])
-    ctx.args = tuple(args)
+    ctx.args = tuple(args)  # the backward op's scalar arguments: everything but with_stats
+    ctx.mark_non_differentiable(output[2])
 
 
-def _backward(ctx, grad_logp, grad_lse):
+def _backward(ctx, grad_logp, grad_lse, grad_stats):
     hidden, weight, bias, labels, lse = ctx.saved_tensors
     grads = torch.ops.dpo_kernels.fused_linear_token_logps_backward(
         grad_logp.to(lse.dtype), hidden, weight, bias, labels, lse, *ctx.args
     )
     d_hidden, d_weight, d_bias = grads
-    return (d_hidden, d_weight, d_bias if bias is not None else None) + (None,) * 8
+    return (d_hidden, d_weight, d_bias if bias is not None else None) + (None,) * 9
 
 
 fused_linear_token_logps.register_autograd(_backward, setup_context=_setup_context)
@@ -197,9 +212,9 @@ def fused_linear_sequence_logps(
         raise ValueError(f"memory_budget must be None or a number of bytes >= 4, got {memory_budget!r}")
     chunk_elements = 0 if memory_budget is None else memory_budget // 4
     backend = ops.resolve_backend(backend, hidden.device, hidden.dtype)
-    token_logp, _ = torch.ops.dpo_kernels.fused_linear_token_logps(
+    token_logp, _, _ = torch.ops.dpo_kernels.fused_linear_token_logps(
         hidden, weight, bias, labels, ignore_index, shift, float(logit_scale),
-        None if softcap is None else float(softcap), float(temperature), chunk_elements, backend,
+        None if softcap is None else float(softcap), float(temperature), chunk_elements, backend, False,
     )  # fmt: skip
     return _per_sequence(token_logp, labels, ignore_index, shift, average)
 

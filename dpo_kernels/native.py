@@ -11,6 +11,8 @@ import warnings
 import torch
 
 OPS = ("native_token_logps", "native_token_logps_backward", "native_token_logps_backward_")
+# Columns of the optional per-token statistics, in the order of reference.STATS.
+N_STATS = 4
 
 
 @functools.cache
@@ -42,11 +44,16 @@ def has_kernel(device_type: str) -> bool:
 
 
 def _register_fakes() -> None:
-    def fwd_fake(logits, labels, ignore_index, shift):
+    def fwd_fake(logits, labels, ignore_index, shift, with_stats=False):
         n, t, _ = logits.shape
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         shape = (n, max(t - int(shift), 0))
-        return logits.new_empty(shape, dtype=dtype), logits.new_empty(shape, dtype=dtype)
+        stats_shape = (*shape, N_STATS if with_stats else 0)
+        return (
+            logits.new_empty(shape, dtype=dtype),
+            logits.new_empty(shape, dtype=dtype),
+            logits.new_empty(stats_shape, dtype=dtype),
+        )
 
     torch.library.register_fake("dpo_kernels::native_token_logps", fwd_fake)
     torch.library.register_fake(
@@ -58,8 +65,10 @@ def _register_fakes() -> None:
 # The backend interface shared with dpo_kernels.triton.logprobs and dpo_kernels.portable.logprobs.
 
 
-def token_logps_fwd(logits, labels, ignore_index: int, shift: bool):
-    return torch.ops.dpo_kernels.native_token_logps(logits, labels, ignore_index, shift)
+def token_logps_fwd(logits, labels, ignore_index: int, shift: bool, with_stats: bool = False):
+    """-> (logp, lse, stats): stats is (N, T - shift, 4) with ``with_stats`` (the columns of
+    ``reference.STATS``, from the same pass over the logits), else (N, T - shift, 0)."""
+    return torch.ops.dpo_kernels.native_token_logps(logits, labels, ignore_index, shift, with_stats)
 
 
 def token_logps_bwd(grad_tok, logits, labels, lse, ignore_index: int, shift: bool, out=None):

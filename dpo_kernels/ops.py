@@ -3,8 +3,11 @@
 Three custom ops, each with a fake implementation so torch.compile and FakeTensorMode see shapes
 without running a kernel:
 
-- ``dpo_kernels::token_logps(logits, labels, ignore_index, shift, backend, inplace_backward)``
-  -> (logp, lse), both (N, T - shift) fp32 (fp64 for fp64 logits); differentiable w.r.t. logits.
+- ``dpo_kernels::token_logps(logits, labels, ignore_index, shift, backend, inplace_backward, with_stats)``
+  -> (logp, lse, stats): logp and lse (N, T - shift) fp32 (fp64 for fp64 logits), logp differentiable
+  w.r.t. logits; stats (N, T - shift, 4) in the same dtype with ``with_stats`` (the columns of
+  ``reference.STATS``, computed in the same pass over the logits), else an empty (N, T - shift, 0).
+  The stats are not differentiable.
 - ``dpo_kernels::token_logps_backward`` -> a fresh gradient of the logits' shape and dtype.
 - ``dpo_kernels::token_logps_backward_`` writes that gradient into the logits' own storage.
 
@@ -75,6 +78,7 @@ def _kernels(backend: str):
     if backend == "triton":
         from .triton import logprobs
     elif backend == "native":
+        native.load_error()  # imports dpo_kernels._C (registering its ops) when no resolve_backend has yet
         logprobs = native
     elif backend == "torch":
         from .portable import logprobs
@@ -101,6 +105,10 @@ def _out_shape(logits: torch.Tensor, shift: bool):
     return (N, max(T - int(shift), 0))
 
 
+# Columns of the per-token statistics: reference.STATS = (sum_logits, entropy, top1, lse2).
+N_STATS = 4
+
+
 def _out_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
@@ -113,15 +121,21 @@ def token_logps(
     shift: bool,
     backend: str,
     inplace_backward: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_label_range(labels, ignore_index, shift, logits.shape[-1])
-    return _kernels(backend).token_logps_fwd(logits, labels, ignore_index, shift)
+    return _kernels(backend).token_logps_fwd(logits, labels, ignore_index, shift, with_stats)
 
 
 @token_logps.register_fake
-def _(logits, labels, ignore_index, shift, backend, inplace_backward):
+def _(logits, labels, ignore_index, shift, backend, inplace_backward, with_stats):
     shape, dtype = _out_shape(logits, shift), _out_dtype(logits)
-    return logits.new_empty(shape, dtype=dtype), logits.new_empty(shape, dtype=dtype)
+    stats_shape = (*shape, N_STATS if with_stats else 0)
+    return (
+        logits.new_empty(shape, dtype=dtype),
+        logits.new_empty(shape, dtype=dtype),
+        logits.new_empty(stats_shape, dtype=dtype),
+    )
 
 
 @torch.library.custom_op("dpo_kernels::token_logps_backward", mutates_args=())
@@ -161,16 +175,17 @@ def _(grad_logp, logits, labels, lse, ignore_index, shift, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, ignore_index, shift, backend, inplace_backward = inputs
+    logits, labels, ignore_index, shift, backend, inplace_backward, with_stats = inputs
     ctx.save_for_backward(logits, labels, output[1])
     ctx.args = (ignore_index, shift, backend)
     ctx.inplace_backward = inplace_backward
+    ctx.mark_non_differentiable(output[2])  # the stats are metrics: no gradient flows through them
 
 
-def _backward(ctx, grad_logp, grad_lse):
+def _backward(ctx, grad_logp, grad_lse, grad_stats):
     logits, labels, lse = ctx.saved_tensors
     if grad_logp is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     # The kernels read the upstream gradient in the output's dtype (expand 0-strides are fine).
     grad_logp = grad_logp.to(lse.dtype)
     if ctx.inplace_backward and not torch.compiler.is_compiling():
@@ -178,7 +193,7 @@ def _backward(ctx, grad_logp, grad_lse):
         grad = logits.detach()  # the gradient is data, not a node of the graph
     else:
         grad = torch.ops.dpo_kernels.token_logps_backward(grad_logp, logits, labels, lse, *ctx.args)
-    return grad, None, None, None, None, None
+    return grad, None, None, None, None, None, None
 
 
 token_logps.register_autograd(_backward, setup_context=_setup_context)

@@ -8,6 +8,17 @@ import torch
 import torch.nn.functional as F
 
 
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = True):
+    """(N, T - shift) log p(label) per token, fp32 (fp64 for fp64 logits), 0 where the label is ignored.
+    With ``shift``, logits[:, :-1] predict labels[:, 1:]."""
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    mask = labels != ignore_index
+    token_logp = logp.gather(-1, labels.masked_fill(~mask, 0).long().unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, token_logp, 0.0)
+
+
 def sequence_logps(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -21,13 +32,9 @@ def sequence_logps(
     logits: (N, T, V); labels: (N, T). With ``shift``, logits[:, :-1] predict labels[:, 1:].
     Returns (N,) fp32 (fp64 for fp64 logits). A sequence with no scored token gets 0.
     """
-    if shift:
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    logp = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    mask = labels != ignore_index
-    token_logp = logp.gather(-1, labels.masked_fill(~mask, 0).long().unsqueeze(-1)).squeeze(-1)
-    total = torch.where(mask, token_logp, 0.0).sum(-1)
+    total = token_logps(logits, labels, ignore_index=ignore_index, shift=shift).sum(-1)
     if average:
+        mask = labels[:, int(shift) :] != ignore_index
         return total / mask.sum(-1).clamp(min=1)
     return total
 
@@ -59,35 +66,54 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int
     return torch.where(mask.unsqueeze(-1), stats, 0.0)
 
 
-def dpo_loss(policy_logits, ref_logits, labels, beta: float = 0.1, *, ignore_index: int = -100, average=False):
-    """Sigmoid DPO loss of Rafailov et al. (2023), arXiv:2305.18290.
+def dpo_loss(
+    policy_logits,
+    ref_logits,
+    labels,
+    beta: float = 0.1,
+    *,
+    ignore_index: int = -100,
+    average: bool = False,
+    loss_type="sigmoid",
+    ld_alpha=None,
+    use_weighting: bool = False,
+    token_metrics: bool = True,
+    **loss_options,
+):
+    """The DPO family's loss from full logits: DPO (Rafailov et al. 2023, arXiv:2305.18290) and every
+    ``loss_type`` of :func:`dpo_kernels.losses.preference_loss`.
 
     policy_logits: (2B, T, V), chosen sequences first, rejected second; labels: (2B, T) with
     ``ignore_index`` on prompt and padding. ``ref_logits`` is (2B, T, V) logits of the frozen reference,
     a (2B,) tensor of precomputed reference log-probs, or None (reference-free: ref log-probs are 0).
 
-    Returns ``(loss, metrics)``; the metrics are detached 0-dim tensors (``float()`` them to log):
-    ``reward_chosen`` / ``reward_rejected`` = mean over pairs of β·(π − ref), ``accuracy`` = share of
-    pairs whose chosen reward exceeds the rejected one.
+    Returns ``(loss, metrics)``; the metrics are detached 0-dim tensors (``float()`` them to log) under
+    TRL's names: ``rewards/chosen|rejected|accuracies|margins``, ``logps/chosen|rejected`` and, with
+    ``token_metrics``, ``logits/chosen|rejected``, ``entropy``, ``mean_token_accuracy`` (plus
+    ``nll_loss`` where an NLL term is used).
     """
-    pol = sequence_logps(policy_logits, labels, ignore_index=ignore_index, average=average)
+    from . import preference
+
+    preference.check_options(average=average, ld_alpha=ld_alpha, use_weighting=use_weighting)
+    kw = dict(ignore_index=ignore_index, shift=True)
+    mask = labels[:, 1:] != ignore_index
+    policy_tokens = token_logps(policy_logits, labels, **kw)
+    stats = lse = None
+    if preference.needs_stats(token_metrics, use_weighting):
+        stats = token_stats(policy_logits, labels, **kw)
+        lse = torch.logsumexp(policy_logits[:, :-1].to(policy_tokens.dtype), dim=-1)
     if ref_logits is None:
-        ref = torch.zeros_like(pol)
+        ref = None
     elif ref_logits.dim() == 1:
-        ref = ref_logits.to(pol.dtype)
+        ref = ref_logits
     else:
         with torch.no_grad():
-            ref = sequence_logps(ref_logits, labels, ignore_index=ignore_index, average=average)
-    pol_w, pol_l = pol.chunk(2)
-    ref_w, ref_l = ref.chunk(2)
-    logits = beta * ((pol_w - ref_w) - (pol_l - ref_l))
-    loss = -F.logsigmoid(logits).mean()
-    metrics = {
-        "reward_chosen": (beta * (pol_w - ref_w)).mean().detach(),
-        "reward_rejected": (beta * (pol_l - ref_l)).mean().detach(),
-        "accuracy": (logits > 0).float().mean().detach(),
-    }
-    return loss, metrics
+            ref_tokens = token_logps(ref_logits, labels, **kw)
+            ref = preference.reduce_sequences(ref_tokens, mask, average=average, ld_alpha=ld_alpha)
+    return preference.dpo_from_tokens(
+        policy_tokens, mask, ref, stats=stats, lse=lse, vocab_size=policy_logits.shape[-1], beta=beta,
+        loss_type=loss_type, average=average, ld_alpha=ld_alpha, use_weighting=use_weighting, **loss_options,
+    )  # fmt: skip
 
 
 def lm_head_logits(hidden, weight, bias=None, *, logit_scale=1.0, softcap=None, temperature=1.0):

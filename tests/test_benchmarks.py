@@ -1,46 +1,73 @@
-"""The benchmark harness runs end to end, and the modeled GPU memory shows what the kernels are for."""
+"""The benchmark harness runs end to end on a tiny config, its correctness gate works, and the modeled GPU
+memory shows what the kernels are for."""
 
+import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from benchmarks.modeled_memory import logits_inputs, modeled_peak_bytes
-from dpo_kernels import fused_dpo_loss, reference, sequence_logps
+from benchmarks import measure, modeled, providers
 
-LLAMA3_8B = dict(n=8, t=4096, v=128256, dtype=torch.bfloat16)
+ROOT = Path(__file__).resolve().parents[1]
+TINY_PROVIDERS = "reference,dpo_kernels[torch],dpo_kernels[torch]+inplace,dpo_kernels.fused_linear[torch]"
+
+
+def test_harness_smoke_on_a_tiny_config(tmp_path):
+    cmd = [
+        sys.executable, "-m", "benchmarks", "--n", "2", "--t", "16", "--v", "64", "--h", "16", "--dtypes", "fp32",
+        "--providers", TINY_PROVIDERS, "--reps", "2", "--warmup", "0", "--out-dir", str(tmp_path), "--no-progress",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    # The Markdown table: one row per (case, provider), every provider checked and agreeing.
+    rows = [line for line in out.splitlines() if line.startswith("| logits") or line.startswith("| lm_head")]
+    for case, name in [("logits", "reference"), ("logits", "dpo_kernels[torch]"), ("logits", "dpo_kernels[torch]+inplace"),
+                       ("lm_head", "reference"), ("lm_head", "dpo_kernels.fused_linear[torch]")]:  # fmt: skip
+        assert any(r.startswith(f"| {case} fp32") and f"| {name} | ok " in r for r in rows), out
+    assert "all providers agree with the reference" in out
+    assert "Modeled" in out and "Llama-3-8B" in out and "Gemma-2-9B" in out and "BW bound" in out
+    # The files.
+    for name in ("results.md", "results.csv", "results.json", "results.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    with open(tmp_path / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 5 and all(r["check_ok"] == "True" for r in table)
+    assert all(float(r["total_median_s"]) > 0 for r in table)
+    data = json.loads((tmp_path / "results.json").read_text())
+    timed = [r for r in data["results"] if r["kind"] != "skipped"]
+    assert all(r["check"]["ok"] and r["time"]["fwd"]["n"] == 2 for r in timed)
+    assert all("extra_bytes" in r for r in timed)  # memory measured (None only where /proc refuses)
+    assert {m["model"] for m in data["modeled"]["memory"]} == set(modeled.MODELS)
+
+
+def test_a_disagreeing_provider_is_reported_and_not_timed():
+    case = measure.Case("logits", "fp32", n=2, t=8, v=32, h=0, prompt_frac=0.25)
+    inputs = measure.Inputs(case, torch.device("cpu"))
+    ref = providers.get("logits", "reference").build()
+
+    def wrong(logits, labels):
+        return providers.dpo_from_logps(ref(logits, labels).logps * 1.01)
+
+    checks = measure.check({"reference": ref, "wrong": wrong}, inputs)
+    assert checks["reference"]["ok"] and checks["reference"]["max_err"] == 0
+    assert not checks["wrong"]["ok"] and checks["wrong"]["max_err"] > 1e-3
 
 
 def test_modeled_gpu_memory_at_llama3_8b_scale():
+    rows = {(r["workload"], r["path"]): r for r in modeled.modeled_memory(["Llama-3-8B"])}
     logits_bytes = 8 * 4096 * 128256 * 2
-
-    def extra(fn, with_ref=False):
-        peak = modeled_peak_bytes(logits_inputs(**LLAMA3_8B, with_ref=with_ref), fn)
-        return peak - logits_bytes * (3 if with_ref else 2)
-
-    # Fused: nothing beyond the logits and their gradient but O(N·T) per-token floats.
-    assert extra(lambda x, r, y: sequence_logps(x, y).sum()) <= 8 * 4096 * 4 * 4
-    assert extra(lambda x, r, y: fused_dpo_loss(x, r, y)[0], with_ref=True) <= 8 * 4096 * 4 * 4
+    per_token_floats = 8 * 4096 * 4 * 4
+    # Fused: nothing beyond the logits and their gradient (or the logits alone, in place) but per-token floats.
+    assert rows["logits", "fused: sequence_logps"]["beyond_io_bytes"] <= per_token_floats
+    assert rows["logits", "fused: sequence_logps, in-place"]["beyond_io_bytes"] <= per_token_floats
     # The naive reference holds fp32 log-softmax activations and temporaries of several logits' sizes.
-    assert extra(lambda x, r, y: reference.sequence_logps(x, y).sum()) >= 4 * logits_bytes
-
-
-def test_harness_runs_on_a_tiny_workload():
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(root / "benchmarks" / "run.py"), "--n", "2", "--t", "16", "--v", "64", "--reps", "1"]
-    out = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, check=True).stdout
-    for dtype in ("fp32", "bf16"):
-        for impl in ("reference", "torch", "torch-inplace"):
-            assert any(line.split()[:2] == [dtype, impl] for line in out.splitlines()), out
-        assert f"{dtype} [torch]: time" in out
-    assert "fused_dpo_loss  fused" in out
-
-
-def test_fused_linear_harness_runs_on_a_tiny_workload():
-    root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, str(root / "benchmarks" / "fused_linear.py"), "--n", "2", "--t", "8", "--h", "16", "--v", "64"]
-    out = subprocess.run(cmd + ["--reps", "1"], cwd=root, capture_output=True, text=True, timeout=600, check=True).stdout
-    lines = {line.split()[0]: line for line in out.splitlines() if line.split()[:1] in (["naive"], ["fused"])}
-    assert "x" in lines["naive"] and "x" in lines["fused"], out
-    assert "targets:" in out and "modeled GPU peak" in out
+    assert rows["logits", "naive: reference.sequence_logps"]["beyond_io_bytes"] >= 4 * logits_bytes
+    # Fused linear: no logits at all; under a tenth of the naive LM head's peak.
+    fused = rows["lm_head", "fused-linear: fused_linear_sequence_logps"]["peak_bytes"]
+    assert fused < 0.1 * rows["lm_head", "naive: matmul + reference"]["peak_bytes"]
+    bw = {r["kernel"]: r for r in modeled.bandwidth_table(["Llama-3-8B"])}
+    assert bw["logits: dpo_kernels fused (Triton)"]["logits_io"] * 7 == bw["logits: naive reference (eager)"]["logits_io"]

@@ -19,9 +19,9 @@ def op_samples(backend):
 def test_opcheck(backend):
     for logits, labels, ignore_index, shift in op_samples(backend):
         logits.requires_grad_()
-        args = (logits, labels, ignore_index, shift, backend, False)
+        args = (logits, labels, ignore_index, shift, backend, False, False)
         torch.library.opcheck(torch.ops.dpo_kernels.token_logps.default, args)
-        logp, lse = (t.detach() for t in torch.ops.dpo_kernels.token_logps(*args))
+        logp, lse, _ = (t.detach() for t in torch.ops.dpo_kernels.token_logps(*args))
         grad = torch.randn_like(logp)
         bwd_args = (grad, logits.detach(), labels, lse, ignore_index, shift, backend)
         torch.library.opcheck(torch.ops.dpo_kernels.token_logps_backward.default, bwd_args)

@@ -129,7 +129,7 @@ def test_dpo_loss_matches_reference(backend, ref_mode):
 def test_opcheck_and_compile(backend):
     hidden, weight, bias = lm_head(4, 5, 16, 123, torch.float32, True)
     _, labels = make_batch(4, 5, 123)
-    args = (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), labels, -100, True, 1.0, 3.0, 1.0, 0, backend)
+    args = (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), labels, -100, True, 1.0, 3.0, 1.0, 0, backend, False)
     torch.library.opcheck(torch.ops.dpo_kernels.fused_linear_token_logps.default, args)
     torch._dynamo.reset()
     step = torch.compile(fused_linear_dpo_loss, fullgraph=True, backend="aot_eager")

@@ -90,7 +90,8 @@ def test_native_ops_opcheck_and_cpp_errors():
     logits, labels = make_batch(4, 6, 123)
     args = (logits, labels, -100, True)
     torch.library.opcheck(torch.ops.dpo_kernels.native_token_logps.default, args)
-    logp, lse = torch.ops.dpo_kernels.native_token_logps(*args)
+    logp, lse, stats = torch.ops.dpo_kernels.native_token_logps(*args)
+    assert stats.shape == (4, 5, 0)  # with_stats defaults to False
     grad = torch.randn(4, 1).expand(4, 5)  # what the backward of a per-sequence sum passes
     torch.library.opcheck(torch.ops.dpo_kernels.native_token_logps_backward.default, (grad, logits, labels, lse, -100, True))
     torch.library.opcheck(

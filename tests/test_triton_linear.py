@@ -62,7 +62,7 @@ def reference_logps(hidden, weight, bias, labels, grad, dtype, **transform):
 
 def run_kernels(hidden, weight, bias, labels, grad, config=None, splits=(None, None), programs=None,
                 filter_eps=0.0, **transform):  # fmt: skip
-    logp, lse = fused_linear_logps_fwd(hidden, weight, bias, labels, **transform, splits=splits[0], config=config)
+    logp, lse, _ = fused_linear_logps_fwd(hidden, weight, bias, labels, **transform, splits=splits[0], config=config)
     grads = fused_linear_logps_bwd(
         grad, hidden, weight, bias, labels, lse, **transform,
         filter_eps=filter_eps, splits=splits[1], programs=programs, config=config,
@@ -140,12 +140,13 @@ def test_gradient_filter():
 def test_label_out_of_range_gives_nan_and_empty_batch():
     hidden, weight, b, labels, _ = make_inputs(6, 16, 123, True, torch.float32)
     labels[2] = 123
-    logp, _ = fused_linear_logps_fwd(hidden, weight, b, labels, config=SMALL)
+    logp, _, _ = fused_linear_logps_fwd(hidden, weight, b, labels, config=SMALL)
     assert torch.isnan(logp[2]) and torch.isfinite(logp[torch.arange(6) != 2]).all()
 
     empty = hidden[:0]
-    logp, lse = fused_linear_logps_fwd(empty, weight, b, labels[:0])
-    assert logp.shape == lse.shape == (0,)
+    logp, lse, stats = fused_linear_logps_fwd(empty, weight, b, labels[:0])
+    assert logp.shape == lse.shape == (0,) and stats is None
+    assert fused_linear_logps_fwd(empty, weight, b, labels[:0], with_stats=True)[2].shape == (0, 4)
     d_hidden, d_weight, d_bias = fused_linear_logps_bwd(torch.ones(0), empty, weight, b, labels[:0], lse)
     assert d_hidden.shape == (0, 16) and (d_weight == 0).all() and (d_bias == 0).all()
 

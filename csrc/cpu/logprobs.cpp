@@ -11,7 +11,7 @@
 #define DPO_DECLARE_CPU_KERNELS(CAP)                                                                          \
   namespace dpo_kernels::cpu::CAP {                                                                           \
   void token_logps_fwd(const at::Tensor& logits, const at::Tensor& labels, at::Tensor& logp, at::Tensor& lse, \
-                       int64_t ignore_index, bool shift);                                                     \
+                       at::Tensor& stats, int64_t ignore_index, bool shift, bool with_stats);                 \
   void token_logps_bwd(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,      \
                        const at::Tensor& lse, at::Tensor& out, int64_t ignore_index, bool shift);             \
   }
@@ -50,16 +50,17 @@ const Kernels& kernels() {
   return chosen;
 }
 
-std::tuple<at::Tensor, at::Tensor> token_logps(const at::Tensor& logits, const at::Tensor& labels,
-                                               int64_t ignore_index, bool shift) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logps(const at::Tensor& logits, const at::Tensor& labels,
+                                                           int64_t ignore_index, bool shift, bool with_stats) {
   check_logits_labels(logits, labels);
   const auto t_out = std::max<int64_t>(logits.size(1) - (shift ? 1 : 0), 0);
   const auto options = logits.options().dtype(output_dtype(logits));
   // Zeros: unscored rows are never visited by the kernel.
   at::Tensor logp = at::zeros({logits.size(0), t_out}, options);
   at::Tensor lse = at::zeros({logits.size(0), t_out}, options);
-  kernels().fwd(logits, labels, logp, lse, ignore_index, shift);
-  return {logp, lse};
+  at::Tensor stats = at::zeros({logits.size(0), t_out, with_stats ? kNumStats : 0}, options);
+  kernels().fwd(logits, labels, logp, lse, stats, ignore_index, shift, with_stats);
+  return {logp, lse, stats};
 }
 
 at::Tensor token_logps_backward(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,

@@ -5,6 +5,15 @@
 //   forward   logp[n, t] = x[label] - lse(x),  lse(x) = m + log(sum_v exp(x_v - m)),  x = logits[n, t]
 //   backward  grad[n, t, v] = g[n, t] * ((v == label) - exp(x_v - lse[n, t]))
 //
+// With stats (template flag kStats, only when the caller asks), the same pass over the row also keeps,
+// rescaled with s whenever the running max m moves (e_v = exp(x_v - m)):
+//   s1 = sum_v e_v (x_v - m)  ->  entropy = lse - sum_v p_v x_v = log s - s1 / s
+//   s2 = sum_v e_v^2          ->  lse2 = log sum_v exp(2 x_v) = 2 m + log s2
+//   sum_v x_v, and the violations #{v < y: x_v >= x_y} + #{v > y: x_v > x_y}: the label y is the first
+//   index of the maximum exactly when there are none (top1), with no argmax.
+// s1 is kept relative to m (not sum_v e_v x_v) so that the entropy is not the difference of two values
+// of the size of the logits' offset; the -inf logits add e_v = 0 and no NaN (their x_v - m is clamped).
+//
 // Work is split over the scored rows only (a compacted list), so masked prompt rows cost nothing and
 // both threads get the same number of rows whatever the mask looks like.
 #include <ATen/Dispatch.h>
@@ -13,7 +22,9 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -73,9 +84,105 @@ inline float tile_sum_exp(const float* x, int64_t n, float m) {
   return s;
 }
 
-// Online log-sum-exp of a contiguous row over fp32 tiles: one read of the row from memory.
-template <typename scalar_t>
-float row_lse_contiguous(const scalar_t* row, int64_t V, float* tile) {
+// The statistics of a row (see the top of the file) in the accumulation type.
+template <typename acc_t>
+struct RowStats {
+  acc_t sum = 0;       // sum_v x_v
+  acc_t s1 = 0;        // sum_v exp(x_v - m) (x_v - m)
+  acc_t s2 = 0;        // sum_v exp(2 (x_v - m))
+  int64_t violations = 0;  // the v that beat the label (see above)
+
+  // Rescales s1 and s2 (whose partner s the caller rescales) from the reference m to m_new >= m.
+  // s is the sum before its rescale. From m = -inf (nothing finite seen) all three are 0.
+  void rescale(acc_t m, acc_t m_new, acc_t s) {
+    if (m == m_new || m == -std::numeric_limits<acc_t>::infinity()) return;
+    const acc_t a = std::exp(m - m_new);
+    s1 = a * (s1 + (m - m_new) * s);
+    s2 = a * a * s2;
+  }
+
+  // Writes (sum_logits, entropy, top1, lse2) given the row's m (finite, or -inf for an all -inf row)
+  // and s.
+  void store(acc_t* out, acc_t m, acc_t s, bool in_range) const {
+    const acc_t ref = std::isinf(m) ? acc_t(0) : m;
+    out[0] = sum;
+    out[1] = std::log(s) - s1 / s;
+    out[2] = in_range && violations == 0 ? acc_t(1) : acc_t(0);
+    out[3] = 2 * ref + std::log(s2);
+  }
+};
+
+// tile_max plus, in the same pass, the tile's sum and violations. y is the label's index relative to
+// the tile (any value), zy its logit.
+inline float tile_max_stats(const float* x, int64_t n, int64_t y, float zy, RowStats<float>& st) {
+  const int64_t split = std::clamp<int64_t>(y, 0, n);  // [0, split): before the label, ties count
+  const fVec vzy(zy);
+  fVec vm(-std::numeric_limits<float>::infinity()), vsum(0.f), vviol(0.f);  // exact counts: < 2^24 a lane
+  float m = -std::numeric_limits<float>::infinity(), sum = 0.f;
+  int64_t viol = 0;
+  int64_t i = 0;
+  for (; i + fVec::size() <= split; i += fVec::size()) {
+    const fVec v = fVec::loadu(x + i);
+    vm = at::vec::maximum(vm, v);
+    vsum += v;
+    vviol += v.ge(vzy);
+  }
+  for (; i < split; ++i) {
+    m = std::max(m, x[i]);
+    sum += x[i];
+    viol += x[i] >= zy;
+  }
+  for (; i + fVec::size() <= n; i += fVec::size()) {
+    const fVec v = fVec::loadu(x + i);
+    vm = at::vec::maximum(vm, v);
+    vsum += v;
+    vviol += v.gt(vzy);
+  }
+  for (; i < n; ++i) {
+    m = std::max(m, x[i]);
+    sum += x[i];
+    viol += x[i] > zy;
+  }
+  const auto add = [](fVec& a, fVec& b) { return a + b; };
+  m = std::max(m, at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, vm));
+  st.sum += sum + at::vec::vec_reduce_all<float>(add, vsum);
+  st.violations += viol + static_cast<int64_t>(at::vec::vec_reduce_all<float>(add, vviol));
+  return m;
+}
+
+// tile_sum_exp (the same s, summed in the same order) plus the tile's s1 and s2 around m.
+inline float tile_sum_exp_stats(const float* x, int64_t n, float m, float& s1, float& s2) {
+  int64_t i = 0;
+  const fVec vm(m), vlow(std::numeric_limits<float>::lowest());
+  fVec vs(0.f), vs1(0.f), vs2(0.f);
+  for (; i + fVec::size() <= n; i += fVec::size()) {
+    const fVec d = fVec::loadu(x + i) - vm;
+    const fVec e = d.exp_u20();
+    vs += e;
+    vs1 = at::vec::fmadd(e, at::vec::maximum(d, vlow), vs1);  // -inf logits: 0 * lowest, not 0 * -inf
+    vs2 = at::vec::fmadd(e, e, vs2);
+  }
+  const auto add = [](fVec& a, fVec& b) { return a + b; };
+  float s = at::vec::vec_reduce_all<float>(add, vs);
+  float t1 = at::vec::vec_reduce_all<float>(add, vs1);
+  float t2 = at::vec::vec_reduce_all<float>(add, vs2);
+  for (; i < n; ++i) {
+    const float d = x[i] - m;
+    const float e = std::exp(d);
+    s += e;
+    t1 += e * std::max(d, std::numeric_limits<float>::lowest());
+    t2 += e * e;
+  }
+  s1 += t1;
+  s2 += t2;
+  return s;
+}
+
+// Online log-sum-exp of a contiguous row over fp32 tiles: one read of the row from memory. With
+// kStats, also the row's statistics (label y, its logit zy), from the same tiles.
+template <bool kStats, typename scalar_t>
+float row_lse_contiguous(const scalar_t* row, int64_t V, float* tile, RowStats<float>* st = nullptr,
+                         int64_t y = 0, float zy = 0.f, float* m_out = nullptr, float* s_out = nullptr) {
   float m = -std::numeric_limits<float>::infinity();
   float s = 0.f;
   for (int64_t start = 0; start < V; start += kTile) {
@@ -86,10 +193,24 @@ float row_lse_contiguous(const scalar_t* row, int64_t V, float* tile) {
     } else {
       tile_to_float(row + start, n, tile);
     }
-    const float m_new = std::max(m, tile_max(x, n));
+    float m_new;
+    if constexpr (kStats) {
+      m_new = std::max(m, tile_max_stats(x, n, y - start, zy, *st));  // sums and counts -inf tiles too
+    } else {
+      m_new = std::max(m, tile_max(x, n));
+    }
     if (m_new == -std::numeric_limits<float>::infinity()) continue;  // nothing but -inf so far
-    s = (m == m_new ? s : s * std::exp(m - m_new)) + tile_sum_exp(x, n, m_new);
+    if constexpr (kStats) {
+      st->rescale(m, m_new, s);
+      s = (m == m_new ? s : s * std::exp(m - m_new)) + tile_sum_exp_stats(x, n, m_new, st->s1, st->s2);
+    } else {
+      s = (m == m_new ? s : s * std::exp(m - m_new)) + tile_sum_exp(x, n, m_new);
+    }
     m = m_new;
+  }
+  if constexpr (kStats) {
+    *m_out = m;
+    *s_out = s;
   }
   return m + std::log(s);
 }
@@ -125,6 +246,32 @@ acc_t row_lse_strided(const scalar_t* row, int64_t V, int64_t stride) {
   return m + std::log(s);
 }
 
+// row_lse_strided with the statistics: the same two passes, the first also summing and counting.
+// Returns the lse; the stats go to out (4 values).
+template <typename scalar_t, typename acc_t>
+acc_t row_lse_stats_strided(const scalar_t* row, int64_t V, int64_t stride, int64_t y, bool in_range, acc_t* out) {
+  const acc_t zy = in_range ? static_cast<acc_t>(row[y * stride]) : acc_t(0);
+  RowStats<acc_t> st;
+  acc_t m = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t v = 0; v < V; ++v) {
+    const acc_t z = static_cast<acc_t>(row[v * stride]);
+    m = std::max(m, z);
+    st.sum += z;
+    st.violations += v < y ? z >= zy : z > zy;
+  }
+  const acc_t ref = std::isinf(m) ? acc_t(0) : m;  // an all -inf row: s = 0 and lse = -inf, not NaN
+  acc_t s = 0;
+  for (int64_t v = 0; v < V; ++v) {
+    const acc_t d = static_cast<acc_t>(row[v * stride]) - ref;
+    const acc_t e = std::exp(d);
+    s += e;
+    st.s1 += e * std::max(d, std::numeric_limits<acc_t>::lowest());
+    st.s2 += e * e;
+  }
+  st.store(out, m, s, in_range);
+  return ref + std::log(s);
+}
+
 template <typename scalar_t, typename acc_t>
 void row_grad_strided(const scalar_t* row, int64_t row_stride, scalar_t* out, int64_t out_stride, int64_t V,
                       acc_t lse, acc_t g) {
@@ -155,14 +302,16 @@ void split_rows(const RowGeometry& g, const label_t* labels, int64_t ignore_inde
 // Rows of about this many logits per task: fewer tasks than rows for a small V, one row for a large V.
 inline int64_t grain_rows(int64_t V) { return std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(V, 1)); }
 
-template <typename scalar_t, typename label_t>
+// stats: (N, T_out, 4) contiguous when kStats, else unused.
+template <bool kStats, typename scalar_t, typename label_t>
 void forward(const RowGeometry& g, const at::Tensor& logits, const at::Tensor& labels, at::Tensor& logp,
-             at::Tensor& lse, int64_t ignore_index) {
+             at::Tensor& lse, at::Tensor& stats, int64_t ignore_index) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* x = logits.const_data_ptr<scalar_t>();
   const label_t* y = labels.const_data_ptr<label_t>();
   acc_t* out_logp = logp.mutable_data_ptr<acc_t>();
   acc_t* out_lse = lse.mutable_data_ptr<acc_t>();
+  acc_t* out_stats = kStats ? stats.mutable_data_ptr<acc_t>() : nullptr;
   std::vector<int64_t> rows;
   split_rows(g, y, ignore_index, rows, nullptr);
   const bool contiguous = g.logits_v == 1;
@@ -172,14 +321,29 @@ void forward(const RowGeometry& g, const at::Tensor& logits, const at::Tensor& l
       const int64_t n = rows[i] / g.T, t = rows[i] % g.T;
       const scalar_t* row = x + n * g.logits_n + t * g.logits_t;
       const int64_t label = static_cast<int64_t>(y[n * g.labels_n + (t + g.shift) * g.labels_t]);
+      const bool in_range = label >= 0 && label < g.V;
+      const int64_t out = n * g.T_out + t;
       acc_t row_lse;
-      if constexpr (kVectorized<scalar_t>) {
-        row_lse = contiguous ? row_lse_contiguous(row, g.V, tile.data()) : row_lse_strided<scalar_t, acc_t>(row, g.V, g.logits_v);
+      if constexpr (kStats) {
+        acc_t* row_stats = out_stats + out * 4;
+        bool done = false;
+        if constexpr (kVectorized<scalar_t>) {  // acc_t is float
+          if (contiguous) {
+            RowStats<float> st;
+            float m, s;
+            const float zy = in_range ? static_cast<float>(row[label]) : 0.f;
+            row_lse = row_lse_contiguous<true>(row, g.V, tile.data(), &st, label, zy, &m, &s);
+            st.store(row_stats, m, s, in_range);
+            done = true;
+          }
+        }
+        if (!done) row_lse = row_lse_stats_strided<scalar_t, acc_t>(row, g.V, g.logits_v, label, in_range, row_stats);
+      } else if constexpr (kVectorized<scalar_t>) {
+        row_lse = contiguous ? row_lse_contiguous<false>(row, g.V, tile.data())
+                             : row_lse_strided<scalar_t, acc_t>(row, g.V, g.logits_v);
       } else {
         row_lse = row_lse_strided<scalar_t, acc_t>(row, g.V, g.logits_v);
       }
-      const bool in_range = label >= 0 && label < g.V;
-      const int64_t out = n * g.T_out + t;
       out_lse[out] = row_lse;
       out_logp[out] = in_range ? static_cast<acc_t>(row[label * g.logits_v]) - row_lse
                                : std::numeric_limits<acc_t>::quiet_NaN();
@@ -240,13 +404,21 @@ void backward(const RowGeometry& g, const at::Tensor& grad_logp, const at::Tenso
 }  // namespace
 
 void token_logps_fwd(const at::Tensor& logits, const at::Tensor& labels, at::Tensor& logp, at::Tensor& lse,
-                     int64_t ignore_index, bool shift) {
+                     at::Tensor& stats, int64_t ignore_index, bool shift, bool with_stats) {
   const RowGeometry g = row_geometry(logits, labels, shift);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logps_fwd", [&] {
-    if (labels.scalar_type() == at::kLong) {
-      forward<scalar_t, int64_t>(g, logits, labels, logp, lse, ignore_index);
+    const auto run = [&](auto stats_flag) {
+      constexpr bool kStats = decltype(stats_flag)::value;
+      if (labels.scalar_type() == at::kLong) {
+        forward<kStats, scalar_t, int64_t>(g, logits, labels, logp, lse, stats, ignore_index);
+      } else {
+        forward<kStats, scalar_t, int32_t>(g, logits, labels, logp, lse, stats, ignore_index);
+      }
+    };
+    if (with_stats) {
+      run(std::true_type{});
     } else {
-      forward<scalar_t, int32_t>(g, logits, labels, logp, lse, ignore_index);
+      run(std::false_type{});
     }
   });
 }

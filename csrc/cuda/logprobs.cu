@@ -8,6 +8,9 @@
 // thread each. Rows with any other vocabulary stride are read element by element. Everything is
 // accumulated in fp32 (fp64 for fp64 logits) and all offsets are int64.
 //
+// The forward optionally returns per-token statistics from the same loads (a second instantiation of
+// its kernel, kStats; see LogSumExpStats), so the default kernel is unchanged.
+//
 // Only ATen/c10 headers are included: torch/extension.h would make nvcc take minutes.
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
@@ -93,47 +96,155 @@ struct LogSumExp {
   }
 
   // The union of two disjoint sets of values.
-  __device__ __forceinline__ void merge(acc m_other, acc s_other) {
-    const acc m_new = max_acc(m, m_other);
+  __device__ __forceinline__ void merge(const LogSumExp& other) {
+    const acc m_new = max_acc(m, other.m);
     const acc r = ref(m_new);
-    s = s * exp_acc(m - r) + s_other * exp_acc(m_other - r);
+    s = s * exp_acc(m - r) + other.s * exp_acc(other.m - r);
     m = m_new;
   }
 
-  __device__ __forceinline__ void warp_reduce() {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) {
-      const acc m_other = __shfl_xor_sync(0xffffffffu, m, offset);
-      const acc s_other = __shfl_xor_sync(0xffffffffu, s, offset);
-      merge(m_other, s_other);
-    }
+  // Lane (lane ^ offset)'s state.
+  __device__ __forceinline__ LogSumExp shfl_xor(int offset) const {
+    LogSumExp other;
+    other.m = __shfl_xor_sync(0xffffffffu, m, offset);
+    other.s = __shfl_xor_sync(0xffffffffu, s, offset);
+    return other;
   }
 
   // log(sum_i exp(x_i)); -inf for an all -inf row (log 0).
   __device__ __forceinline__ acc value() const { return ref(m) + log_acc(s); }
 };
 
-// The block's combined state, valid in thread 0: butterfly within each warp, then warp 0 merges the
-// kWarps partial states. Warp 0's lanes past kWarps bring the empty state (-inf, 0), the identity.
+// LogSumExp plus the row statistics of the forward with_stats, kept around the same reference ref(m)
+// and rescaled with s by the same factor a = exp(m - ref(m_new)) when the max moves:
+//   s1 = sum_i e_i (x_i - ref(m)), e_i = exp(x_i - ref(m))  ->  entropy = lse - sum_i p_i x_i = log s - s1 / s
+//        (when ref moves by d = ref(m) - ref(m_new) <= 0, each x_i - ref grows by d: s1 <- a (s1 + d s))
+//   s2 = sum_i e_i^2                                          ->  lse2 = log sum_i exp(2 x_i) = 2 ref(m) + log s2
+//        (rescaled by a^2)
+//   sum = sum_i x_i, and violations: nonzero exactly when some v < y has x_v >= x_y or some v > y has
+//   x_v > x_y, i.e. when the label y is not the first index of the max (exact: the comparisons are on the
+//   stored values, widened without rounding; counted per pack, see add). Both are plain sums across
+//   threads.
+// s1 is relative to ref(m), not sum_i e_i x_i, so the entropy is not a difference of two terms as large
+// as the logits' offset. A -inf logit adds e = 0 and 0 * lowest, not 0 * (-inf) = NaN; the empty state
+// (-inf, 0, 0, 0) stays the identity of merge because ref(-inf) = 0 keeps (ref(m) - r) * s finite.
 template <typename acc>
-__device__ __forceinline__ LogSumExp<acc> block_reduce(LogSumExp<acc> state) {
-  __shared__ acc warp_m[kWarps];
-  __shared__ acc warp_s[kWarps];
+struct LogSumExpStats {
+  acc m = -std::numeric_limits<acc>::infinity();
+  acc s = 0;
+  acc s1 = 0;
+  acc s2 = 0;
+  acc sum = 0;
+  unsigned violations = 0;  // at most V < 2^32 in all
+
+  __device__ __forceinline__ static acc ref(acc m) { return LogSumExp<acc>::ref(m); }
+
+  // Adds U packs of VEC values, x[u * VEC + j] the logit of vocabulary entry v0(u) + j, against the
+  // label's logit xy; before[u] = how many of pack u's values precede the label (0..VEC). The label is
+  // voted on a pack at a time: a pack wholly before it violates if its max >= xy, one wholly after it
+  // if its max > xy; only the pack that holds the label goes element by element.
+  template <int U, int VEC>
+  __device__ __forceinline__ void add(const acc (&x)[U * VEC], acc xy, const int (&before)[U]) {
+    acc pack_max[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      pack_max[u] = x[u * VEC];
+#pragma unroll
+      for (int j = 1; j < VEC; ++j) pack_max[u] = max_acc(pack_max[u], x[u * VEC + j]);
+    }
+    acc m_new = m;
+#pragma unroll
+    for (int u = 0; u < U; ++u) m_new = max_acc(m_new, pack_max[u]);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (before[u] == 0) {
+        violations += pack_max[u] > xy;
+      } else if (before[u] == VEC) {
+        violations += pack_max[u] >= xy;
+      } else {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) violations += j < before[u] ? x[u * VEC + j] >= xy : x[u * VEC + j] > xy;
+      }
+    }
+    const acc r = ref(m_new);
+    const acc a = exp_acc(m - r);
+    acc t = a * (s1 + (ref(m) - r) * s);
+    acc sum_e = s * a;
+    acc q = a * a * s2;
+#pragma unroll
+    for (int k = 0; k < U * VEC; ++k) {
+      const acc d = x[k] - r;
+      const acc e = exp_acc(d);
+      sum_e += e;
+      t += e * max_acc(d, std::numeric_limits<acc>::lowest());
+      q += e * e;
+      sum += x[k];
+    }
+    m = m_new;
+    s = sum_e;
+    s1 = t;
+    s2 = q;
+  }
+
+  __device__ __forceinline__ void merge(const LogSumExpStats& o) {
+    const acc m_new = max_acc(m, o.m);
+    const acc r = ref(m_new);
+    const acc a = exp_acc(m - r);
+    const acc b = exp_acc(o.m - r);
+    s1 = a * (s1 + (ref(m) - r) * s) + b * (o.s1 + (ref(o.m) - r) * o.s);
+    s2 = a * a * s2 + b * b * o.s2;
+    s = s * a + o.s * b;
+    sum += o.sum;
+    violations += o.violations;
+    m = m_new;
+  }
+
+  __device__ __forceinline__ LogSumExpStats shfl_xor(int offset) const {
+    LogSumExpStats o;
+    o.m = __shfl_xor_sync(0xffffffffu, m, offset);
+    o.s = __shfl_xor_sync(0xffffffffu, s, offset);
+    o.s1 = __shfl_xor_sync(0xffffffffu, s1, offset);
+    o.s2 = __shfl_xor_sync(0xffffffffu, s2, offset);
+    o.sum = __shfl_xor_sync(0xffffffffu, sum, offset);
+    o.violations = __shfl_xor_sync(0xffffffffu, violations, offset);
+    return o;
+  }
+
+  __device__ __forceinline__ acc value() const { return ref(m) + log_acc(s); }
+
+  // (sum_logits, entropy, top1, lse2) of the whole row, into out[0..3].
+  __device__ __forceinline__ void store(acc* out, bool in_range) const {
+    const acc log_s = log_acc(s);
+    out[0] = sum;
+    out[1] = log_s - s1 / s;
+    out[2] = in_range && violations == 0 ? acc(1) : acc(0);
+    out[3] = 2 * ref(m) + log_acc(s2);
+  }
+};
+
+// Butterfly within a warp: every lane ends with the warp's combined state.
+template <typename State>
+__device__ __forceinline__ void warp_reduce(State& state) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) state.merge(state.shfl_xor(offset));
+}
+
+// The block's combined state, valid in thread 0: butterfly within each warp, then warp 0 merges the
+// kWarps partial states. Warp 0's lanes past kWarps bring the empty state, the identity of merge.
+template <typename State>
+__device__ __forceinline__ State block_reduce(State state) {
+  // Raw storage: a __shared__ State cannot have State's member initializers.
+  __shared__ alignas(State) unsigned char storage[kWarps * sizeof(State)];
+  State* warp_state = reinterpret_cast<State*>(storage);
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
-  state.warp_reduce();
-  if (lane == 0) {
-    warp_m[warp] = state.m;
-    warp_s[warp] = state.s;
-  }
+  warp_reduce(state);
+  if (lane == 0) warp_state[warp] = state;
   __syncthreads();
-  LogSumExp<acc> block;
+  State block;
   if (warp == 0) {
-    if (lane < kWarps) {
-      block.m = warp_m[lane];
-      block.s = warp_s[lane];
-    }
-    block.warp_reduce();
+    if (lane < kWarps) block = warp_state[lane];
+    warp_reduce(block);
   }
   return block;
 }
@@ -201,18 +312,30 @@ __device__ __forceinline__ void store_pack(scalar_t* row, const RowSplit& split,
 
 // --------------------------------------------------------------------------------------------- kernels
 
+// How many of the VEC elements starting at vocabulary index v0 lie before the label y, in [0, VEC].
+template <int VEC>
+__device__ __forceinline__ int before_label(int64_t y, int64_t v0) {
+  return static_cast<int>(min(max(y - v0, int64_t{0}), static_cast<int64_t>(VEC)));
+}
+
 // Row r = n * T_out + t of the outputs, x = logits[n, t, :], y = labels[n, t + shift]:
 //   lse[r] = log sum_v exp(x_v) (online: running max and rescaled sum),  logp[r] = x_y - lse[r].
 // y == ignore_index: both are 0 and x is not read. y outside [0, V): logp is NaN, x_y is not read.
-template <typename scalar_t, typename index_t, int VEC>
+// kStats: also stats[r, 0:4] = (sum_logits, entropy, top1, lse2) from the same loads (LogSumExpStats),
+// zeros where y == ignore_index and top1 = 0 where y is outside [0, V).
+template <typename scalar_t, typename index_t, int VEC, bool kStats>
 __global__ void __launch_bounds__(kThreads) token_logps_fwd_kernel(
     const scalar_t* __restrict__ logits,  // (N, T, V), strides geo.logits_{n,t,v}; unit vocab stride if VEC > 1
     const index_t* __restrict__ labels,   // (N, T), strides geo.labels_{n,t}
     acc_t<scalar_t>* __restrict__ logp,   // (N, T_out), contiguous
     acc_t<scalar_t>* __restrict__ lse,    // (N, T_out), contiguous
+    acc_t<scalar_t>* __restrict__ stats,  // (N, T_out, 4), contiguous; unused unless kStats
     const RowGeometry geo, const int64_t ignore_index) {
   using acc = acc_t<scalar_t>;
-  constexpr int U = kUnroll<scalar_t, VEC>;
+  using State = std::conditional_t<kStats, LogSumExpStats<acc>, LogSumExp<acc>>;
+  // The stats' three more fp64 accumulators left 2 packs of fp64 (4 inlined exp()) spilling 72 bytes
+  // on sm_90: one pack at a time there.
+  constexpr int U = kStats && sizeof(scalar_t) == 8 && VEC > 1 ? 1 : kUnroll<scalar_t, VEC>;
   const int64_t r = blockIdx.x;
   const int64_t n = r / geo.T_out;
   const int64_t t = r - n * geo.T_out;
@@ -222,16 +345,21 @@ __global__ void __launch_bounds__(kThreads) token_logps_fwd_kernel(
     if (threadIdx.x == 0) {
       logp[r] = 0;
       lse[r] = 0;
+      if constexpr (kStats) {
+#pragma unroll
+        for (int k = 0; k < kNumStats; ++k) stats[r * kNumStats + k] = 0;
+      }
     }
     return;
   }
   const int64_t V = geo.V;
   const scalar_t* row = logits + n * geo.logits_n + t * geo.logits_t;
   const bool in_range = label >= 0 && label < V;
+  // Issued early. With stats every thread compares against it (one broadcast load per warp).
   acc x_label = 0;
-  if (threadIdx.x == 0 && in_range) x_label = static_cast<acc>(row[label * geo.logits_v]);  // issued early
+  if ((kStats || threadIdx.x == 0) && in_range) x_label = static_cast<acc>(row[label * geo.logits_v]);
 
-  LogSumExp<acc> state;
+  State state;
   const RowSplit split = split_row<VEC>(row, V);
   int64_t i = threadIdx.x;
   for (; i + (U - 1) * kThreads < split.nvec; i += U * kThreads) {
@@ -243,20 +371,37 @@ __global__ void __launch_bounds__(kThreads) token_logps_fwd_kernel(
     for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int j = 0; j < VEC; ++j) x[u * VEC + j] = static_cast<acc>(packs[u].v[j]);
-    state.add(x);
+    if constexpr (kStats) {
+      int before[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) before[u] = before_label<VEC>(label, pack_start<VEC>(split, i + u * kThreads));
+      state.template add<U, VEC>(x, x_label, before);
+    } else {
+      state.add(x);
+    }
   }
   for (; i < split.nvec; i += kThreads) {
     const Pack<scalar_t, VEC> pack = load_pack<VEC>(row, split, i, geo.logits_v);
     acc x[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) x[j] = static_cast<acc>(pack.v[j]);
-    state.add(x);
+    if constexpr (kStats) {
+      const int before[1] = {before_label<VEC>(label, pack_start<VEC>(split, i))};
+      state.template add<1, VEC>(x, x_label, before);
+    } else {
+      state.add(x);
+    }
   }
   if constexpr (VEC > 1) {
     const int64_t v = edge_element(split, V);
     if (v >= 0) {
       const acc x[1] = {static_cast<acc>(row[v])};
-      state.add(x);
+      if constexpr (kStats) {
+        const int before[1] = {v < label};
+        state.template add<1, 1>(x, x_label, before);
+      } else {
+        state.add(x);
+      }
     }
   }
 
@@ -265,6 +410,7 @@ __global__ void __launch_bounds__(kThreads) token_logps_fwd_kernel(
     const acc row_lse = state.value();
     logp[r] = in_range ? x_label - row_lse : std::numeric_limits<acc>::quiet_NaN();
     lse[r] = row_lse;
+    if constexpr (kStats) state.store(stats + r * kNumStats, in_range);
   }
 }
 
@@ -347,22 +493,23 @@ void check_rows(int64_t rows) {
               " logits rows exceed the CUDA kernels' grid limit of 2^31 - 1");
 }
 
-template <typename scalar_t, typename index_t>
+template <typename scalar_t, typename index_t, bool kStats>
 void launch_fwd(const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& logp, const at::Tensor& lse,
-                const RowGeometry& geo, int64_t rows, int64_t ignore_index) {
+                const at::Tensor& stats, const RowGeometry& geo, int64_t rows, int64_t ignore_index) {
   const auto* x = logits.const_data_ptr<scalar_t>();
   const auto* y = labels.const_data_ptr<index_t>();
   auto* logp_ptr = logp.mutable_data_ptr<acc_t<scalar_t>>();
   auto* lse_ptr = lse.mutable_data_ptr<acc_t<scalar_t>>();
+  auto* stats_ptr = kStats ? stats.mutable_data_ptr<acc_t<scalar_t>>() : nullptr;
   const auto stream = at::cuda::getCurrentCUDAStream();
   // Unit vocab stride is all the packed kernel needs: split_row finds each row's 16-byte boundary.
   const bool packed = geo.logits_v == 1 && element_aligned(x, sizeof(scalar_t));
   if (packed) {
-    token_logps_fwd_kernel<scalar_t, index_t, kPack<scalar_t>>
-        <<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, y, logp_ptr, lse_ptr, geo, ignore_index);
+    token_logps_fwd_kernel<scalar_t, index_t, kPack<scalar_t>, kStats><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+        x, y, logp_ptr, lse_ptr, stats_ptr, geo, ignore_index);
   } else {
-    token_logps_fwd_kernel<scalar_t, index_t, 1>
-        <<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(x, y, logp_ptr, lse_ptr, geo, ignore_index);
+    token_logps_fwd_kernel<scalar_t, index_t, 1, kStats><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+        x, y, logp_ptr, lse_ptr, stats_ptr, geo, ignore_index);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -419,23 +566,28 @@ void token_logps_bwd_into(const at::Tensor& grad_logp, const at::Tensor& logits,
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> token_logps_fwd(const at::Tensor& logits, const at::Tensor& labels,
-                                                   int64_t ignore_index, bool shift) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logps_fwd(const at::Tensor& logits, const at::Tensor& labels,
+                                                               int64_t ignore_index, bool shift, bool with_stats) {
   check_logits_labels(logits, labels);
   const c10::cuda::CUDAGuard guard(logits.device());
   const RowGeometry geo = row_geometry(logits, labels, shift);
   const auto options = logits.options().dtype(output_dtype(logits));
   at::Tensor logp = at::empty({geo.N, geo.T_out}, options);
   at::Tensor lse = at::empty({geo.N, geo.T_out}, options);
+  at::Tensor stats = at::empty({geo.N, geo.T_out, with_stats ? kNumStats : 0}, options);
   const int64_t rows = geo.N * geo.T_out;
-  if (rows == 0) return {logp, lse};
+  if (rows == 0) return {logp, lse, stats};
   check_rows(rows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "token_logps_fwd", [&] {
     AT_DISPATCH_INDEX_TYPES(labels.scalar_type(), "token_logps_fwd", [&] {
-      launch_fwd<scalar_t, index_t>(logits, labels, logp, lse, geo, rows, ignore_index);
+      if (with_stats) {
+        launch_fwd<scalar_t, index_t, true>(logits, labels, logp, lse, stats, geo, rows, ignore_index);
+      } else {
+        launch_fwd<scalar_t, index_t, false>(logits, labels, logp, lse, stats, geo, rows, ignore_index);
+      }
     });
   });
-  return {logp, lse};
+  return {logp, lse, stats};
 }
 
 at::Tensor token_logps_bwd(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,

@@ -9,9 +9,10 @@
 
 namespace dpo_kernels::cuda {
 
-// -> (logp, lse), both new contiguous (N, T - shift) tensors of output_dtype(logits).
-std::tuple<at::Tensor, at::Tensor> token_logps_fwd(const at::Tensor& logits, const at::Tensor& labels,
-                                                   int64_t ignore_index, bool shift);
+// -> (logp, lse, stats): logp and lse new contiguous (N, T - shift) tensors of output_dtype(logits);
+// stats (N, T - shift, 4) of the same dtype with with_stats, else (N, T - shift, 0).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logps_fwd(const at::Tensor& logits, const at::Tensor& labels,
+                                                               int64_t ignore_index, bool shift, bool with_stats);
 
 // -> grad_logp * (onehot(label) - softmax(logits)) as a new tensor shaped like logits (empty_like).
 at::Tensor token_logps_bwd(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,

@@ -47,26 +47,61 @@ def _logits(h, weight, bias, vocab, logit_scale, softcap, temperature, acc):
     return z, capped
 
 
-def fused_linear_logps_fwd(hidden, weight, bias, labels, logit_scale, softcap, temperature, chunk_elements=None):
-    """hidden (M, H), weight (V, H), bias (V,) | None, labels (M,) in [0, V) -> (logp, lse), (M,) fp32."""
+def fused_linear_logps_fwd(
+    hidden, weight, bias, labels, logit_scale, softcap, temperature, chunk_elements=None, with_stats=False
+):
+    """hidden (M, H), weight (V, H), bias (V,) | None, labels (M,) in [0, V) -> (logp, lse, stats): logp
+    and lse (M,) fp32 (fp64 for fp64 inputs); stats (M, 4) in that dtype with ``with_stats``, else None.
+
+    stats columns (``reference.STATS``): Σ_v z_v, the entropy, 1.0 where the label is the first index
+    of the maximum logit, log Σ_v exp(2 z_v). Beside the online log-sum-exp (m = running max, s = Σ
+    exp(z − m)) the vocabulary chunks fold, rescaled whenever m moves to m': s1 = Σ exp(z − m)·(z − m)
+    (s1' = e^{m−m'}·(s1 + (m − m')·s)), entropy = log s − s1 / s (shifted by m: no cancellation against
+    lse when the logits are large); s2 = Σ exp(2(z − m)) (× e^{2(m−m')}), lse2 = 2m + log s2; Σ z by
+    addition; and the running (max, first argmax), replaced only by a chunk whose max is strictly larger,
+    so the earliest maximum wins.
+    """
     M, V = hidden.shape[0], weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
     h = hidden.to(acc)
     m = torch.full((M,), float("-inf"), dtype=acc, device=hidden.device)
     s = torch.zeros(M, dtype=acc, device=hidden.device)
     label_logit = torch.zeros(M, dtype=acc, device=hidden.device)
+    if with_stats:
+        s1, s2, sum_z = (torch.zeros(M, dtype=acc, device=hidden.device) for _ in range(3))
+        argmax = torch.zeros(M, dtype=torch.long, device=hidden.device)
     for rows, vocab in _chunks(M, V, chunk_elements or CHUNK_ELEMENTS):
         z, _ = _logits(h[rows], weight, bias, vocab, logit_scale, softcap, temperature, acc)
         y = labels[rows] - vocab.start
         hit = (y >= 0) & (y < z.shape[1])
         picked = z.gather(1, y.clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1)
         label_logit[rows] += torch.where(hit, picked, 0.0)
-        m_new = torch.maximum(m[rows], z.amax(dim=1))
+        m_old = m[rows]
+        chunk_max = z.amax(dim=1)
+        m_new = torch.maximum(m_old, chunk_max)
         pivot = torch.where(torch.isinf(m_new), 0.0, m_new)  # rows of -inf so far: exp(-inf) = 0, not NaN
-        s[rows] = s[rows] * torch.exp(m[rows] - pivot) + z.sub_(pivot.unsqueeze(1)).exp_().sum(dim=1)
+        alpha = torch.exp(m_old - pivot)
+        if with_stats:
+            sum_z[rows] += z.sum(dim=1)
+            # argmax: the first index of the chunk's max (offset by the chunk start), taken only when
+            # that max beats every earlier chunk's, so that ties resolve to the earliest index
+            better = chunk_max > m_old
+            argmax[rows] = torch.where(better, z.argmax(dim=1) + vocab.start, argmax[rows])
+            d = z.sub_(pivot.unsqueeze(1))  # z − m', in place: z is not needed any more
+            e = d.exp()
+            moved = torch.where(s[rows] > 0, m_old - pivot, 0.0) * s[rows]  # (m − m')·s; 0 before any chunk
+            s1[rows] = (s1[rows] + moved) * alpha + (e * d).sum(dim=1)
+            s2[rows] = s2[rows] * alpha.square() + e.square().sum(dim=1)
+            s[rows] = s[rows] * alpha + e.sum(dim=1)
+        else:
+            s[rows] = s[rows] * alpha + z.sub_(pivot.unsqueeze(1)).exp_().sum(dim=1)
         m[rows] = m_new
     lse = torch.where(torch.isinf(m), m, m + s.log())
-    return label_logit - lse, lse
+    stats = None
+    if with_stats:
+        top1 = (argmax == labels).to(acc)
+        stats = torch.stack([sum_z, s.log() - s1 / s, top1, 2 * m + s2.log()], dim=1)
+    return label_logit - lse, lse, stats
 
 
 def fused_linear_logps_bwd(

@@ -76,31 +76,53 @@ def _gather_chunks(mask: torch.Tensor, V: int):
         yield n_idx[start : start + step], t_idx[start : start + step]
 
 
-def token_logps_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool):
-    """logp[n, t] = log_softmax(logits[n, t])[label] and lse[n, t] = logits[n, t, label] − logp[n, t]."""
+def token_logps_fwd(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool, with_stats: bool = False
+):
+    """logp[n, t] = log_softmax(logits[n, t])[label] and lse[n, t] = logits[n, t, label] − logp[n, t];
+    with ``with_stats`` also stats[n, t] = the columns of ``reference.STATS`` (else a (N, T_out, 0) tensor).
+
+    The statistics come from the same chunk: Σ z and the first argmax from the logits, then, with p the
+    softmax written over the log-softmax buffer, lse2 = 2·lse + log Σ p² and the entropy Σ −p·log p
+    (``special.entr``, 0 at p = 0, so banned tokens at −inf add nothing). All in the accumulation dtype.
+    """
     N, T, V = logits.shape
     T_out = max(T - int(shift), 0)
     acc = _acc_dtype(logits.dtype)
     scored, target = _scored(labels, ignore_index, shift, T)
     logp = logits.new_zeros((N, T), dtype=acc)
     lse = logits.new_zeros((N, T), dtype=acc)
+    stats = logits.new_zeros((N, T, 4 if with_stats else 0), dtype=acc)
     buffer = logits.new_empty((min(_chunk_rows(V), N * T), V), dtype=acc)
 
-    def score(x, y):  # x: (rows, V) logits, y: (rows,) labels -> (logp, lse) of those rows
+    def score(x, y):  # x: (rows, V) logits, y: (rows,) labels -> (logp, lse[, stats]) of those rows
         x_label = x.gather(1, y.unsqueeze(1)).squeeze(1).to(acc)
         log_probs = torch.log_softmax(x, dim=-1, dtype=acc, out=buffer[: x.shape[0]])
         row_logp = log_probs.gather(1, y.unsqueeze(1)).squeeze(1)
-        return row_logp, x_label - row_logp
+        row_lse = x_label - row_logp
+        if not with_stats:
+            return row_logp, row_lse
+        sum_logits = x.sum(-1, dtype=acc)
+        top1 = (x.argmax(-1) == y).to(acc)  # argmax returns the first index of the maximum
+        p = log_probs.exp_()
+        lse2 = 2 * row_lse + torch.linalg.vecdot(p, p).log()
+        entropy = torch.special.entr(p, out=p).sum(-1)
+        return row_logp, row_lse, torch.stack([sum_logits, entropy, top1, lse2], dim=-1)
 
     rows = _row_view(logits)
     if rows is not None:
         flat_logp, flat_lse, flat_target = logp.view(-1), lse.view(-1), target.view(-1)
+        flat_stats = stats.view(N * T, stats.shape[-1])
         for a, b in _chunks(scored, V):
-            flat_logp[a:b], flat_lse[a:b] = score(rows[a:b], flat_target[a:b])
+            flat_logp[a:b], flat_lse[a:b], *rest = score(rows[a:b], flat_target[a:b])
+            if with_stats:
+                flat_stats[a:b] = rest[0]
     else:
         for n, t in _gather_chunks(scored, V):
-            logp[n, t], lse[n, t] = score(logits[n, t], target[n, t])
-    return logp[:, :T_out].contiguous(), lse[:, :T_out].contiguous()
+            logp[n, t], lse[n, t], *rest = score(logits[n, t], target[n, t])
+            if with_stats:
+                stats[n, t] = rest[0]
+    return logp[:, :T_out].contiguous(), lse[:, :T_out].contiguous(), stats[:, :T_out].contiguous()
 
 
 def token_logps_bwd(grad_tok, logits, labels, lse, ignore_index: int, shift: bool, out=None):

@@ -2,8 +2,9 @@
 
     python -m dpo_kernels.triton.aot [--arch 80 90] [--jobs N]
 
-Compiles each kernel for every logits dtype, label dtype and launch config the launchers can choose,
-in the argument specializations Triton's JIT would make (vocabulary stride 1 folded to a constant;
+Compiles each kernel for every logits dtype, label dtype and launch config the launchers can choose
+(the forward without and with its per-token statistics, WITH_STATS), in the argument specializations
+Triton's JIT would make (vocabulary stride 1 folded to a constant;
 16-byte divisible pointers and strides, as for V = 32000 or 128256; odd strides, as for V = 50257; a
 strided vocabulary), down to cubin for each architecture. Prints registers, shared memory and local
 memory per variant, and exits non-zero on a compile error, on register spills (local memory), or on
@@ -11,7 +12,8 @@ an aligned variant whose logits loads are not vectorized. Must run without TRITO
 
 The fused LM-head kernels (dpo_kernels.triton.linear) are compiled per dtype at their launch config,
 with every combination of bias and softcap for H, row strides and pointers divisible by 16
-("aligned"), and without / with both for neither ("unaligned"). Their checks: no spills, shared
+("aligned"), and without / with both for neither ("unaligned"); the forward and merge kernels also
+WITH_STATS (the per-token statistics), named "... stats ...". Their checks: no spills, shared
 memory within the architecture's per-block limit, bf16/fp16 products on tensor cores (mma.sync /
 wgmma in the PTX), and 16-byte global loads (plain or cp.async) when aligned; the "vec" column
 reads "mma" / "fma" for how they multiply.
@@ -33,7 +35,13 @@ LABEL_DTYPES = ("i64", "i32")
 LAYOUTS = ("aligned", "unaligned", "strided_vocab")
 
 KERNEL_POINTERS = {  # pointer argument -> element type ("X" logits dtype, "Y" label dtype)
-    "token_logps_fwd_kernel": {"logits_ptr": "X", "labels_ptr": "Y", "logp_ptr": "fp32", "lse_ptr": "fp32"},
+    "token_logps_fwd_kernel": {
+        "logits_ptr": "X",
+        "labels_ptr": "Y",
+        "logp_ptr": "fp32",
+        "lse_ptr": "fp32",
+        "stats_ptr": "fp32",
+    },
     "token_logps_bwd_kernel": {
         "grad_logits_ptr": "X",
         "logits_ptr": "X",
@@ -43,6 +51,8 @@ KERNEL_POINTERS = {  # pointer argument -> element type ("X" logits dtype, "Y" l
     },
 }
 VOCAB_STRIDES = ("stride_lv", "stride_gv")
+# Kernels with a WITH_STATS constexpr: each is compiled without and with it.
+STATS_KERNELS = ("token_logps_fwd_kernel",)
 # Divisible by 16 when V is (V = 32000, 128256, ...): the masks and row starts then allow 128-bit loads.
 ALIGNED_INTS = ("V", "stride_ln", "stride_lt", "stride_gn", "stride_gt")
 
@@ -56,10 +66,15 @@ class Variant:
     warps: int
     layout: str
     arch: int
+    stats: bool = False  # the forward's WITH_STATS variant (per-token statistics in the same pass)
 
     @property
     def name(self):
-        return f"{self.kernel} {self.dtype}/{self.label} BLOCK_V={self.block} warps={self.warps} {self.layout} sm_{self.arch}"
+        stats = " stats" if self.stats else ""
+        return (
+            f"{self.kernel}{stats} {self.dtype}/{self.label} BLOCK_V={self.block} warps={self.warps} "
+            f"{self.layout} sm_{self.arch}"
+        )
 
 
 def variants(archs):
@@ -68,12 +83,13 @@ def variants(archs):
     hot = LAUNCH_CONFIGS[-1]
     for arch in archs:
         for kernel in KERNEL_POINTERS:
-            for dtype in DTYPES:
-                for block, warps in LAUNCH_CONFIGS:
-                    for label in LABEL_DTYPES:
-                        yield Variant(kernel, dtype, label, block, warps, "aligned", arch)
-                for layout in LAYOUTS[1:]:  # odd and strided rows only matter at real vocabulary sizes
-                    yield Variant(kernel, dtype, "i64", *hot, layout, arch)
+            for stats in (False, True) if kernel in STATS_KERNELS else (False,):
+                for dtype in DTYPES:
+                    for block, warps in LAUNCH_CONFIGS:
+                        for label in LABEL_DTYPES:
+                            yield Variant(kernel, dtype, label, block, warps, "aligned", arch, stats)
+                    for layout in LAYOUTS[1:]:  # odd and strided rows only matter at real vocabulary sizes
+                        yield Variant(kernel, dtype, "i64", *hot, layout, arch, stats)
 
 
 def source(variant: Variant):
@@ -84,12 +100,14 @@ def source(variant: Variant):
     fn = getattr(logprobs, variant.kernel)
     pointers = KERNEL_POINTERS[variant.kernel]
     signature, constexprs, attrs = {}, {"BLOCK_V": variant.block}, {}
+    if variant.kernel in STATS_KERNELS:
+        constexprs["WITH_STATS"] = variant.stats
     for index, arg in enumerate(fn.arg_names):
         if arg in pointers:
             kind = pointers[arg]
             signature[arg] = "*" + {"X": variant.dtype, "Y": variant.label}.get(kind, kind)
             attrs[(index,)] = [["tt.divisibility", 16]]
-        elif arg == "BLOCK_V":
+        elif arg in ("BLOCK_V", "WITH_STATS"):
             signature[arg] = "constexpr"
         elif arg in VOCAB_STRIDES and variant.layout != "strided_vocab":
             signature[arg] = "constexpr"
@@ -107,10 +125,12 @@ LINEAR_POINTERS = {  # pointer argument -> element type ("X" hidden/weight dtype
     "fused_linear_logps_fwd_kernel": {
         "hidden_ptr": "X", "weight_ptr": "X", "bias_ptr": "X", "labels_ptr": "i64",
         "m_part_ptr": "fp32", "s_part_ptr": "fp32", "zl_part_ptr": "fp32",
+        "s1_part_ptr": "fp32", "s2_part_ptr": "fp32", "sz_part_ptr": "fp32", "am_part_ptr": "i32",
     },
     "fused_linear_logps_merge_kernel": {
-        "m_part_ptr": "fp32", "s_part_ptr": "fp32", "zl_part_ptr": "fp32", "labels_ptr": "i64",
-        "logp_ptr": "fp32", "lse_ptr": "fp32",
+        "m_part_ptr": "fp32", "s_part_ptr": "fp32", "zl_part_ptr": "fp32",
+        "s1_part_ptr": "fp32", "s2_part_ptr": "fp32", "sz_part_ptr": "fp32", "am_part_ptr": "i32",
+        "labels_ptr": "i64", "logp_ptr": "fp32", "lse_ptr": "fp32", "stats_ptr": "fp32",
     },
     "fused_linear_logps_bwd_dh_kernel": {
         "dh_ptr": "fp32", "grad_ptr": "fp32", "hidden_ptr": "X", "weight_ptr": "X", "bias_ptr": "X",
@@ -134,6 +154,8 @@ LINEAR_FEATURES = {  # name -> (HAS_BIAS, HAS_SOFTCAP)
 }
 # Opt-in shared memory per block: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
 MAX_SHARED = {80: 166912, 90: 232448}
+# Kernels with a WITH_STATS variant (per-token statistics from the forward pass), compiled both ways.
+LINEAR_STATS_KERNELS = ("fused_linear_logps_fwd_kernel", "fused_linear_logps_merge_kernel")
 CP_ASYNC_16 = r"cp\.async\.c[ag]\.shared\.global \[[^\]]*\], \[[^\]]*\], (16|0x10)\b"  # 16-byte async copy
 
 
@@ -144,6 +166,7 @@ class LinearVariant:
     features: str
     layout: str
     arch: int
+    stats: bool = False  # WITH_STATS
 
     @property
     def config(self):
@@ -152,7 +175,7 @@ class LinearVariant:
         from .linear import launch_config
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
-        return launch_config(dtype, aligned=self.layout == "aligned")
+        return launch_config(dtype, aligned=self.layout == "aligned", with_stats=self.stats)
 
     @property
     def warps(self):
@@ -164,13 +187,14 @@ class LinearVariant:
 
     @property
     def name(self):
+        stats = " stats" if self.stats else ""
         if self.kernel == "fused_linear_logps_merge_kernel":
-            return f"{self.kernel} fp32/i64 BLOCK={self._merge_block()} warps={self.warps} sm_{self.arch}"
+            return f"{self.kernel} fp32/i64 BLOCK={self._merge_block()} warps={self.warps}{stats} sm_{self.arch}"
         c = self.config
         blocks = f"{c.BLOCK_M}x{c.BLOCK_V}x{c.BLOCK_H}"
         return (
             f"{self.kernel} {self.dtype}/i64 {blocks} warps={self.warps} stages={self.stages} "
-            f"{self.features} {self.layout} sm_{self.arch}"
+            f"{self.features}{stats} {self.layout} sm_{self.arch}"
         )
 
     @staticmethod
@@ -183,14 +207,15 @@ class LinearVariant:
 def linear_variants(archs):
     for arch in archs:
         for kernel in LINEAR_POINTERS:
-            if kernel == "fused_linear_logps_merge_kernel":  # no products, no dtype: one variant
-                yield LinearVariant(kernel, "fp32", "plain", "aligned", arch)
-                continue
-            for dtype in DTYPES:
-                for features in LINEAR_FEATURES:
-                    yield LinearVariant(kernel, dtype, features, "aligned", arch)
-                for features in ("plain", "bias+softcap"):
-                    yield LinearVariant(kernel, dtype, features, "unaligned", arch)
+            for stats in (False, True) if kernel in LINEAR_STATS_KERNELS else (False,):
+                if kernel == "fused_linear_logps_merge_kernel":  # no products, no dtype: one variant
+                    yield LinearVariant(kernel, "fp32", "plain", "aligned", arch, stats)
+                    continue
+                for dtype in DTYPES:
+                    for features in LINEAR_FEATURES:
+                        yield LinearVariant(kernel, dtype, features, "aligned", arch, stats)
+                    for features in ("plain", "bias+softcap"):
+                        yield LinearVariant(kernel, dtype, features, "unaligned", arch, stats)
 
 
 def linear_source(variant: LinearVariant):
@@ -209,6 +234,8 @@ def linear_source(variant: LinearVariant):
             "HAS_BIAS": has_bias, "HAS_SOFTCAP": has_softcap, "UPCAST_DOT": False,
             "BLOCK_M": c.BLOCK_M, "BLOCK_V": c.BLOCK_V, "BLOCK_H": c.BLOCK_H,
         }  # fmt: skip
+    if variant.kernel in LINEAR_STATS_KERNELS:
+        constexprs["WITH_STATS"] = variant.stats
     signature, attrs = {}, {}
     for index, arg in enumerate(fn.arg_names):
         if arg in pointers:

@@ -143,6 +143,10 @@ def fused_linear_logps_fwd_kernel(
     m_part_ptr,  # (SPLITS, M) fp32, contiguous: max_v z over the split's vocabulary range
     s_part_ptr,  # (SPLITS, M) fp32, contiguous: sum_v exp(z - m_part) over the range
     zl_part_ptr,  # (SPLITS, M) fp32, contiguous: z[label] if the label is in the range, else 0
+    s1_part_ptr,  # (SPLITS, M) fp32, contiguous: sum_v exp(z - m_part) · (z - m_part); WITH_STATS only
+    s2_part_ptr,  # (SPLITS, M) fp32, contiguous: sum_v exp(2 (z - m_part)); WITH_STATS only
+    sz_part_ptr,  # (SPLITS, M) fp32, contiguous: sum_v z; WITH_STATS only
+    am_part_ptr,  # (SPLITS, M) int32, contiguous: the first v of the range with z_v = m_part; WITH_STATS only
     M,
     V,
     H,
@@ -159,9 +163,16 @@ def fused_linear_logps_fwd_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    WITH_STATS: tl.constexpr = False,
 ):
     """Per (row block, vocabulary split): m = max_v z, s = sum_v exp(z − m), online over V tiles
-    (s ← s · exp(m_old − m_new) + sum exp(z − m_new)), and z[label], with z from _logits_tile."""
+    (s ← s · exp(m_old − m_new) + sum exp(z − m_new)), and z[label], with z from _logits_tile.
+
+    WITH_STATS also folds, per tile with α = exp(m_old − m_new): s1 ← α · (s1 + (m_old − m_new) · s)
+    + sum e · (z − m_new) (the shift of s1's reference point from m_old to m_new), s2 ← α² · s2 + sum e²
+    with e = exp(z − m_new), sum z, and the first argmax: the tile's first column holding its max,
+    taken only when that max is strictly above every earlier tile's (the earliest maximum wins).
+    Masked columns (≥ V) count in none of them. Without it the kernel is the plain one."""
     row0 = tl.program_id(0) * BLOCK_M
     split = tl.program_id(1)
     r = tl.arange(0, BLOCK_M)
@@ -176,16 +187,37 @@ def fused_linear_logps_fwd_kernel(
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     s = tl.zeros([BLOCK_M], dtype=tl.float32)
     z_label = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if WITH_STATS:
+        s1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        sum_z = tl.zeros([BLOCK_M], dtype=tl.float32)
+        arg = tl.zeros([BLOCK_M], dtype=tl.int32)
     v_begin = split * v_per_split
     v_end = tl.minimum(v_begin + v_per_split, V)
     for col0 in range(v_begin, v_end, BLOCK_V):
+        col_mask = c < V - col0
         z, _ = _logits_tile(
             h_base, weight_ptr + tl.cast(col0, tl.int64) * stride_wv, bias_ptr + col0, h_offs, w_offs,
-            row_mask, c < V - col0, H, logit_scale, softcap, temperature,
+            row_mask, col_mask, H, logit_scale, softcap, temperature,
             HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_H, UPCAST_DOT,
         )  # fmt: skip
-        m_new = tl.maximum(m, tl.max(z, axis=1))  # finite: every tile holds a column < V
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        if WITH_STATS:  # the tile's max and the first column holding it
+            tile_max, first = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        else:
+            tile_max = tl.max(z, axis=1)
+        m_new = tl.maximum(m, tile_max)  # finite: every tile holds a column < V
+        if WITH_STATS:
+            alpha = tl.exp(m - m_new)
+            e = tl.exp(z - m_new[:, None])  # 0 in masked columns (z = -inf)
+            z0 = tl.where(col_mask[None, :], z, 0.0)  # finite there, so e · (z0 − m_new) = 0, not 0 · -inf
+            moved = tl.maximum(m - m_new, -3.0e38) * s  # (m_old − m_new) · s; 0, not -inf · 0, at first
+            s1 = (s1 + moved) * alpha + tl.sum(e * (z0 - m_new[:, None]), axis=1)
+            s2 = s2 * (alpha * alpha) + tl.sum(e * e, axis=1)
+            s = s * alpha + tl.sum(e, axis=1)
+            sum_z += tl.sum(z0, axis=1)
+            arg = tl.where(tile_max > m, col0 + first, arg)
+        else:
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         m = m_new
         is_label = c[None, :] == _label_column(labels, col0, BLOCK_V)[:, None]
         z_label += tl.sum(tl.where(is_label, z, 0.0), axis=1)
@@ -193,6 +225,11 @@ def fused_linear_logps_fwd_kernel(
     tl.store(m_part_ptr + out, m, mask=row_mask)
     tl.store(s_part_ptr + out, s, mask=row_mask)
     tl.store(zl_part_ptr + out, z_label, mask=row_mask)
+    if WITH_STATS:
+        tl.store(s1_part_ptr + out, s1, mask=row_mask)
+        tl.store(s2_part_ptr + out, s2, mask=row_mask)
+        tl.store(sz_part_ptr + out, sum_z, mask=row_mask)
+        tl.store(am_part_ptr + out, arg, mask=row_mask)
 
 
 @triton.jit
@@ -200,19 +237,29 @@ def fused_linear_logps_merge_kernel(
     m_part_ptr,  # (SPLITS, M) fp32, contiguous, from the forward kernel
     s_part_ptr,  # (SPLITS, M) fp32, contiguous
     zl_part_ptr,  # (SPLITS, M) fp32, contiguous
+    s1_part_ptr,  # (SPLITS, M) fp32, contiguous; WITH_STATS only
+    s2_part_ptr,  # (SPLITS, M) fp32, contiguous; WITH_STATS only
+    sz_part_ptr,  # (SPLITS, M) fp32, contiguous; WITH_STATS only
+    am_part_ptr,  # (SPLITS, M) int32, contiguous; WITH_STATS only
     labels_ptr,  # (M,) int64, stride stride_y
     logp_ptr,  # (M,) fp32, contiguous: z[label] - lse
     lse_ptr,  # (M,) fp32, contiguous: logsumexp_v z, saved for the backward
+    stats_ptr,  # (M, 4) fp32, contiguous: sum z, entropy, top1, lse2 (reference.STATS); WITH_STATS only
     M,
     V,
     stride_y,
     splits,
     BLOCK: tl.constexpr,
+    WITH_STATS: tl.constexpr = False,
 ):
     """lse = m + log(sum_s s_s · exp(m_s − m)), m = max_s m_s; logp = sum_s zl_s − lse.
 
     The splits are merged in a fixed order, so the result does not depend on scheduling. A label
     outside [0, V) gives NaN instead of a wrong log-prob.
+
+    WITH_STATS, with α_s = exp(m_s − m): s1 = sum_s α_s · (s1_s + (m_s − m) · s_s), s2 = sum_s α_s² · s2_s,
+    sum z = sum_s sz_s, argmax = the split's argmax with the larger max (the smaller index on equal
+    maxima); entropy = log s − s1 / s, lse2 = 2m + log s2, top1 = (argmax == label).
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = rows < M
@@ -221,16 +268,39 @@ def fused_linear_logps_merge_kernel(
         m = tl.maximum(m, tl.load(m_part_ptr + tl.cast(split, tl.int64) * M + rows, mask=mask, other=0.0))
     s = tl.zeros([BLOCK], dtype=tl.float32)
     z_label = tl.zeros([BLOCK], dtype=tl.float32)
+    if WITH_STATS:
+        s1 = tl.zeros([BLOCK], dtype=tl.float32)
+        s2 = tl.zeros([BLOCK], dtype=tl.float32)
+        sum_z = tl.zeros([BLOCK], dtype=tl.float32)
+        best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
+        arg = tl.zeros([BLOCK], dtype=tl.int32)
     for split in range(0, splits):
         part = tl.cast(split, tl.int64) * M + rows
         m_split = tl.load(m_part_ptr + part, mask=mask, other=0.0)
-        s += tl.load(s_part_ptr + part, mask=mask, other=1.0) * tl.exp(m_split - m)
+        s_split = tl.load(s_part_ptr + part, mask=mask, other=1.0)
+        alpha = tl.exp(m_split - m)
+        s += s_split * alpha
         z_label += tl.load(zl_part_ptr + part, mask=mask, other=0.0)
+        if WITH_STATS:
+            s1_split = tl.load(s1_part_ptr + part, mask=mask, other=0.0)
+            s1 += (s1_split + (m_split - m) * s_split) * alpha
+            s2 += tl.load(s2_part_ptr + part, mask=mask, other=1.0) * (alpha * alpha)
+            sum_z += tl.load(sz_part_ptr + part, mask=mask, other=0.0)
+            arg_split = tl.load(am_part_ptr + part, mask=mask, other=0)
+            wins = (m_split > best) | ((m_split == best) & (arg_split < arg))
+            arg = tl.where(wins, arg_split, arg)
+            best = tl.where(wins, m_split, best)
     lse = m + tl.log(s)
     label = tl.load(labels_ptr + rows * stride_y, mask=mask, other=0)
     in_range = (label >= 0) & (label < V)
     tl.store(logp_ptr + rows, tl.where(in_range, z_label - lse, float("nan")), mask=mask)
     tl.store(lse_ptr + rows, lse, mask=mask)
+    if WITH_STATS:
+        stats = stats_ptr + rows * 4
+        tl.store(stats, sum_z, mask=mask)
+        tl.store(stats + 1, tl.log(s) - s1 / s, mask=mask)
+        tl.store(stats + 2, tl.where(arg == label, 1.0, 0.0), mask=mask)
+        tl.store(stats + 3, 2.0 * m + tl.log(s2), mask=mask)
 
 
 @triton.jit
@@ -418,16 +488,25 @@ LAUNCH_CONFIGS = {  # (dtype, aligned) -> config
     (torch.float16, True): LinearConfig(64, 128, 64, 8, 3),
     (torch.float16, False): LinearConfig(64, 128, 32, 8, 2),
 }
+# The forward WITH_STATS carries four more row vectors through its vocabulary loop; fp32 with element-wise
+# (unaligned) loads then spills at 64-row blocks (sm_80), so it takes 32-row ones.
+STATS_LAUNCH_CONFIGS = {
+    (torch.float32, False): LinearConfig(32, 64, 16, 8, 1),
+}
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MERGE_BLOCK = 1024
 MAX_BWD_SPLITS = 16  # the d_hidden scratch is SPLITS x M x H floats
 
 
-def launch_config(dtype: torch.dtype, aligned: bool = True) -> LinearConfig:
+def launch_config(dtype: torch.dtype, aligned: bool = True, with_stats: bool = False) -> LinearConfig:
     """Block sizes, warps and pipeline stages the launchers use for hidden/weight of ``dtype``;
     ``aligned``: H, both row strides and both data pointers are multiples of 16 (elements / bytes),
-    as the JIT specializes them, so that tiles load as 16-byte vectors."""
-    return LAUNCH_CONFIGS[(dtype, bool(aligned))]
+    as the JIT specializes them, so that tiles load as 16-byte vectors; ``with_stats``: the forward
+    computing the per-token statistics."""
+    key = (dtype, bool(aligned))
+    if with_stats and key in STATS_LAUNCH_CONFIGS:
+        return STATS_LAUNCH_CONFIGS[key]
+    return LAUNCH_CONFIGS[key]
 
 
 def _aligned(hidden, weight) -> bool:
@@ -490,44 +569,50 @@ def _transform_args(bias, weight, logit_scale, softcap, temperature):
 
 
 def fused_linear_logps_fwd(hidden, weight, bias, labels, logit_scale=1.0, softcap=None, temperature=1.0, *,
-                           splits=None, config=None):  # fmt: skip
-    """(logp, lse), both (M,) fp32: log_softmax(z)[label] and logsumexp(z) of the LM-head logits z.
+                           splits=None, config=None, with_stats=False):  # fmt: skip
+    """(logp, lse, stats): logp and lse (M,) fp32, log_softmax(z)[label] and logsumexp(z) of the LM-head
+    logits z; stats (M, 4) fp32 with ``with_stats`` (columns ``reference.STATS``: sum_v z, the entropy,
+    1.0 where the label is the first argmax of z, logsumexp(2z)), computed in the same pass, else None.
 
     hidden: (M, H) fp32 | bf16 | fp16 with any row stride but a unit stride along H (required); weight:
     (V, H) same dtype, unit stride along H; bias: (V,) or None; labels: (M,) int64 in [0, V) (a label
     outside gives NaN). z = (hidden · weightᵀ + bias) · logit_scale, softcapped if ``softcap``, divided by
     ``temperature`` (``reference.lm_head_logits``). ``splits`` divides V across that many programs per row
     block (default: enough to fill the GPU; 1 under the interpreter), merged deterministically by a second
-    kernel. ``config`` overrides ``launch_config(hidden.dtype, aligned)``.
+    kernel. ``config`` overrides ``launch_config(hidden.dtype, aligned, with_stats)``.
     """
     _check(hidden, weight, bias, labels)
     M, H = hidden.shape
     V = weight.shape[0]
     logp = torch.empty(M, dtype=torch.float32, device=hidden.device)
     lse = torch.empty(M, dtype=torch.float32, device=hidden.device)
+    stats = torch.empty((M, 4), dtype=torch.float32, device=hidden.device) if with_stats else None
     if M == 0:
-        return logp, lse
-    cfg = config or launch_config(hidden.dtype, _aligned(hidden, weight))
+        return logp, lse, stats
+    cfg = config or launch_config(hidden.dtype, _aligned(hidden, weight), with_stats)
     _check_offsets(hidden, weight, cfg)
     row_blocks = triton.cdiv(M, cfg.BLOCK_M)
     n_splits, per_split = _vocab_splits(V, cfg.BLOCK_V, row_blocks, hidden.device, splits, cap=V)
-    parts = torch.empty((3, n_splits, M), dtype=torch.float32, device=hidden.device)
+    # m, s, z[label] (and s1, s2, sum z with stats) per split; the stats' argmax in its own int32 slab
+    parts = torch.empty((6 if with_stats else 3, n_splits, M), dtype=torch.float32, device=hidden.device)
+    argmax = torch.empty((n_splits, M), dtype=torch.int32, device=hidden.device) if with_stats else None
+    stat_parts = (parts[3], parts[4], parts[5], argmax) if with_stats else (parts[0],) * 4  # dummies: unread
     bias_arg, scale, cap, temp = _transform_args(bias, weight, logit_scale, softcap, temperature)
     fused_linear_logps_fwd_kernel[(row_blocks, n_splits)](
-        hidden, weight, bias_arg, labels, parts[0], parts[1], parts[2],
+        hidden, weight, bias_arg, labels, parts[0], parts[1], parts[2], *stat_parts,
         M, V, H, hidden.stride(0), weight.stride(0), labels.stride(0), per_split,
         scale, cap, temp,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H,
-        UPCAST_DOT=_interpreting() and hidden.dtype == torch.bfloat16,
+        UPCAST_DOT=_interpreting() and hidden.dtype == torch.bfloat16, WITH_STATS=with_stats,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     fused_linear_logps_merge_kernel[(triton.cdiv(M, MERGE_BLOCK),)](
-        parts[0], parts[1], parts[2], labels, logp, lse,
+        parts[0], parts[1], parts[2], *stat_parts, labels, logp, lse, stats if with_stats else logp,
         M, V, labels.stride(0), n_splits,
-        BLOCK=MERGE_BLOCK, num_warps=4,
+        BLOCK=MERGE_BLOCK, WITH_STATS=with_stats, num_warps=4,
     )  # fmt: skip
-    return logp, lse
+    return logp, lse, stats
 
 
 def fused_linear_logps_bwd(grad, hidden, weight, bias, labels, lse, logit_scale=1.0, softcap=None, temperature=1.0,

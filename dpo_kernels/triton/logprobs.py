@@ -17,6 +17,7 @@ def token_logps_fwd_kernel(
     labels_ptr,  # (N, T) int32 | int64, strides (stride_yn, stride_yt)
     logp_ptr,  # (N, T_OUT) fp32, contiguous: log_softmax(logits[n, t])[labels[n, t + shift]]
     lse_ptr,  # (N, T_OUT) fp32, contiguous: logsumexp(logits[n, t]), saved for the backward
+    stats_ptr,  # (N, T_OUT, 4) fp32, contiguous, with WITH_STATS (columns of reference.STATS); else unused
     T_OUT,
     V,
     stride_ln,
@@ -27,11 +28,22 @@ def token_logps_fwd_kernel(
     ignore_index,
     shift,
     BLOCK_V: tl.constexpr,
+    WITH_STATS: tl.constexpr,
 ):
     """logp = x[label] - lse(x), lse(x) = m + log(sum_v exp(x_v - m)), online over V tiles.
 
     Rows whose label is ``ignore_index`` write zeros and never read their logits. A label outside
     [0, V) writes NaN instead of reading out of bounds (the Python side rejects it first).
+
+    With ``WITH_STATS`` the same tile loop also keeps, rescaled with the running max m like the sum
+    s = sum_v exp(x_v - m):
+      sum_x = sum_v x_v;
+      s1 = sum_v exp(x_v - m) * (x_v - m), so entropy = lse - sum_v p_v x_v = log(s) - s1 / s: both
+        terms are >= 0, nothing cancels (unlike lse - sum_v p_v x_v when the logits are large);
+      s2 = sum_v exp(2 (x_v - m)), so lse2 = log sum_v exp(2 x_v) = 2 m + log(s2);
+      top-1 without an argmax: the label is the first index of the maximum iff x_label equals the
+        running max m and the first v with x_v == x_label is the label (exact on the stored values).
+    Logits at -inf (banned tokens) add -inf to sum_x and nothing to s1 or s2.
     """
     row = tl.program_id(0)
     n = (row // T_OUT).to(tl.int64)
@@ -40,12 +52,26 @@ def token_logps_fwd_kernel(
     if label == ignore_index:
         tl.store(logp_ptr + row, 0.0)
         tl.store(lse_ptr + row, 0.0)
+        if WITH_STATS:
+            stats_row = stats_ptr + row.to(tl.int64) * 4
+            tl.store(stats_row + 0, 0.0)
+            tl.store(stats_row + 1, 0.0)
+            tl.store(stats_row + 2, 0.0)
+            tl.store(stats_row + 3, 0.0)
     else:
         row_ptr = logits_ptr + n * stride_ln + t * stride_lt
         cols = tl.arange(0, BLOCK_V)
         m = float("-inf")  # running max
         s = 0.0  # running sum of exp(x - m)
         x_label = 0.0
+        if WITH_STATS:
+            # The label's logit, read once before the loop (the top-1 test needs it in every tile).
+            x_label = tl.load(row_ptr + label * stride_lv, mask=(label >= 0) & (label < V), other=0.0)
+            x_label = x_label.to(tl.float32)
+            sum_x = 0.0
+            s1 = 0.0  # running sum of exp(x - m) * (x - m)
+            s2 = 0.0  # running sum of exp(2 (x - m))
+            first_tie = V  # the first index v with x_v == x_label (V: none seen yet)
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             x = tl.load(row_ptr + offs.to(tl.int64) * stride_lv, mask=offs < V, other=float("-inf"))
@@ -53,13 +79,39 @@ def token_logps_fwd_kernel(
             m_new = tl.maximum(m, tl.max(x, axis=0))
             # Shift by 0 while every logit so far is -inf (banned tokens): exp(-inf - -inf) is NaN.
             pivot = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - pivot) + tl.sum(tl.exp(x - pivot), axis=0)
-            m = m_new
-            x_label += tl.sum(tl.where(offs == label, x, 0.0), axis=0)
+            if WITH_STATS:
+                alpha = tl.exp(m - pivot)
+                e = tl.exp(x - pivot)
+                # s1's terms were shifted by the old max: e (x - m) -> alpha e ((x - m) + (m - pivot)).
+                # While m is -inf, s and s1 are 0 and the correction must be 0, not -inf * 0 = NaN.
+                s1 = alpha * (s1 + tl.where(m == float("-inf"), 0.0, m - pivot) * s)
+                # x = -inf (banned, or a masked lane) has e = 0 and must add 0, not 0 * -inf = NaN:
+                # clamping x - pivot at -FLT_MAX changes no finite value (a max, not a per-lane select).
+                s1 += tl.sum(e * tl.maximum(x - pivot, -3.4028234663852886e38), axis=0)
+                s2 = s2 * (alpha * alpha) + tl.sum(e * e, axis=0)
+                s = s * alpha + tl.sum(e, axis=0)
+                sum_x += tl.sum(tl.where(offs < V, x, 0.0), axis=0)
+                # Masked lanes are -inf at offs >= V > label: even when x_label is -inf they cannot
+                # move the first tie below the label.
+                first_tie = tl.minimum(first_tie, tl.min(tl.where(x == x_label, offs, V), axis=0))
+                m = m_new
+            else:
+                s = s * tl.exp(m - pivot) + tl.sum(tl.exp(x - pivot), axis=0)
+                m = m_new
+                x_label += tl.sum(tl.where(offs == label, x, 0.0), axis=0)
         lse = m + tl.log(s)
         in_range = (label >= 0) & (label < V)
         tl.store(logp_ptr + row, tl.where(in_range, x_label - lse, float("nan")))
         tl.store(lse_ptr + row, lse)
+        if WITH_STATS:
+            stats_row = stats_ptr + row.to(tl.int64) * 4
+            tl.store(stats_row + 0, sum_x)
+            tl.store(stats_row + 1, tl.log(s) - s1 / s)
+            # The label is the first index of the maximum iff its logit is the (exact) running max
+            # and no earlier logit equals it.
+            top1 = in_range & (m == x_label) & (first_tie == label)
+            tl.store(stats_row + 2, tl.where(top1, 1.0, 0.0))
+            tl.store(stats_row + 3, 2.0 * m + tl.log(s2))
 
 
 @triton.jit
@@ -129,22 +181,26 @@ def launch_config(V: int) -> tuple[int, int]:
     return LAUNCH_CONFIGS[0] if V <= LAUNCH_CONFIGS[0][0] else LAUNCH_CONFIGS[1]
 
 
-def token_logps_fwd(logits, labels, ignore_index: int, shift: bool):
+def token_logps_fwd(logits, labels, ignore_index: int, shift: bool, with_stats: bool = False):
+    """(logp, lse, stats): logp and lse (N, T - shift) fp32; stats (N, T - shift, 4) fp32 with
+    ``with_stats`` (columns of reference.STATS, from the same pass over the logits), else (N, T - shift, 0)."""
     N, T, V = logits.shape
     t_out = max(T - int(shift), 0)
     logp = torch.empty((N, t_out), dtype=torch.float32, device=logits.device)
     lse = torch.empty((N, t_out), dtype=torch.float32, device=logits.device)
+    stats = torch.empty((N, t_out, 4 if with_stats else 0), dtype=torch.float32, device=logits.device)
     if N * t_out == 0:
-        return logp, lse
+        return logp, lse, stats
     block, warps = launch_config(V)
     token_logps_fwd_kernel[(N * t_out,)](
         logits, labels, logp, lse,
+        stats if with_stats else lse,  # never touched without stats: any valid pointer will do
         t_out, V,
         *logits.stride(), *labels.stride(),
         ignore_index, int(shift),
-        BLOCK_V=block, num_warps=warps,
+        BLOCK_V=block, WITH_STATS=bool(with_stats), num_warps=warps,
     )  # fmt: skip
-    return logp, lse
+    return logp, lse, stats
 
 
 def token_logps_bwd(grad_tok, logits, labels, lse, ignore_index: int, shift: bool, out=None):

@@ -1,0 +1,310 @@
+"""Per-sequence log-probs of a Hugging Face causal LM without forming its (N, T, V) logits.
+
+The model's backbone runs as usual; its last hidden states and the LM head's weight (tied to the input
+embeddings or not) go to the fused LM-head op ``dpo_kernels::fused_linear_token_logps``, which scores
+only the tokens whose label is not ``ignore_index``. Logit transforms declared in the model's config
+(Gemma's ``final_logit_softcapping``, Cohere's ``logit_scale`` and its relatives) are applied inside
+the op, as the model's own forward would apply them to its logits.
+
+Public API:
+
+- :func:`sequence_logps_from_model`: (N,) per-sequence log-probs (sum, or mean with ``average``);
+- :func:`token_logps_from_model`: the per-token outputs behind it (log-probs, log-sum-exp and, with
+  ``with_stats``, the per-token statistics of :data:`dpo_kernels.reference.STATS`);
+- :func:`lm_head_of`: the (weight, bias, logit_scale, softcap) a model's logits are made of;
+- :func:`backbone_hidden_states`: the last hidden states, through PEFT and distributed wrappers;
+- :func:`token_logps_from_hidden`: the op on given hidden states and head.
+
+Needs ``transformers`` only for the models it is given; importing this module imports no Hugging Face
+package.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import types
+from typing import NamedTuple, Optional
+
+import torch
+
+from .. import ops
+from .. import fused_linear as _fused_linear  # noqa: F401  (registers torch.ops.dpo_kernels.fused_linear_*)
+
+# The keyword our forward patch answers to; any other call goes to the model's own forward.
+HIDDEN_FLAG = "dpo_kernels_hidden_states"
+_PATCHED = "_dpo_kernels_hidden_forward"
+
+
+class LMHead(NamedTuple):
+    """What a causal LM's logits are made of: ``z = (h·weightᵀ + bias)·logit_scale``, then
+    ``softcap·tanh(z / softcap)`` when ``softcap`` is set."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    logit_scale: float
+    softcap: Optional[float]
+
+
+class TokenLogps(NamedTuple):
+    """Per-token outputs over the shifted positions, (N, T - 1) each: ``logps`` log p(label) (fp32,
+    zero where unscored, differentiable), ``lse`` the log-sum-exp of the logits, ``stats`` (N, T - 1, 4)
+    with columns :data:`dpo_kernels.reference.STATS` when asked for, else (N, T - 1, 0), and ``mask``
+    (bool) the scored tokens."""
+
+    logps: torch.Tensor
+    lse: torch.Tensor
+    stats: torch.Tensor
+    mask: torch.Tensor
+
+
+class HiddenStatesOutput(dict):
+    """What the patched forward returns when called with ``dpo_kernels_hidden_states=True``: the
+    backbone's ``last_hidden_state`` and, when router logits were requested, the MoE ``aux_loss``
+    (a plain dict subclass with attribute access, so that distributed wrappers can walk it)."""
+
+    __getattr__ = dict.get
+
+
+# ------------------------------------------------------------------------------------- the LM head
+
+
+def _text_config(config):
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def logit_transform(config) -> tuple[float, Optional[float]]:
+    """(logit_scale, softcap) from a model config, as the model's forward applies them to its logits.
+
+    ``final_logit_softcapping`` (Gemma 2/3) caps; the scale is the first of ``logit_scale`` (Cohere),
+    ``output_multiplier``, ``lm_head_multiplier`` (Falcon-H1) that is set, else ``logits_scaling``,
+    which Granite and MiniCPM3 divide the logits by and HyperCLOVA X multiplies them by; 1.0 when none.
+    """
+    text = _text_config(config)
+    softcap = getattr(text, "final_logit_softcapping", None)
+    scale = None
+    for name in ("logit_scale", "output_multiplier", "lm_head_multiplier"):
+        scale = getattr(text, name, None)
+        if scale is not None:
+            break
+    if scale is None:
+        divisor = getattr(text, "logits_scaling", None)
+        if divisor is not None:
+            scale = divisor if getattr(text, "model_type", None) == "hyperclovax" else 1.0 / divisor
+    scale = 1.0 if scale is None else float(scale)
+    return scale, None if softcap is None else float(softcap)
+
+
+def _transformers_model(model):
+    """The transformers ``PreTrainedModel`` under DDP / DeepSpeed / torch.compile / PEFT wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        if hasattr(model, "get_base_model") and hasattr(model, "peft_config"):  # peft.PeftModel
+            model = model.get_base_model()
+        elif hasattr(model, "_orig_mod"):  # torch.compile
+            model = model._orig_mod
+        elif hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP, DeepSpeed engine
+            model = model.module
+    return model
+
+
+def lm_head_of(model) -> LMHead:
+    """The LM head of a causal LM (PEFT-wrapped or not): its weight (the input embeddings' when tied),
+    bias, and the logit transform of its config. Raises when the output embeddings are not a plain
+    linear layer or when a PEFT adapter sits on them (the op reads ``weight`` directly, so the adapter
+    would be ignored)."""
+    base = _transformers_model(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if head is None:
+        raise ValueError(f"{type(base).__name__} has no output embeddings (get_output_embeddings() is None)")
+    if hasattr(head, "base_layer"):  # a PEFT tuner layer
+        raise ValueError(
+            "a PEFT adapter on the LM head is not supported: the fused op reads lm_head.weight directly, so the "
+            "adapter would be ignored; remove 'lm_head' from target_modules"
+        )
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"the LM head {type(head).__name__} has no 2-D weight; a linear LM head is required")
+    bias = getattr(head, "bias", None)
+    try:  # FSDP2 shards parameters as DTensors; the op needs the whole head (gathered differentiably)
+        from torch.distributed.tensor import DTensor
+
+        if isinstance(weight, DTensor):
+            weight = weight.full_tensor()
+            bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
+    except ImportError:  # pragma: no cover
+        pass
+    scale, softcap = logit_transform(base.config)
+    return LMHead(weight, bias, scale, softcap)
+
+
+# --------------------------------------------------------------------------------------- the backbone
+
+
+def install_hidden_forward(model) -> None:
+    """Let ``model(..., dpo_kernels_hidden_states=True)`` return the backbone's last hidden states.
+
+    The transformers model under any wrappers gets a forward that, given the flag, runs only its
+    backbone (``model.base_model``: the decoder stack and final norm, no LM head) and returns a
+    :class:`HiddenStatesOutput`; without the flag it is the forward it had before (TRL's own patch
+    included). Calling through the outermost wrapper keeps what wrappers do: PEFT's LoRA layers and
+    prompt-learning virtual tokens, DDP's gradient hooks. Idempotent.
+    """
+    base = _transformers_model(model)
+    if getattr(base, _PATCHED, False):
+        return
+    previous_forward = base.forward
+    text = _text_config(base.config)
+
+    @functools.wraps(type(base).forward)  # keep the signature: generate() validates kwargs against it
+    def forward(self, *args, **kwargs):
+        if not kwargs.pop(HIDDEN_FLAG, False):
+            return previous_forward(*args, **kwargs)
+        # Keywords meant for the LM head or the loss; PEFT passes some of them explicitly as None.
+        for name in ("labels", "shift_labels", "num_items_in_batch", "fused_lm_head", "logits_to_keep"):
+            kwargs.pop(name, None)
+        for name in ("output_attentions", "output_hidden_states", "return_dict"):
+            if kwargs.get(name, 0) is None:
+                kwargs.pop(name)
+        kwargs["use_cache"] = False
+        if getattr(text, "output_router_logits", False):
+            kwargs.setdefault("output_router_logits", True)
+        out = self.base_model(*args, **kwargs)
+        aux_loss = None
+        if kwargs.get("output_router_logits"):
+            aux_loss = _load_balancing_loss(text, out.router_logits, kwargs.get("attention_mask"))
+        return HiddenStatesOutput(last_hidden_state=out.last_hidden_state, aux_loss=aux_loss)
+
+    base.forward = types.MethodType(forward, base)
+    setattr(base, _PATCHED, True)
+
+
+def _load_balancing_loss(text_config, router_logits, attention_mask):
+    """The MoE load-balancing loss the model's own forward adds (Switch-Transformer style, as every MoE
+    family in transformers computes it), from the backbone's router logits."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    num_experts = getattr(text_config, "num_experts", None) or getattr(text_config, "num_local_experts")
+    return load_balancing_loss_func(router_logits, num_experts, text_config.num_experts_per_tok, attention_mask)
+
+
+def backbone_hidden_states(model, input_ids, attention_mask=None, **model_kwargs) -> torch.Tensor:
+    """(N, T, H) last hidden states of ``model`` for ``input_ids`` (N, T), without the LM head.
+
+    Goes through ``model`` itself (PEFT, DDP, DeepSpeed wrappers included) with the forward of
+    :func:`install_hidden_forward`; prompt-learning PEFT's virtual tokens are cut off the front.
+    """
+    install_hidden_forward(model)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs, **{HIDDEN_FLAG: True})
+    return out.last_hidden_state[:, -input_ids.shape[1] :]
+
+
+# ------------------------------------------------------------------------------------------- the op
+
+
+def token_logps_from_hidden(
+    hidden: torch.Tensor,
+    head: LMHead,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    with_stats: bool = False,
+    memory_budget: Optional[int] = None,
+    backend: str = "auto",
+) -> TokenLogps:
+    """The fused op on (N, T, H) hidden states: position t scores ``labels[:, t + 1]``.
+
+    Under autocast the head runs in the autocast dtype, as ``nn.Linear`` would; otherwise the weight
+    and bias are cast to the hidden states' dtype when they differ (differentiably).
+    """
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+    dtype = hidden.dtype
+    if torch.is_autocast_enabled(hidden.device.type):
+        dtype = torch.get_autocast_dtype(hidden.device.type)
+    weight, bias = head.weight, head.bias
+    hidden = hidden.to(dtype)
+    weight = weight.to(device=hidden.device, dtype=dtype)
+    bias = None if bias is None else bias.to(device=hidden.device, dtype=dtype)
+    labels = labels.to(hidden.device)
+    chunk_elements = 0 if memory_budget is None else int(memory_budget) // 4
+    backend = ops.resolve_backend(backend, hidden.device, hidden.dtype)
+    args = (
+        hidden, weight, bias, labels, int(ignore_index), True, float(head.logit_scale),
+        None if head.softcap is None else float(head.softcap), float(temperature), chunk_elements, backend,
+    )  # fmt: skip
+    with torch.autocast(hidden.device.type, enabled=False):
+        logps, lse, stats = torch.ops.dpo_kernels.fused_linear_token_logps(*args, bool(with_stats))
+    mask = labels[:, 1:] != ignore_index
+    return TokenLogps(logps, lse, stats, mask)
+
+
+# ------------------------------------------------------------------------------------ from a model
+
+
+def token_logps_from_model(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    with_stats: bool = False,
+    memory_budget: Optional[int] = None,
+    backend: str = "auto",
+    **model_kwargs,
+) -> TokenLogps:
+    """Per-token outputs of :class:`TokenLogps` for a causal LM: backbone, then the fused head.
+
+    labels: (N, T), ``ignore_index`` on prompt and padding; position t of the outputs scores
+    ``labels[:, t + 1]`` (the usual causal shift). Extra keywords go to the backbone.
+    """
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be an (N, T) tensor of token ids")
+    if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
+        shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
+    hidden = backbone_hidden_states(model, input_ids, attention_mask, **model_kwargs)
+    return token_logps_from_hidden(
+        hidden, lm_head_of(model), labels, ignore_index=ignore_index, temperature=temperature,
+        with_stats=with_stats, memory_budget=memory_budget, backend=backend,
+    )  # fmt: skip
+
+
+def sequence_logps_from_model(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    average: bool = False,
+    ignore_index: int = -100,
+    with_stats: bool = False,
+    backend: str = "auto",
+    temperature: float = 1.0,
+    memory_budget: Optional[int] = None,
+    **model_kwargs,
+):
+    """(N,) fp32 per-sequence log-probs of ``labels`` under a causal LM, never forming its logits.
+
+    The same numbers as summing ``log_softmax(model(input_ids).logits)[:, :-1]`` gathered at
+    ``labels[:, 1:]`` over the tokens not labelled ``ignore_index`` (their mean with ``average``; 0 for a
+    sequence with none), differentiable w.r.t. the model's parameters. Works for any
+    ``AutoModelForCausalLM`` with a linear LM head (tied or not), PEFT-wrapped or not, honouring the
+    config's ``final_logit_softcapping`` and logit scale.
+
+    With ``with_stats=True`` returns ``(logps, tokens)``, ``tokens`` being the :class:`TokenLogps` of
+    :func:`token_logps_from_model` with its per-token statistics.
+    """
+    tokens = token_logps_from_model(
+        model, input_ids, attention_mask, labels, ignore_index=ignore_index, temperature=temperature,
+        with_stats=with_stats, memory_budget=memory_budget, backend=backend, **model_kwargs,
+    )  # fmt: skip
+    total = tokens.logps.sum(-1)
+    if average:
+        total = total / tokens.mask.sum(-1).clamp(min=1)
+    return (total, tokens) if with_stats else total

@@ -1,0 +1,312 @@
+"""TRL's ``DPOTrainer`` with its loss computed by dpo_kernels: one line to adopt.
+
+```python
+from dpo_kernels.integrations.trl import FusedDPOTrainer, apply_fused_dpo
+
+trainer = FusedDPOTrainer(model, ref_model=ref, args=DPOConfig(...), train_dataset=ds, processing_class=tok)
+# or, on a trainer already built:
+trainer = apply_fused_dpo(DPOTrainer(...))
+```
+
+Everything but the loss computation is TRL's: datasets, collation, PEFT set-up, precomputed reference
+log-probs, optimizer, logging, evaluation. The loss step runs the model's backbone (through PEFT, DDP
+and the like, as TRL's own fused head does), hands the last hidden states and the LM head's weight to
+the fused op ``dpo_kernels::fused_linear_token_logps`` (per-token log-probs plus the statistics behind
+TRL's metrics, no (B, T, V) logits), scores the reference the same way (a reference model, the PEFT
+base with its adapter disabled or TRL's "ref" adapter, or precomputed ``ref_chosen_logps`` /
+``ref_rejected_logps``), and applies :func:`dpo_kernels.preference.dpo_from_tokens` with the
+``DPOConfig`` options. The metrics go into ``self._metrics[mode]`` under the names and with the values
+the stock trainer logs.
+
+Supported TRL: ``>=1.16.0,<1.17.0`` (:data:`SUPPORTED_TRL`), checked at construction; set
+``DPO_KERNELS_ANY_TRL=1`` to try another version at your own risk. Refused at construction, naming the
+option: ``use_liger_kernel``, FSDP, DeepSpeed ZeRO-3, vision-language models / image datasets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import warnings
+from importlib import metadata
+
+import torch
+
+from .. import preference
+from ..reference import STATS
+from . import hf
+
+SUPPORTED_TRL = (">=1.16.0", "<1.17.0")
+_MIN_TRL, _MAX_TRL = "1.16.0", "1.17.0"
+ANY_TRL_ENV = "DPO_KERNELS_ANY_TRL"
+
+try:
+    from packaging.version import Version
+    from trl import DPOTrainer
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "dpo_kernels.integrations.trl needs TRL (and transformers): pip install 'dpo-kernels[trl]'"
+    ) from e
+
+_NON_MODEL_KEYS = ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")
+# The metrics the stock trainer logs each step (besides aux_loss and num_tokens), in its order.
+_TOKEN_METRICS = ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy")
+_PAIR_METRICS = (
+    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+)  # fmt: skip
+
+
+def check_trl_version(installed: str | None = None) -> str:
+    """Raise a clear error unless the installed TRL is in :data:`SUPPORTED_TRL`; returns the version."""
+    installed = installed or metadata.version("trl")
+    if os.environ.get(ANY_TRL_ENV, "") not in ("", "0"):
+        return installed
+    if not Version(_MIN_TRL) <= Version(installed) < Version(_MAX_TRL):
+        raise RuntimeError(
+            f"dpo_kernels.integrations.trl supports trl{','.join(SUPPORTED_TRL)}, but trl {installed} is installed: "
+            f"it overrides DPOTrainer internals that change between releases. Install a supported version "
+            f"(pip install 'trl{','.join(SUPPORTED_TRL)}'), or set {ANY_TRL_ENV}=1 to try anyway."
+        )
+    return installed
+
+
+def _unsupported(args) -> list[str]:
+    """The DPOConfig / Trainer options the fused loss step does not support, each with its reason."""
+    found = []
+    if getattr(args, "use_liger_kernel", False):
+        found.append("use_liger_kernel=True (Liger patches the model; the LM head is already fused here)")
+    if getattr(args, "fsdp", None):
+        found.append("FSDP (fsdp=...): the LM head would be read sharded")
+    plugin = getattr(args, "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
+        found.append("DeepSpeed ZeRO-3: the LM head would be read partitioned")
+    return found
+
+
+def _raise_unsupported(found: list[str]) -> None:
+    if found:
+        raise NotImplementedError("FusedDPOTrainer does not support: " + "; ".join(found))
+
+
+class _FusedLoss:
+    """The loss step of :class:`FusedDPOTrainer`, mixed in front of a ``DPOTrainer`` class."""
+
+    _dpo_kernels_backend = "auto"
+    _dpo_kernels_memory_budget = None
+
+    def _dpo_kernels_configure(self, backend: str, memory_budget) -> None:
+        if memory_budget is not None and not (isinstance(memory_budget, int) and memory_budget >= 4):
+            raise ValueError(f"memory_budget must be None or a number of bytes >= 4, got {memory_budget!r}")
+        self._dpo_kernels_backend = backend
+        self._dpo_kernels_memory_budget = memory_budget
+        found = _unsupported(self.args)
+        if getattr(self, "is_fsdp_enabled", False) and not any(f.startswith("FSDP") for f in found):
+            found.append("FSDP: the LM head would be read sharded")
+        if getattr(self, "_is_vlm", False) or getattr(self, "_is_vision_dataset", False):
+            found.append("vision-language models and image datasets (untested with the backbone call)")
+        _raise_unsupported(found)
+        self._dpo_kernels_check_loss_options()
+        hf.install_hidden_forward(self.model)
+        if getattr(self, "ref_model", None) is not None:
+            hf.install_hidden_forward(self.ref_model)
+
+    def _dpo_kernels_loss_options(self) -> dict:
+        """The DPOConfig options, as :func:`dpo_kernels.preference.dpo_from_tokens` takes them."""
+        return dict(
+            beta=self.beta, loss_type=list(self.loss_types), loss_weights=list(self.loss_weights), average=False,
+            ld_alpha=self.ld_alpha, use_weighting=self.use_weighting, label_smoothing=self.label_smoothing,
+            f_divergence_type=self.f_divergence_type, f_alpha_divergence_coef=self.f_alpha_divergence_coef,
+            discopop_tau=self.args.discopop_tau,
+        )  # fmt: skip
+
+    def _dpo_kernels_check_loss_options(self) -> None:
+        """Refuse at construction what the loss step would refuse (or compute differently) later."""
+        if self.label_smoothing and "sigmoid" in self.loss_types:
+            raise ValueError(
+                f"label_smoothing={self.label_smoothing} with loss_type 'sigmoid': TRL 1.16's DPOTrainer ignores it, "
+                "while dpo_kernels applies it (conservative DPO), so the fused trainer would not match the stock one. "
+                "Use loss_type='robust' (or 'aot'), or label_smoothing=0."
+            )
+        # One tiny evaluation of the loss family: every option check it makes, up front.
+        tokens = torch.full((2, 2), -1.0)
+        mask = torch.ones(2, 2, dtype=torch.bool)
+        stats = torch.zeros(2, 2, len(STATS))
+        try:
+            preference.dpo_from_tokens(
+                tokens, mask, torch.full((2,), -2.0), stats=stats, lse=torch.zeros(2, 2), vocab_size=2,
+                **self._dpo_kernels_loss_options(),
+            )  # fmt: skip
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"FusedDPOTrainer cannot compute this DPOConfig's loss: {e}") from e
+
+    # ---------------------------------------------------------------------------------- per-token pass
+
+    def _dpo_kernels_tokens(self, model, model_kwargs, labels, *, with_stats: bool):
+        """(TokenLogps, aux_loss) of ``model`` on the batch: backbone through every wrapper, fused head."""
+        hf.install_hidden_forward(model)  # idempotent; the precompute may run before configure
+        out = model(**model_kwargs, **{hf.HIDDEN_FLAG: True})
+        hidden = out.last_hidden_state[:, -labels.shape[1] :]  # prompt learning prepends virtual tokens
+        tokens = hf.token_logps_from_hidden(
+            hidden, hf.lm_head_of(model), labels, with_stats=with_stats, backend=self._dpo_kernels_backend,
+            memory_budget=self._dpo_kernels_memory_budget,
+        )  # fmt: skip
+        return tokens, out.aux_loss
+
+    def _dpo_kernels_ref_context(self):
+        """The PEFT base (adapter disabled) or TRL's "ref" adapter, when there is no reference model."""
+        from trl.trainer.utils import use_adapter
+
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+
+    def _dpo_kernels_reference(self, model_kwargs, labels) -> torch.Tensor:
+        """(2B,) reference log-probs, reduced like the policy's (sum, or LD-DPO's weighting)."""
+        from accelerate.utils import is_peft_model
+        from trl.models.utils import disable_gradient_checkpointing
+
+        model_kwargs = {k: v for k, v in model_kwargs.items() if k != "output_router_logits"}
+        use_base = is_peft_model(self.model) and self.ref_model is None
+        context = self._dpo_kernels_ref_context() if use_base else contextlib.nullcontext()
+        model = self.model if use_base else self.ref_model
+        with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            with context:
+                tokens, _ = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=False)
+        return preference.reduce_sequences(tokens.logps, tokens.mask, average=False, ld_alpha=self.ld_alpha)
+
+    def compute_ref_log_probs(self, model, inputs):
+        """Reference log-probs of one padded batch (TRL's precompute calls this), by the fused head."""
+        from accelerate.utils import is_peft_model
+        from trl.models.utils import disable_gradient_checkpointing
+
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        context = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):
+            context = self._dpo_kernels_ref_context()
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+            context,
+            self.accelerator.autocast(),
+        ):
+            tokens, _ = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=False)
+        ref = preference.reduce_sequences(tokens.logps, tokens.mask, average=False, ld_alpha=self.ld_alpha)
+        return ref.chunk(2, dim=0)
+
+    # -------------------------------------------------------------------------------------- the loss
+
+    def _compute_loss(self, model, inputs, return_outputs):
+        mode = "train" if self.model.training else "eval"
+        model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
+        model_kwargs["use_cache"] = False
+        if self.aux_loss_enabled:  # MoE: the backbone returns router logits, the patch the aux loss
+            model_kwargs["output_router_logits"] = True
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+
+        tokens, aux_loss = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=True)
+        if self.precompute_ref_logps:
+            ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(tokens.logps.device)
+        else:
+            ref = self._dpo_kernels_reference(model_kwargs, labels)
+
+        loss, metrics = preference.dpo_from_tokens(
+            tokens.logps, tokens.mask, ref, stats=tokens.stats, lse=tokens.lse,
+            vocab_size=hf.lm_head_of(model).weight.shape[0], **self._dpo_kernels_loss_options(),
+        )  # fmt: skip
+
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss).mean().item())
+        self._dpo_kernels_log(mode, metrics, tokens.mask, inputs)
+
+        if return_outputs:
+            warnings.warn(
+                "`return_outputs=True` is deprecated in TRL; the fused LM head forms no logits, so they are "
+                "recomputed with an extra forward pass.",
+                FutureWarning,
+                stacklevel=2,
+            )
+            with torch.no_grad():
+                outputs = model(**model_kwargs)
+            return loss, outputs
+        return loss
+
+    def _dpo_kernels_log(self, mode, metrics, mask, inputs) -> None:
+        """``metrics`` (local means) into ``self._metrics[mode]`` as the stock trainer logs them: over all
+        processes, token metrics weighted by their token counts and pair metrics by the pair counts."""
+        acc = self.accelerator
+        chosen_mask, _ = mask.chunk(2, dim=0)
+        n_tokens, n_chosen = mask.sum().float(), chosen_mask.sum().float()
+        n_pairs = torch.tensor(float(chosen_mask.shape[0]), device=mask.device)
+        weights = {
+            "entropy": n_tokens, "logits/chosen": n_chosen, "logits/rejected": mask.chunk(2, dim=0)[1].sum().float(),
+            "mean_token_accuracy": n_chosen,
+        }  # fmt: skip
+
+        def global_mean(value, weight):
+            if acc.num_processes == 1:
+                return value.item()
+            total = acc.gather_for_metrics((value * weight).reshape(1)).sum()
+            count = acc.gather_for_metrics(weight.reshape(1)).sum()
+            return (total / count).item() if count > 0 else 0.0
+
+        logged = self._metrics[mode]
+        logged["entropy"].append(global_mean(metrics["entropy"], weights["entropy"]))
+        if mode == "train":
+            batch_tokens = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += batch_tokens // self._tp_size
+        logged["num_tokens"] = [self._total_train_tokens]
+        for name in _TOKEN_METRICS[1:]:
+            logged[name].append(global_mean(metrics[name], weights[name]))
+        for name in _PAIR_METRICS:
+            logged[name].append(global_mean(metrics[name], n_pairs))
+
+
+class FusedDPOTrainer(_FusedLoss, DPOTrainer):
+    """``trl.DPOTrainer`` whose loss runs on dpo_kernels' fused LM head: the same arguments, loss,
+    metrics and gradients, without the (B, T, V) logits.
+
+    Extra keyword arguments: ``backend`` (``"auto"``, ``"native"``, ``"triton"``, ``"torch"``: the
+    fused op's backend) and ``memory_budget`` (bytes of fp32 logits the portable path forms at a time).
+    Raises at construction outside :data:`SUPPORTED_TRL` and for the options listed in the module's
+    documentation.
+    """
+
+    def __init__(self, *args, backend: str = "auto", memory_budget: int | None = None, **kwargs):
+        check_trl_version()
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        _raise_unsupported(_unsupported(config))
+        # The precompute of reference log-probs runs inside DPOTrainer.__init__ and calls our
+        # compute_ref_log_probs, which reads these.
+        self._dpo_kernels_backend = backend
+        self._dpo_kernels_memory_budget = memory_budget
+        super().__init__(*args, **kwargs)
+        self._dpo_kernels_configure(backend, memory_budget)
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_class(cls: type) -> type:
+    if cls is DPOTrainer:
+        return FusedDPOTrainer
+    return type(f"Fused{cls.__name__}", (_FusedLoss, cls), {"__module__": cls.__module__, "__doc__": cls.__doc__})
+
+
+def apply_fused_dpo(trainer, *, backend: str = "auto", memory_budget: int | None = None):
+    """Turn a constructed ``DPOTrainer`` (or subclass) into its fused version, in place; returns it.
+
+    Reference log-probs that TRL already precomputed are kept (they are the same numbers). Raises like
+    :class:`FusedDPOTrainer` for an unsupported TRL version or option.
+    """
+    check_trl_version()
+    if not isinstance(trainer, DPOTrainer):
+        raise TypeError(f"apply_fused_dpo expects a trl.DPOTrainer, got {type(trainer).__name__}")
+    if not isinstance(trainer, _FusedLoss):
+        trainer.__class__ = _fused_class(type(trainer))
+    trainer._dpo_kernels_configure(backend, memory_budget)
+    return trainer
+
+
+__all__ = ["SUPPORTED_TRL", "FusedDPOTrainer", "apply_fused_dpo", "check_trl_version"]

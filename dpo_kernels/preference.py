@@ -1,0 +1,136 @@
+"""From per-token kernel outputs to a preference loss and TRL's logged metrics.
+
+Every DPO entry point — the naive reference, ``fused_dpo_loss`` on logits and ``fused_linear_dpo_loss``
+on hidden states — ends here, so their numbers cannot drift apart: the per-sequence reduction (sum,
+mean, or LD-DPO's weighting), the reference side, the loss family of :mod:`dpo_kernels.losses`, WPO
+weights, and the metrics under the names TRL's ``DPOTrainer`` logs.
+
+Layout: (2B, T') per-token tensors, chosen sequences first, rejected second; ``mask`` marks scored
+tokens. ``stats`` are the per-token statistics of ``reference.STATS`` from the same kernel pass.
+"""
+
+from typing import Optional
+
+import torch
+
+from . import losses
+
+# Loss types that need the number of scored tokens per sequence, or the chosen NLL.
+_NEEDS_NLL = ("sft", "orpo")
+
+
+def loss_types(loss_type) -> tuple[str, ...]:
+    return (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+
+
+def needs_stats(token_metrics: bool, use_weighting: bool) -> bool:
+    """Whether the policy's kernel pass must return per-token statistics."""
+    return token_metrics or use_weighting
+
+
+def check_options(*, average: bool, ld_alpha: Optional[float], use_weighting: bool) -> None:
+    if ld_alpha is not None:
+        if isinstance(ld_alpha, bool) or not isinstance(ld_alpha, (int, float)) or not 0.0 <= ld_alpha <= 1.0:
+            raise ValueError(f"ld_alpha must be None or a number in [0, 1], got {ld_alpha!r}")
+        if average:
+            raise ValueError("ld_alpha (LD-DPO's weighted sum) cannot be combined with average=True")
+    if not isinstance(use_weighting, bool):
+        raise TypeError(f"use_weighting must be a bool, got {type(use_weighting).__name__}")
+
+
+def reduce_sequences(token_logps, mask, *, average: bool, ld_alpha: Optional[float]) -> torch.Tensor:
+    """(2B, T') per-token log-probs (zeros where unscored) -> (2B,) per-sequence log-probs."""
+    if ld_alpha is not None:
+        return losses.ld_dpo_logps(token_logps, mask, ld_alpha)
+    total = token_logps.sum(-1)
+    if average:
+        return total / mask.sum(-1).clamp(min=1)
+    return total
+
+
+def dpo_from_tokens(
+    token_logps: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logps: Optional[torch.Tensor],
+    *,
+    stats: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
+    vocab_size: int,
+    beta: float,
+    loss_type="sigmoid",
+    average: bool = False,
+    ld_alpha: Optional[float] = None,
+    use_weighting: bool = False,
+    **loss_options,
+):
+    """(loss, metrics) from the policy's (2B, T') per-token log-probs and the (2B,) reference log-probs
+    (already reduced like the policy's; None: reference-free).
+
+    ``stats`` (2B, T', 4) and ``lse`` (2B, T') come from the policy's kernel pass: ``stats`` feeds the
+    token metrics (``logits/*``, ``entropy``, ``mean_token_accuracy``) and, with ``lse``, WPO's weights.
+    """
+    nll_terms = any(t in _NEEDS_NLL for t in loss_types(loss_type)) or loss_options.get("rpo_alpha") is not None
+    if nll_terms and (average or ld_alpha is not None):
+        # Their NLL and ORPO's odds are defined on summed token log-probs.
+        raise ValueError("loss types 'sft' and 'orpo' and rpo_alpha need summed log-probs: not with average=True or ld_alpha")
+    policy = reduce_sequences(token_logps, mask, average=average, ld_alpha=ld_alpha)
+    ref = torch.zeros_like(policy) if ref_logps is None else ref_logps.detach().to(policy.dtype)
+    lengths = mask.sum(-1).to(policy.dtype)
+    chosen_lengths, rejected_lengths = lengths.chunk(2)
+    pair_weights = None
+    if use_weighting:
+        if stats is None or lse is None:
+            raise ValueError("use_weighting=True needs the per-token statistics of the policy pass")
+        log_sum_sq_probs = stats[..., 3] - 2 * lse  # log Σ p² = lse(2z) − 2·lse(z)
+        weights = losses.wpo_weights(token_logps, torch.where(mask, log_sum_sq_probs, 0.0), mask)
+        pair_weights = losses.wpo_pair_weights(weights)
+    policy_chosen, policy_rejected = policy.chunk(2)
+    ref_chosen, ref_rejected = ref.chunk(2)
+    out = losses.preference_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+        loss_type=loss_type, beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+        pair_weights=pair_weights, **loss_options,
+    )  # fmt: skip
+    metrics = reward_metrics(out.chosen_rewards, out.rejected_rewards, policy_chosen, policy_rejected)
+    if stats is not None:
+        metrics.update(token_metrics(stats, mask, vocab_size))
+    if nll_terms:
+        chosen_mask = mask.chunk(2)[0]
+        nll = -token_logps.chunk(2)[0].detach().sum() / chosen_mask.sum().clamp(min=1)
+        metrics["nll_loss"] = nll
+    return out.loss, metrics
+
+
+def reward_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
+    """TRL's ``rewards/*`` and ``logps/*``: means over the pairs of the batch, detached 0-dim tensors."""
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    return {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).to(chosen_rewards.dtype).mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": chosen_logps.detach().mean(),
+        "logps/rejected": rejected_logps.detach().mean(),
+    }
+
+
+def token_metrics(stats: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> dict:
+    """TRL's token-level metrics from the kernels' per-token statistics (zeros on unscored tokens):
+    ``logits/chosen|rejected`` = mean logit over completion tokens and vocabulary, ``entropy`` = mean
+    over all completion tokens, ``mean_token_accuracy`` = share of chosen completion tokens whose
+    label is the first argmax. A side with no completion token reports 0, as TRL does."""
+    stats = stats.detach()
+    counts = mask.sum(-1).to(stats.dtype)
+    per_seq = stats.sum(1)  # unscored tokens hold zeros
+    chosen, rejected = per_seq.chunk(2)
+    n_chosen, n_rejected = counts.chunk(2)
+
+    def mean_over(total, n):
+        return total / n.sum().clamp(min=1)
+
+    return {
+        "logits/chosen": mean_over(chosen[:, 0].sum(), n_chosen) / vocab_size,
+        "logits/rejected": mean_over(rejected[:, 0].sum(), n_rejected) / vocab_size,
+        "entropy": mean_over(per_seq[:, 1].sum(), counts),
+        "mean_token_accuracy": mean_over(chosen[:, 2].sum(), n_chosen),
+    }

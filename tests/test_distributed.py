@@ -1,0 +1,454 @@
+"""Vocabulary-parallel log-probs, DTensor heads, FSDP2 and DDP on CPU with gloo.
+
+Every check runs inside spawned processes (world sizes 2 and 4); spawning is slow, so one spawn runs a
+whole batch of checks. Each rank builds the same data from the same seed and compares its results with
+the single-process reference it computes itself (fp32, rtol 1e-5).
+"""
+
+import os
+import socket
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, checks):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        for name in checks:
+            torch.manual_seed(1234)
+            start = time.perf_counter()
+            try:
+                globals()[name](rank, world)
+            except Exception as e:  # name the check in the error the parent re-raises
+                raise AssertionError(f"[rank {rank}/{world}] {name}: {traceback.format_exc()}") from e
+            if os.environ.get("DPO_KERNELS_TEST_TIMING") and rank == 0:
+                print(f"{name} (world {world}): {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    finally:
+        dist.destroy_process_group()
+    # Success: leave without the interpreter's teardown, which takes seconds per spawned process (gloo and
+    # library threads); failures above raise normally so that mp.spawn reports them.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _spawn(world, *checks):
+    mp.spawn(_entry, args=(world, _free_port(), checks), nprocs=world, join=True)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def close(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL)
+
+
+def _backends(world=None):
+    """torch, native where built, and (world size 2 only, it is slow) Triton under its CPU interpreter."""
+    import importlib.util
+
+    from dpo_kernels import native, ops
+
+    backends = ["torch", "native"] if native.has_kernel("cpu") else ["torch"]
+    if world == 2 and ops.triton_interpreting() and importlib.util.find_spec("triton") is not None:
+        backends.append("triton")
+    return backends
+
+
+def _batch(n, t, v, *, scale=3.0):
+    """Logits and labels like a DPO batch: masked prompt, ragged padding, one all-masked sequence."""
+    logits = torch.randn(n, t, v) * scale
+    labels = torch.randint(0, v, (n, t))
+    labels[:, : t // 4] = -100
+    for i in range(n):
+        if i % 3:
+            labels[i, t - i % 3 :] = -100
+    labels[1] = -100  # a sequence without any scored token
+    labels[n // 2 :, -1] = v - 1  # the last vocabulary entry (owned by the last non-empty shard)
+    return logits, labels
+
+
+def _shard(x, dim, rank, world):
+    from dpo_kernels.distributed import vocab_shard_range
+
+    start, stop = vocab_shard_range(x.shape[dim], world, rank)
+    return x.narrow(dim, start, stop - start).detach().clone(), start
+
+
+def _token_logps(logits, labels):
+    """Per-token reference log-probs (shifted, zeros where ignored), from a plain fp32 log_softmax."""
+    logp = torch.log_softmax(logits[:, :-1].float(), -1)
+    y = labels[:, 1:]
+    picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(y != -100, picked, 0.0)
+
+
+def close_stats(actual, logits, labels):
+    """Statistics against ``reference.token_stats``. Σ z is a sum of terms of both signs whose rounding
+    depends on the order (per rank, then over ranks): it is held to 1e-5 of Σ |z|, its condition."""
+    from dpo_kernels import reference
+
+    expected = reference.token_stats(logits, labels)
+    close(actual[..., 1:], expected[..., 1:])
+    scale = logits[:, :-1].abs().sum(-1).max()
+    torch.testing.assert_close(actual[..., 0], expected[..., 0], rtol=RTOL, atol=RTOL * float(scale))
+
+
+def _weights(n):
+    return torch.linspace(0.5, 1.5, n)  # distinct per-sequence upstream gradients
+
+
+# -------------------------------------------------------------------------------------- logits path
+
+
+def check_logits_path(rank, world):
+    from dpo_kernels import distributed as D
+    from dpo_kernels import reference
+
+    for backend in _backends(world):
+        for V in (41, 2 * world - 3):  # not divisible by the world size; the second leaves an empty shard
+            logits, labels = _batch(6, 9, V)
+            full = logits.clone().requires_grad_()
+            ref_tokens = _token_logps(full, labels)
+            (reference.sequence_logps(full, labels) * _weights(6)).sum().backward()
+            shard, start = _shard(logits, 2, rank, world)
+            shard.requires_grad_()
+            vs = None if V % 2 else start  # both the all-gathered and the given vocab_start
+            logp, lse, stats = D.vocab_parallel_token_logps(
+                shard, labels, vocab_start=vs, backend=backend, with_stats=True
+            )
+            scored = labels[:, 1:] != -100
+            close(logp, ref_tokens.detach())
+            close(lse, torch.where(scored, torch.logsumexp(logits[:, :-1], -1), 0.0))
+            close_stats(stats, logits, labels)
+            seq = D.vocab_parallel_sequence_logps(shard, labels, backend=backend)
+            close(seq, reference.sequence_logps(logits, labels))
+            (seq * _weights(6)).sum().backward()
+            close(shard.grad, full.grad[..., start : start + shard.shape[-1]])
+            avg = D.vocab_parallel_sequence_logps(shard.detach(), labels, average=True, backend=backend)
+            close(avg, reference.sequence_logps(logits, labels, average=True))
+
+
+def check_logits_dpo_loss(rank, world):
+    import dpo_kernels
+    from dpo_kernels import distributed as D
+    from dpo_kernels import reference
+
+    logits, labels = _batch(6, 9, 29)
+    ref_logits = logits + 0.3 * torch.randn_like(logits)
+    full = logits.clone().requires_grad_()
+    loss, metrics = dpo_kernels.fused_dpo_loss(full, ref_logits, labels, beta=0.2, backend="torch")
+    loss.backward()
+    shard, start = _shard(logits, 2, rank, world)
+    shard.requires_grad_()
+    ref_shard, _ = _shard(ref_logits, 2, rank, world)
+    vp_loss, vp_metrics = D.vocab_parallel_dpo_loss(shard, ref_shard, labels, beta=0.2, backend="torch")
+    close(vp_loss, loss.detach())
+    for key in metrics.keys() & vp_metrics.keys():
+        close(vp_metrics[key], metrics[key])
+    vp_loss.backward()
+    close(shard.grad, full.grad[..., start : start + shard.shape[-1]])
+    # token metrics: the per-rank statistics combined equal the single-device ones
+    _, with_tokens = D.vocab_parallel_dpo_loss(shard.detach(), None, labels, token_metrics=True, backend="torch")
+    expected_tokens = _token_logps(logits, labels)
+    mask = labels[:, 1:] != -100
+    _, expected = D._loss_from_tokens(
+        expected_tokens, mask, None, stats=reference.token_stats(logits, labels),
+        lse=torch.logsumexp(logits[:, :-1], -1), vocab_size=29, beta=0.1, average=False,
+    )  # fmt: skip
+    assert expected.keys() == with_tokens.keys()
+    for key in expected:
+        close(with_tokens[key], expected[key])
+
+
+# -------------------------------------------------------------------------------- fused-linear path
+
+TRANSFORMS = [
+    dict(logit_scale=1.0, softcap=None, temperature=1.0),
+    dict(logit_scale=0.7, softcap=4.0, temperature=1.3),
+]
+
+
+def check_fused_linear_path(rank, world):
+    from dpo_kernels import distributed as D
+    from dpo_kernels import reference
+
+    N, T, H, V = 6, 7, 16, 37
+    for backend in _backends(world):
+        for transform in TRANSFORMS:
+            hidden = torch.randn(N, T, H)
+            weight = torch.randn(V, H) * 0.5
+            bias = torch.randn(V)
+            _, labels = _batch(N, T, V)
+            h_full, w_full, b_full = (x.clone().requires_grad_() for x in (hidden, weight, bias))
+            z = reference.lm_head_logits(h_full, w_full, b_full, **transform)
+            ref_seq = reference.sequence_logps(z, labels)
+            (ref_seq * _weights(N)).sum().backward()
+
+            w_shard, start = _shard(weight, 0, rank, world)
+            b_shard, _ = _shard(bias, 0, rank, world)
+            h = hidden.clone().requires_grad_()
+            w_shard.requires_grad_(), b_shard.requires_grad_()
+            logp, lse, stats = D.vocab_parallel_fused_linear_token_logps(
+                h, w_shard, labels, b_shard, backend=backend, with_stats=True, memory_budget=4 * 64, **transform
+            )
+            close(logp, _token_logps(z, labels).detach())
+            close_stats(stats, z.detach(), labels)
+            seq = D.vocab_parallel_fused_linear_sequence_logps(
+                h, w_shard, labels, b_shard, backend=backend, **transform
+            )
+            close(seq, ref_seq.detach())
+            (seq * _weights(N)).sum().backward()
+            close(h.grad, h_full.grad)
+            close(w_shard.grad, w_full.grad[start : start + w_shard.shape[0]])
+            close(b_shard.grad, b_full.grad[start : start + b_shard.shape[0]])
+
+
+def check_fused_linear_dpo_loss(rank, world):
+    import dpo_kernels
+    from dpo_kernels import distributed as D
+
+    N, T, H, V = 4, 8, 12, 31
+    hidden, ref_hidden = torch.randn(N, T, H), torch.randn(N, T, H)
+    weight = torch.randn(V, H) * 0.5
+    _, labels = _batch(N, T, V)
+    h_full, w_full = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss, metrics = dpo_kernels.fused_linear_dpo_loss(
+        h_full, w_full, labels, ref_hidden=ref_hidden, beta=0.3, backend="torch"
+    )
+    loss.backward()
+    w_shard, start = _shard(weight, 0, rank, world)
+    w_shard.requires_grad_()
+    h = hidden.clone().requires_grad_()
+    vp_loss, vp_metrics = D.vocab_parallel_fused_linear_dpo_loss(
+        h, w_shard, labels, ref_hidden=ref_hidden, beta=0.3, backend="torch"
+    )
+    close(vp_loss, loss.detach())
+    for key in metrics.keys() & vp_metrics.keys():
+        close(vp_metrics[key], metrics[key])
+    vp_loss.backward()
+    close(h.grad, h_full.grad)
+    close(w_shard.grad, w_full.grad[start : start + w_shard.shape[0]])
+
+
+# ------------------------------------------------------------------------------------------ DTensor
+
+
+def check_dtensor(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    from dpo_kernels import distributed as D
+    from dpo_kernels import reference
+
+    mesh = init_device_mesh("cpu", (world,))
+    N, T, H, V = 4, 6, 8, 2 * world + 3  # uneven: torch.chunk layout
+    hidden = torch.randn(N, T, H)
+    weight = torch.randn(V, H)
+    _, labels = _batch(N, T, V)
+    h_full, w_full = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    z = reference.lm_head_logits(h_full, w_full)
+    (reference.sequence_logps(z, labels) * _weights(N)).sum().backward()
+
+    w_dt = nn.Parameter(distribute_tensor(weight, mesh, [Shard(0)]))
+    h = hidden.clone().requires_grad_()
+    seq = D.vocab_parallel_fused_linear_sequence_logps(h, w_dt, labels, backend="torch")
+    close(seq, reference.sequence_logps(z.detach(), labels))
+    (seq * _weights(N)).sum().backward()
+    assert w_dt.grad.placements == (Shard(0),)
+    close(w_dt.grad.full_tensor(), w_full.grad)
+    close(h.grad, h_full.grad)
+
+    # logits sharded on the vocabulary (what ColwiseParallel(use_local_output=False) hands out)
+    logits = z.detach()
+    l_dt = distribute_tensor(logits, mesh, [Shard(2)]).requires_grad_()
+    D.vocab_parallel_sequence_logps(l_dt, labels, backend="torch").sum().backward()
+    expected = logits.clone().requires_grad_()
+    reference.sequence_logps(expected, labels).sum().backward()
+    close(l_dt.grad.full_tensor(), expected.grad)
+
+    # the module wrapper routes a vocabulary-sharded DTensor head to the vocabulary-parallel path
+    head = nn.Linear(H, V, bias=False)
+    head.weight = nn.Parameter(distribute_tensor(weight, mesh, [Shard(0)]))
+    ref_logps = torch.randn(N)
+    with pytest.raises(ValueError, match="DTensor sharded"):  # could be an FSDP2 shard: refused unless told
+        D.FusedLMHeadLoss(head, backend="torch")(hidden, labels, ref_logps=ref_logps)
+    head_loss = D.FusedLMHeadLoss(head, vocab_parallel=True, beta=0.1, backend="torch")
+    loss, _ = head_loss(hidden, labels, ref_logps=ref_logps)
+    import dpo_kernels
+
+    expected_loss, _ = dpo_kernels.fused_linear_dpo_loss(hidden, weight, labels, ref_logps=ref_logps, backend="torch")
+    close(loss, expected_loss)
+
+    # a replicated DTensor is the plain single-device case; a bad vocab_start is caught
+    rep = distribute_tensor(weight, mesh, [Replicate()])
+    close(D.vocab_parallel_fused_linear_sequence_logps(hidden, rep, labels, backend="torch"), seq.detach())
+    w_shard, start = _shard(weight, 0, rank, world)
+    with pytest.raises(ValueError, match="owned by"):
+        D.vocab_parallel_fused_linear_sequence_logps(hidden, w_shard, labels, vocab_start=0, backend="torch")
+
+
+# ------------------------------------------------------------------------------------- entry points
+
+
+def check_entry_points(rank, world):
+    """The public entry points route ``process_group=`` (and vocabulary-sharded DTensors) here, where
+    they take the argument."""
+    import inspect
+
+    import dpo_kernels
+    from dpo_kernels import reference
+
+    if "process_group" not in inspect.signature(dpo_kernels.fused_linear_dpo_loss).parameters:
+        return  # the entry points do not route to dpo_kernels.distributed in this build
+    group = dist.group.WORLD
+    logits, labels = _batch(4, 6, 19)
+    shard, _ = _shard(logits, 2, rank, world)
+    close(dpo_kernels.sequence_logps(shard, labels, process_group=group, backend="torch"),
+          reference.sequence_logps(logits, labels))  # fmt: skip
+    ref_logps = torch.randn(4)
+    loss, _ = dpo_kernels.fused_dpo_loss(shard, ref_logps, labels, process_group=group, backend="torch")
+    close(loss, dpo_kernels.fused_dpo_loss(logits, ref_logps, labels, backend="torch")[0])
+    hidden, weight = torch.randn(4, 6, 8), torch.randn(19, 8)
+    w_shard, _ = _shard(weight, 0, rank, world)
+    close(dpo_kernels.fused_linear_sequence_logps(hidden, w_shard, labels, process_group=group, backend="torch"),
+          dpo_kernels.fused_linear_sequence_logps(hidden, weight, labels, backend="torch"))  # fmt: skip
+    loss, _ = dpo_kernels.fused_linear_dpo_loss(hidden, w_shard, labels, ref_logps=ref_logps, process_group=group,
+                                                backend="torch")  # fmt: skip
+    close(loss, dpo_kernels.fused_linear_dpo_loss(hidden, weight, labels, ref_logps=ref_logps, backend="torch")[0])
+
+
+# ----------------------------------------------------------------------------------- FSDP2 and DDP
+
+
+class _Net(nn.Module):
+    def __init__(self, H, V, backend):
+        super().__init__()
+        from dpo_kernels.distributed import FusedLMHeadLoss
+
+        self.body = nn.Linear(H, H)
+        self.head = FusedLMHeadLoss(nn.Linear(H, V, bias=True), beta=0.5, backend=backend)
+
+    def forward(self, x, labels, ref_logps, head_outside=False):
+        hidden = torch.tanh(self.body(x))
+        if head_outside:  # the caller applies the loss to the head's weight itself
+            return hidden
+        return self.head(hidden, labels, ref_logps=ref_logps)
+
+
+def _pairs_data(world, B=2, T=7, H=8, V=23):
+    x = torch.randn(2 * B * world, T, H)
+    _, labels = _batch(2 * B * world, T, V)
+    ref_logps = torch.randn(2 * B * world) - 10
+    return x, labels, ref_logps, (H, V)
+
+
+def _rank_slice(t, rank, world):
+    """This rank's pairs: its chosen block and its rejected block, chosen first."""
+    chosen, rejected = t.chunk(2)
+    per = chosen.shape[0] // world
+    return torch.cat([chosen[rank * per : (rank + 1) * per], rejected[rank * per : (rank + 1) * per]])
+
+
+def _single_step(net, x, labels, ref_logps, lr=0.5):
+    loss, _ = net(x, labels, ref_logps)
+    loss.backward()
+    with torch.no_grad():
+        for p in net.parameters():
+            p -= lr * p.grad
+    return loss.detach()
+
+
+def check_fsdp2_and_ddp_step(rank, world):
+    import copy
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    backend = _backends()[-1]  # native where built
+    x, labels, ref_logps, (H, V) = _pairs_data(world)
+    base = _Net(H, V, backend)
+    single = copy.deepcopy(base)
+    single_loss = _single_step(single, x, labels, ref_logps)
+    mine = [_rank_slice(t, rank, world) for t in (x, labels, ref_logps)]
+
+    # FSDP2: the head's weight is a DTensor Shard(0) outside forward; FusedLMHeadLoss unshards it in forward
+    fsdp = copy.deepcopy(base)
+    mesh = init_device_mesh("cpu", (world,))
+    fully_shard(fsdp.head, mesh=mesh)
+    fully_shard(fsdp, mesh=mesh)
+    assert fsdp.head.lm_head.weight.placements[0].is_shard(0)
+    opt = torch.optim.SGD(fsdp.parameters(), lr=0.5)
+    loss, _ = fsdp(*mine)
+    loss.backward()
+    opt.step()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    close(mean_loss / world, single_loss)
+    for (name, p), q in zip(fsdp.named_parameters(), single.parameters()):
+        close(p.full_tensor(), q.detach())
+
+    # DDP, both with the loss inside the forward and called on the head's weight outside it: DDP's
+    # gradient hooks sit on the parameters, so they fire either way
+    import dpo_kernels
+
+    for head_outside in (False, True):
+        ddp_net = copy.deepcopy(base)
+        ddp = DDP(ddp_net)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.5)
+        if head_outside:
+            hidden = ddp(*mine, head_outside=True)
+            lm_head = ddp.module.head.lm_head
+            loss, _ = dpo_kernels.fused_linear_dpo_loss(
+                hidden, lm_head.weight, mine[1], bias=lm_head.bias, ref_logps=mine[2], beta=0.5, backend=backend
+            )
+        else:
+            loss, _ = ddp(*mine)
+        loss.backward()
+        opt.step()
+        for p, q in zip(ddp_net.parameters(), single.parameters()):
+            close(p.detach(), q.detach())
+
+    # FSDP2, the loss called outside the module's forward on the sharded weight: refused (by DTensor's
+    # dispatch, or by the entry point where it knows about vocabulary-sharded weights)
+    with pytest.raises((RuntimeError, ValueError), match="DTensor"):
+        dpo_kernels.fused_linear_dpo_loss(
+            torch.randn(2, 7, H), fsdp.head.lm_head.weight, mine[1][:2], ref_logps=mine[2][:2], backend=backend
+        )
+
+
+# ------------------------------------------------------------------------------------------- tests
+
+_FAST = ("check_logits_path", "check_logits_dpo_loss", "check_fused_linear_path", "check_fused_linear_dpo_loss",
+         "check_dtensor", "check_entry_points", "check_fsdp2_and_ddp_step")  # fmt: skip
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_world_2():
+    _spawn(2, *_FAST)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_world_4():
+    _spawn(4, *_FAST)
+
+
+if __name__ == "__main__":  # python tests/test_distributed.py [world]
+    _spawn(int(sys.argv[1]) if len(sys.argv) > 1 else 2, *_FAST)

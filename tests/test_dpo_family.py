@@ -1,0 +1,149 @@
+"""Every loss type and modifier through the fused entry points, on every backend, against the reference;
+and TRL's logged metrics against values computed straight from the full fp32 logits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import BACKENDS, assert_fp32_close, make_batch
+from dpo_kernels import fused_dpo_loss, fused_linear_dpo_loss, reference
+
+REWARD_METRICS = (
+    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+)  # fmt: skip
+TOKEN_METRICS = ("logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
+
+# (loss options, whether an NLL term is logged). Each runs on every backend against the reference.
+CASES = {
+    "sigmoid": dict(loss_type="sigmoid"),
+    "cdpo": dict(loss_type="sigmoid", label_smoothing=0.2),
+    "robust": dict(loss_type="robust", label_smoothing=0.1),
+    "exo_pair": dict(loss_type="exo_pair", label_smoothing=1e-3),
+    "hinge": dict(loss_type="hinge"),
+    "ipo": dict(loss_type="ipo"),
+    "bco_pair": dict(loss_type="bco_pair"),
+    "sppo_hard": dict(loss_type="sppo_hard"),
+    "nca_pair": dict(loss_type="nca_pair"),
+    "aot": dict(loss_type="aot"),
+    "aot_unpaired": dict(loss_type="aot_unpaired"),
+    "apo_zero": dict(loss_type="apo_zero"),
+    "apo_down": dict(loss_type="apo_down"),
+    "discopop": dict(loss_type="discopop", discopop_tau=0.05),
+    "simpo": dict(loss_type="sigmoid_norm", gamma=0.5),
+    "orpo": dict(loss_type="orpo"),
+    "mpo": dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
+    "rpo": dict(loss_type="sigmoid", rpo_alpha=0.5),
+    "ld_dpo": dict(loss_type="sigmoid", ld_alpha=0.3),
+    "wpo": dict(loss_type="sigmoid", use_weighting=True),
+    "forward_kl": dict(loss_type="sigmoid", f_divergence_type="forward_kl"),
+    "js": dict(loss_type="hinge", f_divergence_type="js_divergence"),
+    "alpha": dict(loss_type="sigmoid", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3),
+}
+
+
+def family_batch():
+    """Logits of scale 1 (WPO weights of order 1, not 1e-7) and pairs of unequal lengths (LD-DPO bites)."""
+    policy, labels = make_batch(4, 9, 123, scale=1.0)
+    labels[2, -3:] = -100
+    return policy, labels
+
+
+def run(fn, policy, ref, labels, **kwargs):
+    leaf = policy.detach().clone().requires_grad_()
+    loss, metrics = fn(leaf, ref, labels, **kwargs)
+    loss.backward()
+    return loss.detach(), metrics, leaf.grad
+
+
+def assert_same(actual, expected):
+    loss, metrics, grad = actual
+    ref_loss, ref_metrics, ref_grad = expected
+    assert_fp32_close(loss, ref_loss)
+    assert set(metrics) == set(ref_metrics)
+    for name, value in ref_metrics.items():
+        assert metrics[name].dim() == 0 and not metrics[name].requires_grad, name
+        assert_fp32_close(metrics[name], value)
+    assert_fp32_close(grad, ref_grad)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_family_matches_reference(backend, case):
+    options = CASES[case]
+    policy, labels = family_batch()
+    ref = torch.randn(4, 9, 123)
+    actual = run(fused_dpo_loss, policy, ref, labels, beta=0.5, backend=backend, **options)
+    expected = run(reference.dpo_loss, policy, ref, labels, beta=0.5, **options)
+    assert_same(actual, expected)
+    assert set(REWARD_METRICS + TOKEN_METRICS) <= set(actual[1])
+    assert torch.isfinite(actual[2]).all() and actual[2].abs().sum() > 0
+
+
+@pytest.mark.parametrize("case", ["sigmoid", "ipo", "mpo", "wpo", "ld_dpo"])
+def test_fused_linear_loss_family_matches_reference(case):
+    options = CASES[case]
+    hidden = torch.randn(4, 9, 24)
+    weight = torch.randn(123, 24) / 24**0.5
+    _, labels = family_batch()
+    ref_logps = -torch.rand(4) * 30
+
+    def linear(h, ref, y, **kw):
+        return fused_linear_dpo_loss(h, weight, y, ref_logps=ref, **kw)
+
+    def naive(h, ref, y, **kw):
+        return reference.dpo_loss(reference.lm_head_logits(h, weight), ref, y, **kw)
+
+    actual = run(linear, hidden, ref_logps, labels, beta=0.5, backend="torch", **options)
+    expected = run(naive, hidden, ref_logps, labels, beta=0.5, **options)
+    assert_same(actual, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_metrics_from_full_logits(backend):
+    """TRL's definitions, computed here from the fp32 logits without any library code."""
+    policy, labels = make_batch(4, 9, 123)
+    policy[0, 3, :] = 0.0  # a row of ties: argmax is index 0
+    labels[0, 4] = 0
+    policy[1, 5, 7] = policy[1, 5].max() + 1  # the label is the argmax
+    labels[1, 6] = 7
+    _, metrics = fused_dpo_loss(policy, None, labels, backend=backend)
+    z, y = policy[:, :-1].float(), labels[:, 1:]
+    mask = y != -100
+    chosen = mask.clone()
+    chosen[2:] = False
+    rejected = mask & ~chosen
+    logp = F.log_softmax(z, -1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    top1 = z.argmax(-1) == y
+    assert top1[chosen].any()  # the case above is exercised
+    torch.testing.assert_close(metrics["logits/chosen"], z.mean(-1)[chosen].mean())
+    torch.testing.assert_close(metrics["logits/rejected"], z.mean(-1)[rejected].mean())
+    torch.testing.assert_close(metrics["entropy"], entropy[mask].mean())
+    torch.testing.assert_close(metrics["mean_token_accuracy"], top1[chosen].float().mean())
+
+
+def test_token_metrics_can_be_skipped_and_empty_sides_report_zero():
+    policy, labels = make_batch(2, 6, 123)
+    labels[0] = -100  # the chosen completion has no scored token
+    _, metrics = fused_dpo_loss(policy, None, labels, token_metrics=False, backend="torch")
+    assert set(metrics) == set(REWARD_METRICS)
+    _, metrics = fused_dpo_loss(policy, None, labels, backend="torch")
+    assert metrics["logits/chosen"].item() == 0.0 and metrics["mean_token_accuracy"].item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "options, match",
+    [
+        (dict(loss_type="sigmoidd"), "loss_type"),
+        (dict(loss_type=["sigmoid", "ipo"], loss_weights=[1.0]), "loss_weights"),
+        (dict(loss_type="robust", label_smoothing=0.7), "label_smoothing"),
+        (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing"),
+        (dict(ld_alpha=1.5), "ld_alpha"),
+        (dict(ld_alpha=0.5, average=True), "ld_alpha"),
+        (dict(loss_type="nca_pair", f_divergence_type="forward_kl"), "f_divergence_type"),
+    ],
+)
+def test_bad_options_name_the_argument(options, match):
+    policy, labels = make_batch(2, 6, 123)
+    with pytest.raises((ValueError, TypeError), match=match):
+        fused_dpo_loss(policy, None, labels, backend="torch", **options)
