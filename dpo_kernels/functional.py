@@ -65,28 +65,51 @@ def fused_dpo_loss(
     average: bool = False,
     backend: str = "auto",
     inplace_backward: bool = False,
+    loss_type="sigmoid",
+    ld_alpha=None,
+    use_weighting: bool = False,
+    token_metrics: bool = True,
+    **loss_options,
 ):
     """Drop-in replacement for :func:`dpo_kernels.reference.dpo_loss`: same arguments, layout and metrics.
 
     policy_logits: (2B, T, V), chosen sequences first, rejected second; labels: (2B, T) with
     ``ignore_index`` on prompt and padding. ``ref_logits``: (2B, T, V) reference logits (scored without
     autograd, nothing saved), a (2B,) tensor of precomputed reference log-probs, or None for
-    reference-free DPO. Returns ``(loss, metrics)``; metrics are detached 0-dim tensors
-    ``reward_chosen``, ``reward_rejected``, ``accuracy``.
+    reference-free DPO. ``loss_type`` and ``loss_options`` select the loss of
+    :func:`dpo_kernels.losses.preference_loss`. Returns ``(loss, metrics)``; metrics are detached 0-dim
+    tensors under TRL's names (see :func:`dpo_kernels.reference.dpo_loss`), the token metrics computed
+    in the same kernel pass as the log-probs.
     """
+    from . import preference
+
     check_beta(beta)
-    kwargs = dict(ignore_index=ignore_index, average=average, backend=backend)
-    if isinstance(policy_logits, torch.Tensor) and policy_logits.dim() == 3:
-        check_pairs("policy_logits", policy_logits.shape[0])
-    policy = sequence_logps(policy_logits, labels, inplace_backward=inplace_backward, **kwargs)
+    preference.check_options(average=average, ld_alpha=ld_alpha, use_weighting=use_weighting)
+    check_logits("policy_logits", policy_logits)
+    check_pairs("policy_logits", policy_logits.shape[0])
+    backend = ops.resolve_backend(backend, policy_logits.device, policy_logits.dtype)
+    check_labels(labels, policy_logits, "policy_logits")
     check_ref(ref_logits, policy_logits)
-    if ref_logits is None:
-        ref = torch.zeros_like(policy)
-    elif ref_logits.dim() == 1:
-        ref = ref_logits.detach().to(policy.dtype)
+    if inplace_backward and policy_logits.is_leaf and policy_logits.requires_grad:
+        raise ValueError(
+            "inplace_backward=True would overwrite the leaf tensor `policy_logits` with its own gradient; "
+            "use it on logits produced by a model (a non-leaf tensor)"
+        )
+    with_stats = preference.needs_stats(token_metrics, use_weighting)
+    token_logp, lse, stats = torch.ops.dpo_kernels.token_logps(
+        policy_logits, labels, ignore_index, True, backend, inplace_backward, with_stats
+    )
+    mask = labels[:, 1:] != ignore_index
+    if ref_logits is None or ref_logits.dim() == 1:
+        ref = ref_logits
     else:
         with torch.no_grad():
-            ref = sequence_logps(ref_logits, labels, **kwargs)
-    policy_chosen, policy_rejected = policy.chunk(2)
-    ref_chosen, ref_rejected = ref.chunk(2)
-    return losses.dpo_sigmoid(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+            ref_tokens, _, _ = torch.ops.dpo_kernels.token_logps(
+                ref_logits, labels, ignore_index, True, backend, False, False
+            )
+            ref = preference.reduce_sequences(ref_tokens, mask, average=average, ld_alpha=ld_alpha)
+    return preference.dpo_from_tokens(
+        token_logp, mask, ref, stats=stats if with_stats else None, lse=lse, vocab_size=policy_logits.shape[-1],
+        beta=beta, loss_type=loss_type, average=average, ld_alpha=ld_alpha, use_weighting=use_weighting,
+        **loss_options,
+    )  # fmt: skip

@@ -237,6 +237,11 @@ def fused_linear_dpo_loss(
     temperature: float = 1.0,
     memory_budget: Optional[int] = None,
     backend: str = "auto",
+    loss_type="sigmoid",
+    ld_alpha=None,
+    use_weighting: bool = False,
+    token_metrics: bool = True,
+    **loss_options,
 ):
     """The DPO loss of :func:`dpo_kernels.fused_dpo_loss` straight from the last hidden states.
 
@@ -251,8 +256,28 @@ def fused_linear_dpo_loss(
         ignore_index=ignore_index, average=average, logit_scale=logit_scale, softcap=softcap,
         temperature=temperature, memory_budget=memory_budget, backend=backend,
     )  # fmt: skip
-    policy = fused_linear_sequence_logps(policy_hidden, weight, labels, bias, **kwargs)
+    from . import preference
+
+    preference.check_options(average=average, ld_alpha=ld_alpha, use_weighting=use_weighting)
+    check_labels(labels, policy_hidden, "policy_hidden")
     check_pairs("policy_hidden", policy_hidden.shape[0])
+
+    def tokens(hidden, head, head_bias, with_stats):
+        chunk_elements = 0 if memory_budget is None else memory_budget // 4
+        resolved = ops.resolve_backend(backend, hidden.device, hidden.dtype)
+        return torch.ops.dpo_kernels.fused_linear_token_logps(
+            hidden, head, head_bias, labels, ignore_index, True, float(logit_scale),
+            None if softcap is None else float(softcap), float(temperature), chunk_elements, resolved, with_stats,
+        )  # fmt: skip
+
+    _check_transform(logit_scale, softcap, temperature)
+    valid_budget = isinstance(memory_budget, int) and not isinstance(memory_budget, bool) and memory_budget >= 4
+    if memory_budget is not None and not valid_budget:
+        raise ValueError(f"memory_budget must be None or a number of bytes >= 4, got {memory_budget!r}")
+    with_stats = preference.needs_stats(token_metrics, use_weighting)
+    token_logp, lse, stats = tokens(policy_hidden, weight, bias, with_stats)
+    mask = labels[:, 1:] != ignore_index
+    policy = token_logp.sum(-1)
     if ref_logps is not None and ref_hidden is not None:
         raise ValueError("give the reference as ref_logps or as ref_hidden, not both")
     if ref_logps is not None:
@@ -269,9 +294,12 @@ def fused_linear_dpo_loss(
                 f"got {tuple(ref_hidden.shape)}"
             )
         with torch.no_grad():
-            ref = fused_linear_sequence_logps(ref_hidden, head, labels, ref_bias, **kwargs)
+            ref_tokens = tokens(ref_hidden, head, ref_bias, False)[0]
+            ref = preference.reduce_sequences(ref_tokens, mask, average=average, ld_alpha=ld_alpha)
     else:
-        ref = torch.zeros_like(policy)
-    policy_chosen, policy_rejected = policy.chunk(2)
-    ref_chosen, ref_rejected = ref.chunk(2)
-    return losses.dpo_sigmoid(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta)
+        ref = None
+    return preference.dpo_from_tokens(
+        token_logp, mask, ref, stats=stats if with_stats else None, lse=lse, vocab_size=weight.shape[0],
+        beta=beta, loss_type=loss_type, average=average, ld_alpha=ld_alpha, use_weighting=use_weighting,
+        **loss_options,
+    )  # fmt: skip

@@ -65,7 +65,7 @@ def test_compile_inductor_with_lm_head_and_inplace_request(backend):
     def step(h, w):
         logits = h @ w.T
         loss, metrics = fused_dpo_loss(logits, None, labels, backend=backend, inplace_backward=True)
-        return loss, metrics["accuracy"]
+        return loss, metrics["rewards/accuracies"]
 
     h = hidden.clone().requires_grad_()
     loss, _ = torch.compile(step, fullgraph=True)(h, weight)

@@ -8,7 +8,7 @@ import torch
 from conftest import BACKENDS, DTYPES, assert_fp32_close, assert_low_precision_grad, make_batch
 from dpo_kernels import fused_dpo_loss, reference
 
-METRICS = ("reward_chosen", "reward_rejected", "accuracy")
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
 
 
 def loss_and_grad(fn, policy, ref, labels, **kwargs):
@@ -79,9 +79,9 @@ def test_the_lessons_toy_pair(backend):
     gap = 0.1 * (0.20 + 0.50)
     assert math.isclose(loss.item(), -math.log(1 / (1 + math.exp(-gap))), rel_tol=1e-5)
     assert round(loss.item(), 4) == 0.6588
-    assert math.isclose(metrics["reward_chosen"].item(), 0.1 * 0.20, rel_tol=1e-4)
-    assert math.isclose(metrics["reward_rejected"].item(), 0.1 * -0.50, rel_tol=1e-4)
-    assert metrics["accuracy"].item() == 1.0
+    assert math.isclose(metrics["rewards/chosen"].item(), 0.1 * 0.20, rel_tol=1e-4)
+    assert math.isclose(metrics["rewards/rejected"].item(), 0.1 * -0.50, rel_tol=1e-4)
+    assert metrics["rewards/accuracies"].item() == 1.0
     sig = 1 / (1 + math.exp(gap))
     assert math.isclose(grad[0, 0, 0].item(), -0.1 * sig * (1 - p[0].item()), rel_tol=1e-5)
     assert math.isclose(grad[1, 0, 0].item(), 0.1 * sig * (1 - p[1].item()), rel_tol=1e-5)

@@ -30,7 +30,7 @@ CASES = {
     "ref_shape": (lambda p, r, y: (p, r[:, :-1], y), ValueError, "ref_logits must be None"),
     "ref_logps_shape": (lambda p, r, y: (p, r[:2, 0, 0], y), ValueError, r"ref_logits as precomputed log-probs must have shape \(4,\)"),
     "ref_integer": (lambda p, r, y: (p, r.long(), y), TypeError, "ref_logits must be floating point"),
-    "labels_on_meta": (lambda p, r, y: (p, r, y.to("meta")), ValueError, "labels are on meta but logits is on cpu"),
+    "labels_on_meta": (lambda p, r, y: (p, r, y.to("meta")), ValueError, "labels are on meta but policy_logits is on cpu"),
     "ref_on_meta": (lambda p, r, y: (p, r.to("meta"), y), ValueError, "ref_logits are on meta but policy_logits is on cpu"),
 }
 
