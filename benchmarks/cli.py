@@ -298,7 +298,9 @@ def main(argv=None):
                "modeled": {k: v for k, v in modeled.items() if k != "markdown"} if modeled else None}  # fmt: skip
     report.write_json(json_path, payload)
     files.append(json_path)
-    if not args.no_plots:
+    if not args.no_plots and not report.can_plot():
+        print("\nplots skipped: matplotlib is not installed (pip install '.[bench]')")
+    elif not args.no_plots:
         plot_path = os.path.join(args.out_dir, "results.png")
         report.plot_main(plot_path, [r for r in main_rows if r.get("time")])
         files.append(plot_path)

@@ -81,6 +81,13 @@ def write_json(path, payload):
         json.dump(payload, f, indent=2, default=str)
 
 
+def can_plot() -> bool:
+    """Plots are optional (the `bench` extra): the tables and files never depend on them."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def plot_main(path, rows):
     """Bar chart of fwd+bwd time and peak extra memory per provider, one panel pair per case."""
     import matplotlib

@@ -49,8 +49,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import losses, ops
-from ._validation import FLOAT_DTYPES, check_beta, check_labels, check_logits, check_pairs
+from . import ops
+from ._validation import FLOAT_DTYPES, check_beta, check_labels, check_logits, check_pairs, check_ref
 
 __all__ = [
     "FusedLMHeadLoss",
@@ -156,6 +156,12 @@ def is_vocab_sharded(t) -> bool:
     return _is_dtensor(t) and any(not p.is_replicate() for p in t.placements)
 
 
+def wanted(process_group, vocab_start, *tensors) -> bool:
+    """Whether a public entry point takes the vocabulary-parallel path: asked for, or handed a DTensor
+    sharded over the vocabulary."""
+    return process_group is not None or vocab_start is not None or any(is_vocab_sharded(t) for t in tensors)
+
+
 def _local(t):
     """A replicated DTensor (hidden states, labels, precomputed log-probs) as its local tensor."""
     return t.to_local() if _is_dtensor(t) else t
@@ -182,6 +188,28 @@ def _resolve_group(process_group):
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("vocabulary-parallel log-probs need an initialized torch.distributed process group")
     return process_group if process_group is not None else dist.group.WORLD
+
+
+def _check_same_tokens(labels, group, name: str) -> None:
+    """Vocabulary parallelism needs the same tokens on every rank of the group. A DTensor weight sharded on
+    dim 0 looks the same under tensor parallelism (same tokens everywhere: correct) and as an FSDP2 shard
+    used outside its module's forward (different batches per rank: garbage), so compare a checksum of the
+    labels (one 32-byte all-reduce) instead of trusting the placement."""
+    if group is _LOCAL:
+        return
+    flat = labels.reshape(-1).long()
+    position = torch.arange(flat.numel(), device=flat.device) % 1_000_003 + 1  # keeps the sum below 2^63
+    digest = (flat * position).sum()
+    n = torch.tensor(flat.numel(), dtype=torch.int64, device=flat.device)
+    packed = torch.stack([digest, -digest, n, -n])
+    _all_reduce(packed, dist.ReduceOp.MAX, group)
+    if packed[0] != -packed[1] or packed[2] != -packed[3]:
+        raise ValueError(
+            f"labels differ across the ranks of {name}'s vocabulary-parallel group: every rank must see the same "
+            "tokens. A DTensor sharded on the vocabulary that is an FSDP2 shard (each rank with its own batch) "
+            "must be used inside the forward of its fully_shard-ed module (e.g. "
+            "dpo_kernels.distributed.FusedLMHeadLoss), where the weight is whole"
+        )
 
 
 def _vocab_start(local_vocab: int, group, device) -> int:
@@ -477,6 +505,7 @@ def vocab_parallel_token_logps(
         check_logits("logits_shard", local)
     check_labels(labels, local, "logits_shard")
     group = _resolve_group(group)
+    _check_same_tokens(labels, group, "logits_shard")
     start = _vocab_start(local.shape[-1], group, local.device) if start is None else int(start)
     backend = _check_backend(backend, local.device, local.dtype)
     logp, lse = _VocabParallelLogits.apply(local, labels, start, ignore_index, shift, backend, group)
@@ -566,6 +595,7 @@ def vocab_parallel_fused_linear_token_logps(
         raise ValueError(f"memory_budget must be None or a number of bytes >= 4, got {memory_budget!r}")
     chunk = 0 if memory_budget is None else memory_budget // 4
     group = _resolve_group(group)
+    _check_same_tokens(labels, group, "weight_shard")
     start = _vocab_start(weight.shape[0], group, weight.device) if start is None else int(start)
     backend = _check_backend(backend, hidden.device, hidden.dtype)
     transform = (float(logit_scale), None if softcap is None else float(softcap), float(temperature))
@@ -611,29 +641,18 @@ def vocab_parallel_fused_linear_sequence_logps(
 
 
 def _loss_from_tokens(policy_tokens, mask, ref, *, stats, lse, vocab_size, beta, average, **options):
-    """The loss stage shared with the single-device entry points: ``preference.dpo_from_tokens`` where
-    the loss family is available, else sigmoid DPO of ``losses.dpo_sigmoid``."""
-    if hasattr(losses, "preference_loss"):
-        from . import preference
+    from . import preference
 
-        return preference.dpo_from_tokens(
-            policy_tokens, mask, ref, stats=stats, lse=lse, vocab_size=vocab_size, beta=beta, average=average,
-            **options,
-        )  # fmt: skip
-    if options.get("loss_type", "sigmoid") != "sigmoid" or set(options) - {"loss_type"}:
-        raise NotImplementedError(f"this build of dpo_kernels has sigmoid DPO only; got options {sorted(options)}")
-    total = policy_tokens.sum(-1)
-    policy = total / mask.sum(-1).clamp(min=1) if average else total
-    ref = torch.zeros_like(policy) if ref is None else ref.detach().to(policy.dtype)
-    (pc, pr), (rc, rr) = policy.chunk(2), ref.chunk(2)
-    return losses.dpo_sigmoid(pc, pr, rc, rr, beta)
+    return preference.dpo_from_tokens(
+        policy_tokens, mask, ref, stats=stats, lse=lse, vocab_size=vocab_size, beta=beta, average=average,
+        **options,
+    )  # fmt: skip
 
 
 def _reduce_ref(ref_tokens, mask, average, options):
-    if options.get("ld_alpha") is not None:
-        return losses.ld_dpo_logps(ref_tokens, mask, options["ld_alpha"])
-    total = ref_tokens.sum(-1)
-    return total / mask.sum(-1).clamp(min=1) if average else total
+    from . import preference
+
+    return preference.reduce_sequences(ref_tokens, mask, average=average, ld_alpha=options.get("ld_alpha"))
 
 
 def _global_vocab(local_vocab: int, group, device) -> int:
@@ -660,8 +679,13 @@ def vocab_parallel_dpo_loss(
     of the reference logits (same layout as the policy's), (2B,) precomputed reference log-probs, or None.
     ``token_metrics`` adds TRL's token metrics (``logits/*``, ``entropy``, ``mean_token_accuracy``),
     combined across ranks (one extra pass over the local logits). Loss and metrics equal on all ranks."""
+    from . import preference
+
     check_beta(beta)
     check_pairs("policy_logits_shard", policy_logits_shard.shape[0])
+    preference.check_options(
+        average=average, ld_alpha=loss_options.get("ld_alpha"), use_weighting=loss_options.get("use_weighting", False)
+    )
     kw = dict(process_group=process_group, vocab_start=vocab_start, ignore_index=ignore_index, backend=backend)
     wants_stats = token_metrics or bool(loss_options.get("use_weighting"))
     out = vocab_parallel_token_logps(policy_logits_shard, labels, with_stats=wants_stats, **kw)
@@ -672,6 +696,7 @@ def vocab_parallel_dpo_loss(
     if ref_logits is None:
         ref = None
     elif _local(ref_logits).dim() == 1:
+        check_ref(_local(ref_logits), _local(policy_logits_shard))
         ref = _local(ref_logits).detach()
     else:
         with torch.no_grad():
@@ -714,8 +739,13 @@ def vocab_parallel_fused_linear_dpo_loss(
     ``process_group`` (see :func:`vocab_parallel_fused_linear_token_logps`). The reference side is
     ``ref_logps`` (2B,), or ``ref_hidden`` scored under ``ref_weight_shard`` (default: this rank's
     ``weight_shard``) without autograd, or neither (reference-free). Loss and metrics equal on all ranks."""
+    from . import preference
+
     check_beta(beta)
     check_pairs("policy_hidden", policy_hidden.shape[0])
+    preference.check_options(
+        average=average, ld_alpha=loss_options.get("ld_alpha"), use_weighting=loss_options.get("use_weighting", False)
+    )
     if ref_logps is not None and ref_hidden is not None:
         raise ValueError("give the reference as ref_logps or as ref_hidden, not both")
     kw = dict(
@@ -731,7 +761,11 @@ def vocab_parallel_fused_linear_dpo_loss(
     labels = _local(labels)
     mask = labels[:, 1:] != ignore_index
     if ref_logps is not None:
-        ref = _local(ref_logps).detach()
+        ref = _local(ref_logps)
+        if not isinstance(ref, torch.Tensor) or tuple(ref.shape) != (labels.shape[0],):
+            shape = tuple(ref.shape) if isinstance(ref, torch.Tensor) else type(ref).__name__
+            raise ValueError(f"ref_logps must have shape ({labels.shape[0]},), got {shape}")
+        ref = ref.detach()
     elif ref_hidden is not None:
         head = weight_shard if ref_weight_shard is None else ref_weight_shard
         with torch.no_grad():

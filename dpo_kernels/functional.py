@@ -2,7 +2,7 @@
 
 import torch
 
-from . import losses, ops
+from . import distributed, ops
 from ._validation import check_beta, check_labels, check_logits, check_pairs, check_ref
 
 
@@ -15,6 +15,8 @@ def sequence_logps(
     average: bool = False,
     backend: str = "auto",
     inplace_backward: bool = False,
+    process_group=None,
+    vocab_start=None,
 ) -> torch.Tensor:
     """Per-sequence log-probs of ``labels`` under ``logits``, without a (N, T, V) intermediate.
 
@@ -31,7 +33,17 @@ def sequence_logps(
     loss's backward: the usual case of an LM head whose output feeds only this loss. Autograd raises
     if another op saved the same logits for its backward; you must not read the logits after backward.
     Under torch.compile the gradient is written out of place.
+
+    Vocabulary parallelism: with ``process_group`` (or ``vocab_start``, or ``logits`` a DTensor sharded on
+    its last dimension) each rank passes its slice of the vocabulary and the global labels; see
+    :func:`dpo_kernels.distributed.vocab_parallel_sequence_logps`.
     """
+    if distributed.wanted(process_group, vocab_start, logits):
+        _no_inplace(inplace_backward)
+        return distributed.vocab_parallel_sequence_logps(
+            logits, labels, process_group=process_group, vocab_start=vocab_start, ignore_index=ignore_index,
+            shift=shift, average=average, backend=backend,
+        )  # fmt: skip
     check_logits("logits", logits)
     backend = ops.resolve_backend(backend, logits.device, logits.dtype)
     check_labels(labels, logits, "logits")
@@ -44,6 +56,11 @@ def sequence_logps(
         logits, labels, ignore_index, shift, backend, inplace_backward, False
     )
     return _per_sequence(token_logp, labels, ignore_index, shift, average)
+
+
+def _no_inplace(inplace_backward: bool) -> None:
+    if inplace_backward:
+        raise ValueError("inplace_backward=True is not supported on the vocabulary-parallel path (process_group=)")
 
 
 def _per_sequence(token_logp, labels, ignore_index: int, shift: bool, average: bool) -> torch.Tensor:
@@ -69,6 +86,8 @@ def fused_dpo_loss(
     ld_alpha=None,
     use_weighting: bool = False,
     token_metrics: bool = True,
+    process_group=None,
+    vocab_start=None,
     **loss_options,
 ):
     """Drop-in replacement for :func:`dpo_kernels.reference.dpo_loss`: same arguments, layout and metrics.
@@ -80,9 +99,19 @@ def fused_dpo_loss(
     :func:`dpo_kernels.losses.preference_loss`. Returns ``(loss, metrics)``; metrics are detached 0-dim
     tensors under TRL's names (see :func:`dpo_kernels.reference.dpo_loss`), the token metrics computed
     in the same kernel pass as the log-probs.
+
+    Vocabulary parallelism: ``process_group`` (or ``vocab_start``, or DTensor logits sharded on the
+    vocabulary) as in :func:`sequence_logps`; the reference logits are then this rank's slice too.
     """
     from . import preference
 
+    if distributed.wanted(process_group, vocab_start, policy_logits, ref_logits):
+        _no_inplace(inplace_backward)
+        return distributed.vocab_parallel_dpo_loss(
+            policy_logits, ref_logits, labels, beta, process_group=process_group, vocab_start=vocab_start,
+            ignore_index=ignore_index, average=average, backend=backend, token_metrics=token_metrics,
+            loss_type=loss_type, ld_alpha=ld_alpha, use_weighting=use_weighting, **loss_options,
+        )  # fmt: skip
     check_beta(beta)
     preference.check_options(average=average, ld_alpha=ld_alpha, use_weighting=use_weighting)
     check_logits("policy_logits", policy_logits)

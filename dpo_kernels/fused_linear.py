@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from . import losses, ops
+from . import distributed, ops
 from ._validation import FLOAT_DTYPES, check_beta, check_labels, check_pairs
 from .functional import _per_sequence
 from .reference import STATS
@@ -191,6 +191,8 @@ def fused_linear_sequence_logps(
     temperature: float = 1.0,
     memory_budget: Optional[int] = None,
     backend: str = "auto",
+    process_group=None,
+    vocab_start: Optional[int] = None,
 ) -> torch.Tensor:
     """Per-sequence log-probs of ``labels`` under the LM head ``weight`` applied to ``hidden``.
 
@@ -203,7 +205,18 @@ def fused_linear_sequence_logps(
     ``memory_budget``: bytes of fp32 logits the portable path forms at a time (default 16 MiB);
     smaller saves memory, larger streams the weight fewer times. The Triton kernels keep their tiles
     in registers and ignore it.
+
+    Vocabulary parallelism: with ``process_group`` (or ``vocab_start``, or ``weight`` a DTensor sharded on
+    dim 0 over a 1-D mesh, e.g. ``ColwiseParallel``) ``weight``/``bias`` are this rank's rows of the head
+    and every rank passes the same ``hidden`` and global ``labels``; see
+    :func:`dpo_kernels.distributed.vocab_parallel_fused_linear_sequence_logps`.
     """
+    if distributed.wanted(process_group, vocab_start, weight, bias):
+        return distributed.vocab_parallel_fused_linear_sequence_logps(
+            hidden, weight, labels, bias, process_group=process_group, vocab_start=vocab_start,
+            ignore_index=ignore_index, shift=shift, average=average, logit_scale=logit_scale, softcap=softcap,
+            temperature=temperature, memory_budget=memory_budget, backend=backend,
+        )  # fmt: skip
     _check_lm_head("hidden", hidden, "weight", weight, "bias", bias)
     check_labels(labels, hidden, "hidden")
     _check_transform(logit_scale, softcap, temperature)
@@ -241,6 +254,8 @@ def fused_linear_dpo_loss(
     ld_alpha=None,
     use_weighting: bool = False,
     token_metrics: bool = True,
+    process_group=None,
+    vocab_start: Optional[int] = None,
     **loss_options,
 ):
     """The DPO loss of :func:`dpo_kernels.fused_dpo_loss` straight from the last hidden states.
@@ -249,7 +264,19 @@ def fused_linear_dpo_loss(
     ``ref_logps`` (2B,) precomputed log-probs, or ``ref_hidden`` (2B, T, H) scored under ``ref_weight``
     (default: ``weight``, the shared head of a PEFT run) and ``ref_bias`` without autograd, storing
     nothing; neither means reference-free. Returns ``(loss, metrics)`` like ``fused_dpo_loss``.
+
+    Vocabulary parallelism as in :func:`fused_linear_sequence_logps`: ``weight``, ``bias``, ``ref_weight``
+    and ``ref_bias`` are then this rank's rows.
     """
+    if distributed.wanted(process_group, vocab_start, weight, bias, ref_weight, ref_bias):
+        return distributed.vocab_parallel_fused_linear_dpo_loss(
+            policy_hidden, weight, labels, process_group=process_group, vocab_start=vocab_start,
+            ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight_shard=ref_weight, bias_shard=bias,
+            ref_bias_shard=ref_bias, beta=beta, ignore_index=ignore_index, average=average,
+            logit_scale=logit_scale, softcap=softcap, temperature=temperature, memory_budget=memory_budget,
+            backend=backend, token_metrics=token_metrics, loss_type=loss_type, ld_alpha=ld_alpha,
+            use_weighting=use_weighting, **loss_options,
+        )  # fmt: skip
     check_beta(beta)
     _check_lm_head("policy_hidden", policy_hidden, "weight", weight, "bias", bias)
     kwargs = dict(

@@ -308,30 +308,63 @@ def check_dtensor(rank, world):
 
 
 def check_entry_points(rank, world):
-    """The public entry points route ``process_group=`` (and vocabulary-sharded DTensors) here, where
-    they take the argument."""
-    import inspect
+    """The public entry points take ``process_group=`` (and vocabulary-sharded DTensors) to the
+    vocabulary-parallel path, with every loss option and metric."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
 
     import dpo_kernels
     from dpo_kernels import reference
 
-    if "process_group" not in inspect.signature(dpo_kernels.fused_linear_dpo_loss).parameters:
-        return  # the entry points do not route to dpo_kernels.distributed in this build
     group = dist.group.WORLD
     logits, labels = _batch(4, 6, 19)
     shard, _ = _shard(logits, 2, rank, world)
     close(dpo_kernels.sequence_logps(shard, labels, process_group=group, backend="torch"),
           reference.sequence_logps(logits, labels))  # fmt: skip
     ref_logps = torch.randn(4)
-    loss, _ = dpo_kernels.fused_dpo_loss(shard, ref_logps, labels, process_group=group, backend="torch")
-    close(loss, dpo_kernels.fused_dpo_loss(logits, ref_logps, labels, backend="torch")[0])
+    options = dict(loss_type="ipo", use_weighting=True, rpo_alpha=0.5, beta=0.2, backend="torch")
+    loss, metrics = dpo_kernels.fused_dpo_loss(shard, ref_logps, labels, process_group=group, **options)
+    expected, expected_metrics = dpo_kernels.fused_dpo_loss(logits, ref_logps, labels, **options)
+    close(loss, expected)
+    assert metrics.keys() == expected_metrics.keys()
+    for name in expected_metrics:
+        close(metrics[name], expected_metrics[name])
+    with pytest.raises(ValueError, match="inplace_backward"):
+        dpo_kernels.fused_dpo_loss(shard.clone(), ref_logps, labels, process_group=group, inplace_backward=True)
+
     hidden, weight = torch.randn(4, 6, 8), torch.randn(19, 8)
     w_shard, _ = _shard(weight, 0, rank, world)
     close(dpo_kernels.fused_linear_sequence_logps(hidden, w_shard, labels, process_group=group, backend="torch"),
           dpo_kernels.fused_linear_sequence_logps(hidden, weight, labels, backend="torch"))  # fmt: skip
-    loss, _ = dpo_kernels.fused_linear_dpo_loss(hidden, w_shard, labels, ref_logps=ref_logps, process_group=group,
-                                                backend="torch")  # fmt: skip
-    close(loss, dpo_kernels.fused_linear_dpo_loss(hidden, weight, labels, ref_logps=ref_logps, backend="torch")[0])
+    options = dict(loss_type="apo_zero", ld_alpha=0.5, beta=0.3, backend="torch")
+    ref_hidden = torch.randn(4, 6, 8)
+    loss, metrics = dpo_kernels.fused_linear_dpo_loss(
+        hidden, w_shard, labels, ref_hidden=ref_hidden, process_group=group, **options
+    )
+    expected, expected_metrics = dpo_kernels.fused_linear_dpo_loss(hidden, weight, labels, ref_hidden=ref_hidden,
+                                                                   **options)  # fmt: skip
+    close(loss, expected)
+    for name in expected_metrics:
+        close(metrics[name], expected_metrics[name])
+
+    # a DTensor weight sharded on the vocabulary (tensor parallelism: same tokens on every rank) needs no
+    # argument; gradients land on the shard
+    mesh = init_device_mesh("cpu", (world,))
+    w_dt = nn.Parameter(distribute_tensor(weight, mesh, [Shard(0)]))
+    h = hidden.clone().requires_grad_()
+    loss, _ = dpo_kernels.fused_linear_dpo_loss(h, w_dt, labels, ref_logps=ref_logps, backend="torch")
+    loss.backward()
+    w_full, h_full = weight.clone().requires_grad_(), hidden.clone().requires_grad_()
+    expected, _ = dpo_kernels.fused_linear_dpo_loss(h_full, w_full, labels, ref_logps=ref_logps, backend="torch")
+    expected.backward()
+    close(loss, expected)
+    close(w_dt.grad.full_tensor(), w_full.grad)
+    close(h.grad, h_full.grad)
+    # ... but the ranks must see the same tokens (an FSDP2 shard used outside its forward does not)
+    mine = labels.clone()
+    mine[0, -1] = (int(mine[0, -1]) + rank) % 19
+    with pytest.raises(ValueError, match="labels differ across the ranks"):
+        dpo_kernels.fused_linear_sequence_logps(hidden, w_dt, mine, backend="torch")
 
 
 # ----------------------------------------------------------------------------------- FSDP2 and DDP
