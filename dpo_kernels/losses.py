@@ -117,6 +117,8 @@ class _Pairs:
     chosen_lengths: Optional[torch.Tensor]  # clamped to >= 1, in the log-probs' dtype
     rejected_lengths: Optional[torch.Tensor]
     chosen_token_counts: Optional[torch.Tensor]  # unclamped: the NLL's token mean is over the batch total
+    chosen_norm_lengths: Optional[torch.Tensor]  # what ipo / sigmoid_norm divide by, clamped to >= 1
+    rejected_norm_lengths: Optional[torch.Tensor]
     beta: float
     label_smoothing: float
     discopop_tau: float
@@ -177,7 +179,7 @@ def _ipo(p: _Pairs) -> torch.Tensor:
 
     Δ̄ uses per-token *average* scores (score / scored tokens): summed log-probs would make the
     squared target scale with length; TRL normalises the same way, confirmed with the IPO authors."""
-    delta = p.chosen_scores / p.chosen_lengths - p.rejected_scores / p.rejected_lengths
+    delta = p.chosen_scores / p.chosen_norm_lengths - p.rejected_scores / p.rejected_norm_lengths
     return (delta - 1 / (2 * p.beta)) ** 2
 
 
@@ -250,7 +252,7 @@ def _sigmoid_norm(p: _Pairs) -> torch.Tensor:
     """Length-normalised DPO with SimPO's target margin γ (Meng et al. 2024, arXiv:2405.14734):
     ``−log σ(β·Δ̄ − γ)``, Δ̄ from per-token average scores. γ = 0 is TRL's "sigmoid_norm"; with
     reference log-probs of 0 it is SimPO."""
-    delta = p.chosen_scores / p.chosen_lengths - p.rejected_scores / p.rejected_lengths
+    delta = p.chosen_scores / p.chosen_norm_lengths - p.rejected_scores / p.rejected_norm_lengths
     return -F.logsigmoid(p.beta * delta - p.gamma)
 
 
@@ -407,6 +409,8 @@ def preference_loss(
     gamma: float = 0.0,
     chosen_lengths: Optional[torch.Tensor] = None,
     rejected_lengths: Optional[torch.Tensor] = None,
+    chosen_norm_lengths: Optional[torch.Tensor] = None,
+    rejected_norm_lengths: Optional[torch.Tensor] = None,
     rpo_alpha: Optional[float] = None,
     pair_weights: Optional[torch.Tensor] = None,
     bco_state: Optional[BCOState] = None,
@@ -426,7 +430,9 @@ def preference_loss(
     ``label_smoothing`` is ε of cDPO/AOT ([0, 0.5]), robust ([0, 0.5)) and EXO ((0, 1)) and must be 0
     otherwise; ``gamma`` is SimPO's margin for "sigmoid_norm" only. ``chosen_lengths`` /
     ``rejected_lengths`` are the scored-token counts of each sequence, needed by ipo, sigmoid_norm,
-    sft, orpo and RPO. ``bco_state`` makes "bco_pair" centre rewards on a running mean and is
+    sft, orpo and RPO; ``chosen_norm_lengths`` / ``rejected_norm_lengths``, when given, replace them
+    as the divisors of ipo and sigmoid_norm only (TRL 1.16 divides there by the unshifted
+    completion-mask count, one more than the scored tokens when the prompt is empty). ``bco_state`` makes "bco_pair" centre rewards on a running mean and is
     updated in place with this batch's mean reward.
 
     Rewards are detached β·(π − ref); if every loss type is "orpo", β · average per-token log-prob.
@@ -481,6 +487,9 @@ def preference_loss(
                 raise ValueError(f"{name} (scored tokens per sequence) is required by {needers}")
         else:
             _check_per_pair(name, value, batch)
+    for name, value in (("chosen_norm_lengths", chosen_norm_lengths), ("rejected_norm_lengths", rejected_norm_lengths)):
+        if value is not None:
+            _check_per_pair(name, value, batch)
 
     if pair_weights is not None:
         _check_per_pair("pair_weights", pair_weights, batch)
@@ -524,8 +533,13 @@ def preference_loss(
         discopop_tau=discopop_tau,
         gamma=gamma,
         chosen_token_counts=lengths(chosen_lengths),
+        chosen_norm_lengths=lengths(chosen_lengths if chosen_norm_lengths is None else chosen_norm_lengths),
+        rejected_norm_lengths=lengths(rejected_lengths if rejected_norm_lengths is None else rejected_norm_lengths),
         bco_delta=bco_delta,
     )
+    for name in ("chosen_norm_lengths", "rejected_norm_lengths"):
+        if getattr(pairs, name) is not None:
+            setattr(pairs, name, getattr(pairs, name).clamp(min=1))
 
     per_pair = sum(w * _PAIR_LOSSES[t](pairs) for t, w in zip(types, weights))
     if rpo_alpha is not None:

@@ -61,6 +61,7 @@ def dpo_from_tokens(
     average: bool = False,
     ld_alpha: Optional[float] = None,
     use_weighting: bool = False,
+    norm_lengths: Optional[torch.Tensor] = None,
     **loss_options,
 ):
     """(loss, metrics) from the policy's (2B, T') per-token log-probs and the (2B,) reference log-probs
@@ -68,6 +69,8 @@ def dpo_from_tokens(
 
     ``stats`` (2B, T', 4) and ``lse`` (2B, T') come from the policy's kernel pass: ``stats`` feeds the
     token metrics (``logits/*``, ``entropy``, ``mean_token_accuracy``) and, with ``lse``, WPO's weights.
+    ``norm_lengths`` (2B,): what the length-normalised losses (ipo, sigmoid_norm) divide by instead of
+    the scored-token counts (see :func:`dpo_kernels.losses.preference_loss`).
     """
     nll_terms = any(t in _NEEDS_NLL for t in loss_types(loss_type)) or loss_options.get("rpo_alpha") is not None
     if nll_terms and (average or ld_alpha is not None):
@@ -77,6 +80,11 @@ def dpo_from_tokens(
     ref = torch.zeros_like(policy) if ref_logps is None else ref_logps.detach().to(policy.dtype)
     lengths = mask.sum(-1).to(policy.dtype)
     chosen_lengths, rejected_lengths = lengths.chunk(2)
+    if norm_lengths is not None:
+        if not isinstance(norm_lengths, torch.Tensor) or tuple(norm_lengths.shape) != tuple(lengths.shape):
+            got = tuple(norm_lengths.shape) if isinstance(norm_lengths, torch.Tensor) else type(norm_lengths).__name__
+            raise ValueError(f"norm_lengths must have shape {tuple(lengths.shape)}, got {got}")
+        loss_options["chosen_norm_lengths"], loss_options["rejected_norm_lengths"] = norm_lengths.chunk(2)
     pair_weights = None
     if use_weighting:
         if stats is None or lse is None:

@@ -7,8 +7,10 @@ order of the matmul (BLOCK_H slices or BLAS blocking), a few fp32 ulps of Σ_k |
 every logit z agrees to ~1e-5 absolute; the statistics are then sums (Σ z: order-dependent, the error
 grows with Σ_v |z_v|, hence the relative term), a softmax-weighted mean and two log-sum-exps, all
 1-Lipschitz in max |δz| (ATOL 1e-4 holds with margin and still catches a mask or indexing error,
-which is O(1)). bf16 inputs: the reference takes the same bf16 values upcast to fp32; bf16 × bf16
-products are exact in fp32, so both sides again differ only by fp32 summation order: same tolerance.
+which is O(1)). bf16 inputs, Triton: the reference takes the same bf16 values upcast to fp32; bf16 ×
+bf16 products are exact in fp32, so both sides again differ only by fp32 summation order: same
+tolerance. bf16 inputs, portable: its matmul runs in bf16 and rounds the product to bf16 (as the naive
+``hidden @ weight.T`` does), the rest in fp32; the reference rounds the product the same way.
 top1 is compared exactly; the inputs are checked to hold no near-tie (top-2 gap < 1e-4) other than
 the exact duplicates the tie tests build on purpose, whose logits are exact (dyadic) in any order.
 """
@@ -50,11 +52,17 @@ def lm_head(n, t, h, v, dtype, bias):
     return hidden, weight, (torch.randn(v) * 0.5).to(dtype) if bias else None
 
 
-def reference_stats(hidden, weight, bias, labels, shift=True, **transform):
-    """token_stats of the logits of the same input values in fp32 (fp64 for fp64 inputs)."""
+def reference_stats(hidden, weight, bias, labels, shift=True, round_product=False, **transform):
+    """token_stats of the logits of the same input values in fp32 (fp64 for fp64 inputs); with
+    ``round_product`` the product ``hidden @ weight.T`` is rounded to the inputs' dtype first."""
     up = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     b = bias.to(up) if bias is not None else None
-    z = reference.lm_head_logits(hidden.to(up), weight.to(up), b, **transform)
+    if round_product:
+        product = (hidden @ weight.T).to(up)
+        eye = torch.eye(product.shape[-1], dtype=up)  # the transform of lm_head_logits on given products
+        z = reference.lm_head_logits(product, eye, b, **transform)
+    else:
+        z = reference.lm_head_logits(hidden.to(up), weight.to(up), b, **transform)
     return reference.token_stats(z, labels, shift=shift), z
 
 
@@ -94,7 +102,8 @@ def test_matches_reference(backend, dtype, bias, transform):
     _, z = reference_stats(hidden, weight, b, labels, **kw)
     labels = label_argmax(labels, z)
     assert_no_near_ties(z, labels)
-    expected, _ = reference_stats(hidden, weight, b, labels, **kw)
+    rounded = backend == "torch" and dtype == torch.bfloat16
+    expected, _ = reference_stats(hidden, weight, b, labels, round_product=rounded, **kw)
     logp, lse, stats = op(hidden, weight, b, labels, backend=backend, **kw)
     check(stats, expected)
     assert (stats[3] == 0).all() and stats[..., 2].sum() > 0

@@ -368,13 +368,14 @@ def test_moe_aux_loss(tmp_path):
     assert_same_step(step_s, step_f)
 
 
-@pytest.mark.xfail(reason="ipo/sigmoid_norm lengths: TRL counts completion_mask (unshifted), dpo_from_tokens the "
-                          "scored tokens; they differ by one when the prompt is empty", strict=True)  # fmt: skip
-def test_empty_prompt_length_normalisation(tmp_path):
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm"])
+def test_empty_prompt_length_normalisation(tmp_path, loss_type):
+    """TRL divides ipo / sigmoid_norm scores by the unshifted completion-mask count: with an empty prompt
+    the first completion token is counted though no position predicts it."""
     ds = datasets.Dataset.from_dict({"prompt": [""] * 4, "chosen": [" 1 2 3", " 4 5", " 6", " 7 8 9 10"],
                                      "rejected": [" 3", " 5 5 5", " 6 6", " 9"]})  # fmt: skip
-    stock = build(DPOTrainer, tmp_path / "s", dataset=ds, loss_type="ipo")
-    fused = build(FusedDPOTrainer, tmp_path / "f", dataset=ds, loss_type="ipo")
+    stock = build(DPOTrainer, tmp_path / "s", dataset=ds, loss_type=loss_type)
+    fused = build(FusedDPOTrainer, tmp_path / "f", dataset=ds, loss_type=loss_type)
     batch = first_batch(stock)
     assert batch["completion_mask"][:, 0].all()
     assert_same_step(one_step(stock, batch), one_step(fused, batch))

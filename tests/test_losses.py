@@ -303,6 +303,23 @@ def test_zero_length_sequences_are_clamped():
         torch.testing.assert_close(call(data, loss_type=t).loss.item(), expected_loss(data, loss_type=t), **FP64_TOL)
 
 
+@pytest.mark.parametrize("loss_type", ["ipo", "sigmoid_norm", ["ipo", "sft"]])
+def test_norm_lengths_replace_the_divisor_of_normalised_losses_only(loss_type):
+    """ipo / sigmoid_norm divide by ``*_norm_lengths`` when given; sft's token mean keeps the scored counts."""
+    data = make_pairs()
+    norm = {k: data[k] + 1 for k in ("chosen_lengths", "rejected_lengths")}
+    got = call(data, loss_type=loss_type, chosen_norm_lengths=norm["chosen_lengths"],
+               rejected_norm_lengths=norm["rejected_lengths"]).loss  # fmt: skip
+    types = [loss_type] if isinstance(loss_type, str) else loss_type
+    expected = 0.0
+    for t in types:
+        lengths = norm if t in ("ipo", "sigmoid_norm") else data
+        expected += expected_loss(dict(data, **lengths), loss_type=t)
+    torch.testing.assert_close(got.item(), expected, **FP64_TOL)
+    with pytest.raises(ValueError, match="chosen_norm_lengths"):
+        call(data, loss_type="ipo", chosen_norm_lengths=norm["chosen_lengths"][:-1])
+
+
 def test_alpha_divergence_clamp():
     # (α − 1)·log-ratio = 2·60 = 120 > 80: the score saturates at (e^80 − 1)/(α − 1), zero gradient.
     data = make_pairs(2)

@@ -212,9 +212,12 @@ class _FusedLoss:
         else:
             ref = self._dpo_kernels_reference(model_kwargs, labels)
 
+        # ipo and sigmoid_norm divide by TRL's unshifted completion-mask count (one more than the scored
+        # tokens when the prompt is empty)
         loss, metrics = preference.dpo_from_tokens(
             tokens.logps, tokens.mask, ref, stats=tokens.stats, lse=tokens.lse,
-            vocab_size=hf.lm_head_of(model).weight.shape[0], **self._dpo_kernels_loss_options(),
+            vocab_size=hf.lm_head_of(model).weight.shape[0], norm_lengths=completion_mask.sum(-1),
+            **self._dpo_kernels_loss_options(),
         )  # fmt: skip
 
         if self.aux_loss_enabled:

@@ -5,6 +5,12 @@ chunk at a time, at most ``CHUNK_ELEMENTS`` fp32 values, folded into an online l
 forward and recomputed in the backward, where each chunk's ``dz`` is consumed at once by the three
 gradient matmuls. Accumulation is fp32 (fp64 for fp64 inputs); gradients are cast at the end.
 
+bf16/fp16 inputs: the matmuls run in the input dtype (fp32 accumulation inside the GEMM), their
+outputs rounded to it as the naive ``hidden @ weight.T`` rounds its logits and its gradients; an fp32
+copy of a weight chunk per row chunk and an fp32 GEMM would cost 5-7x more on CPUs with bf16 GEMMs
+and waste tensor cores on GPUs. Everything after the matmul (transform, log-sum-exp, dz) and every
+accumulation across chunks stays in fp32.
+
 Transform (see ``dpo_kernels.reference.lm_head_logits``):
     z = (h·Wᵀ + b)·logit_scale;  z = softcap·tanh(z / softcap) if softcap;  z = z / temperature
 """
@@ -16,6 +22,9 @@ import torch
 CHUNK_ELEMENTS = 1 << 22
 # A vocabulary chunk of at most this many columns keeps row chunks tall when V is 128k-256k.
 MAX_VOCAB_CHUNK = 32768
+# Low-precision d_weight products go through a (columns, H) temporary in the input dtype: this many
+# columns at a time bounds it (32 MiB at H = 4096).
+LOW_PRECISION_WEIGHT_BLOCK = 4096
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -31,9 +40,14 @@ def _chunks(M: int, V: int, chunk_elements: int):
             yield slice(r, min(r + rows, M)), slice(c, min(c + cols, V))
 
 
+def _low_precision(dtype: torch.dtype) -> bool:
+    return dtype in (torch.bfloat16, torch.float16)
+
+
 def _logits(h, weight, bias, vocab, logit_scale, softcap, temperature, acc):
-    """z for one chunk, and tanh(·) of the pre-cap values when softcapping (the backward needs it)."""
-    z = h @ weight[vocab].to(acc).T
+    """z for one chunk (fp32, from a matmul in h's dtype), and tanh(·) of the pre-cap values when
+    softcapping (the backward needs it)."""
+    z = (h @ weight[vocab].T).to(acc)
     if bias is not None:
         z += bias[vocab].to(acc)
     if logit_scale != 1.0:
@@ -63,7 +77,7 @@ def fused_linear_logps_fwd(
     """
     M, V = hidden.shape[0], weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
-    h = hidden.to(acc)
+    h = hidden
     m = torch.full((M,), float("-inf"), dtype=acc, device=hidden.device)
     s = torch.zeros(M, dtype=acc, device=hidden.device)
     label_logit = torch.zeros(M, dtype=acc, device=hidden.device)
@@ -114,7 +128,8 @@ def fused_linear_logps_bwd(
     """
     M, V = hidden.shape[0], weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
-    h = hidden.to(acc)
+    low = _low_precision(hidden.dtype)
+    h = hidden
     g = grad.to(acc)
     d_hidden = torch.zeros(M, hidden.shape[1], dtype=acc, device=hidden.device)
     d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
@@ -131,8 +146,15 @@ def fused_linear_logps_bwd(
             dz *= 1 - capped.square_()
         if logit_scale != 1.0:
             dz *= logit_scale
-        d_hidden[rows].addmm_(dz, weight[vocab].to(acc))  # accumulate in place: no (rows, H) or
-        d_weight[vocab].addmm_(dz.T, h[rows])  # (V_chunk, H) temporaries
+        if low:
+            dz_low = dz.to(hidden.dtype)
+            d_hidden[rows] += dz_low @ weight[vocab]
+            for start in range(vocab.start, vocab.stop, LOW_PRECISION_WEIGHT_BLOCK):
+                block = slice(start, min(start + LOW_PRECISION_WEIGHT_BLOCK, vocab.stop))
+                d_weight[block] += dz_low[:, block.start - vocab.start : block.stop - vocab.start].T @ h[rows]
+        else:
+            d_hidden[rows].addmm_(dz, weight[vocab])  # accumulate in place: no (rows, H) or
+            d_weight[vocab].addmm_(dz.T, h[rows])  # (V_chunk, H) temporaries
         if d_bias is not None:
             d_bias[vocab] += dz.sum(dim=0)
     return (
