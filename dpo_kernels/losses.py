@@ -118,6 +118,8 @@ class _Pairs:
     rejected_lengths: Optional[torch.Tensor]
     chosen_token_counts: Optional[torch.Tensor]  # unclamped: the NLL's token mean is over the batch total
     chosen_norm_lengths: Optional[torch.Tensor]  # what ipo / sigmoid_norm divide by, clamped to >= 1
+    chosen_sums: torch.Tensor  # summed log-probs for the NLL and ORPO's odds (= chosen_logps by default)
+    rejected_sums: torch.Tensor
     rejected_norm_lengths: Optional[torch.Tensor]
     beta: float
     label_smoothing: float
@@ -266,7 +268,7 @@ def _sft(p: _Pairs) -> torch.Tensor:
     """NLL of the chosen completions, token mean over the batch — the SFT term of MPO
     (Wang et al. 2024, arXiv:2411.10442), TRL's "sft". One batch-level value broadcast to (B,) so
     it combines with per-pair losses and weights like they do."""
-    return _chosen_nll(p.chosen_logps, p.chosen_token_counts).expand_as(p.chosen_logps)
+    return _chosen_nll(p.chosen_sums, p.chosen_token_counts).expand_as(p.chosen_logps)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -283,8 +285,8 @@ def _orpo(p: _Pairs) -> torch.Tensor:
     :func:`_sft`. Reference log-probs are ignored. Unlike TRL's ORPO trainer, the NLL covers the
     scored (completion) tokens only, not the prompt. A completion with average log-prob 0 gives
     log(0) = −inf, as in TRL."""
-    chosen_avg = p.chosen_logps / p.chosen_lengths
-    rejected_avg = p.rejected_logps / p.rejected_lengths
+    chosen_avg = p.chosen_sums / p.chosen_lengths
+    rejected_avg = p.rejected_sums / p.rejected_lengths
     log_odds = (chosen_avg - rejected_avg) - (_log1mexp(chosen_avg) - _log1mexp(rejected_avg))
     return _sft(p) - p.beta * F.logsigmoid(log_odds)
 
@@ -411,6 +413,8 @@ def preference_loss(
     rejected_lengths: Optional[torch.Tensor] = None,
     chosen_norm_lengths: Optional[torch.Tensor] = None,
     rejected_norm_lengths: Optional[torch.Tensor] = None,
+    chosen_sum_logps: Optional[torch.Tensor] = None,
+    rejected_sum_logps: Optional[torch.Tensor] = None,
     rpo_alpha: Optional[float] = None,
     pair_weights: Optional[torch.Tensor] = None,
     bco_state: Optional[BCOState] = None,
@@ -432,7 +436,10 @@ def preference_loss(
     ``rejected_lengths`` are the scored-token counts of each sequence, needed by ipo, sigmoid_norm,
     sft, orpo and RPO; ``chosen_norm_lengths`` / ``rejected_norm_lengths``, when given, replace them
     as the divisors of ipo and sigmoid_norm only (TRL 1.16 divides there by the unshifted
-    completion-mask count, one more than the scored tokens when the prompt is empty). ``bco_state`` makes "bco_pair" centre rewards on a running mean and is
+    completion-mask count, one more than the scored tokens when the prompt is empty).
+    ``chosen_sum_logps`` / ``rejected_sum_logps``: the summed log-probs that sft, orpo and rpo_alpha
+    need, when the log-probs given are reduced otherwise (a mean, LD-DPO's weighted sum); by default
+    those are the sums. ``bco_state`` makes "bco_pair" centre rewards on a running mean and is
     updated in place with this batch's mean reward.
 
     Rewards are detached β·(π − ref); if every loss type is "orpo", β · average per-token log-prob.
@@ -487,7 +494,8 @@ def preference_loss(
                 raise ValueError(f"{name} (scored tokens per sequence) is required by {needers}")
         else:
             _check_per_pair(name, value, batch)
-    for name, value in (("chosen_norm_lengths", chosen_norm_lengths), ("rejected_norm_lengths", rejected_norm_lengths)):
+    for name, value in (("chosen_norm_lengths", chosen_norm_lengths), ("rejected_norm_lengths", rejected_norm_lengths),
+                        ("chosen_sum_logps", chosen_sum_logps), ("rejected_sum_logps", rejected_sum_logps)):  # fmt: skip
         if value is not None:
             _check_per_pair(name, value, batch)
 
@@ -535,6 +543,8 @@ def preference_loss(
         chosen_token_counts=lengths(chosen_lengths),
         chosen_norm_lengths=lengths(chosen_lengths if chosen_norm_lengths is None else chosen_norm_lengths),
         rejected_norm_lengths=lengths(rejected_lengths if rejected_norm_lengths is None else rejected_norm_lengths),
+        chosen_sums=chosen_logps if chosen_sum_logps is None else chosen_sum_logps,
+        rejected_sums=rejected_logps if rejected_sum_logps is None else rejected_sum_logps,
         bco_delta=bco_delta,
     )
     for name in ("chosen_norm_lengths", "rejected_norm_lengths"):
@@ -543,14 +553,14 @@ def preference_loss(
 
     per_pair = sum(w * _PAIR_LOSSES[t](pairs) for t, w in zip(types, weights))
     if rpo_alpha is not None:
-        per_pair = per_pair + rpo_alpha * _chosen_nll(chosen_logps, pairs.chosen_token_counts)
+        per_pair = per_pair + rpo_alpha * _chosen_nll(pairs.chosen_sums, pairs.chosen_token_counts)
     if pair_weights is not None:
         per_pair = per_pair * pair_weights.detach().to(dtype)
     loss = per_pair.mean()
 
     if all(t == "orpo" for t in types):
-        chosen_rewards = beta * (chosen_logps / pairs.chosen_lengths).detach()
-        rejected_rewards = beta * (rejected_logps / pairs.rejected_lengths).detach()
+        chosen_rewards = beta * (pairs.chosen_sums / pairs.chosen_lengths).detach()
+        rejected_rewards = beta * (pairs.rejected_sums / pairs.rejected_lengths).detach()
     else:
         chosen_rewards = beta * chosen_logratios.detach()
         rejected_rewards = beta * rejected_logratios.detach()

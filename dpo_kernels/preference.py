@@ -73,10 +73,10 @@ def dpo_from_tokens(
     the scored-token counts (see :func:`dpo_kernels.losses.preference_loss`).
     """
     nll_terms = any(t in _NEEDS_NLL for t in loss_types(loss_type)) or loss_options.get("rpo_alpha") is not None
-    if nll_terms and (average or ld_alpha is not None):
-        # Their NLL and ORPO's odds are defined on summed token log-probs.
-        raise ValueError("loss types 'sft' and 'orpo' and rpo_alpha need summed log-probs: not with average=True or ld_alpha")
     policy = reduce_sequences(token_logps, mask, average=average, ld_alpha=ld_alpha)
+    if nll_terms and (average or ld_alpha is not None):
+        # The NLL and ORPO's odds are defined on summed token log-probs, whatever the DPO terms use.
+        loss_options["chosen_sum_logps"], loss_options["rejected_sum_logps"] = token_logps.sum(-1).chunk(2)
     ref = torch.zeros_like(policy) if ref_logps is None else ref_logps.detach().to(policy.dtype)
     lengths = mask.sum(-1).to(policy.dtype)
     chosen_lengths, rejected_lengths = lengths.chunk(2)

@@ -146,6 +146,7 @@ LOSS_CASES = {
     "discopop": dict(loss_types=["discopop"], discopop_tau=0.2),
     "sigmoid_norm": dict(loss_types=["sigmoid_norm"]),
     "sft": dict(loss_types=["sft"]),
+    "sigmoid_sft_ld_alpha": dict(loss_types=["sigmoid", "sft"], ld_alpha=0.5),  # sft's NLL ignores ld_alpha
     "alpha_divergence": dict(f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.5),
     "js_divergence_hinge": dict(loss_types=["hinge"], f_divergence_type="js_divergence"),
     "forward_kl": dict(f_divergence_type="forward_kl"),

@@ -320,6 +320,24 @@ def test_norm_lengths_replace_the_divisor_of_normalised_losses_only(loss_type):
         call(data, loss_type="ipo", chosen_norm_lengths=norm["chosen_lengths"][:-1])
 
 
+@pytest.mark.parametrize("opts", [dict(loss_type="sft"), dict(loss_type="orpo"), dict(loss_type="ipo", rpo_alpha=0.4)],
+                         ids=["sft", "orpo", "rpo"])  # fmt: skip
+def test_sum_logps_feed_the_nll_and_odds_terms(opts):
+    """With ``*_sum_logps`` the NLL / odds terms read the sums, the DPO terms the (here: averaged)
+    log-probs given; the same as the formula with each part on its own inputs."""
+    data = make_pairs()
+    averaged = dict(data)
+    for side in ("chosen", "rejected"):
+        averaged[side] = data[side] / data[f"{side}_lengths"]
+    got = call(averaged, chosen_sum_logps=data["chosen"], rejected_sum_logps=data["rejected"], **opts).loss
+    if opts["loss_type"] == "ipo":  # the DPO part on the averaged log-probs, the NLL on the sums
+        expected = expected_loss(averaged, loss_type="ipo") + 0.4 * -data["chosen"].sum().item() / data[
+            "chosen_lengths"].sum().item()  # fmt: skip
+    else:  # sft and orpo read the sums only
+        expected = expected_loss(data, **opts)
+    torch.testing.assert_close(got.item(), expected, **FP64_TOL)
+
+
 def test_alpha_divergence_clamp():
     # (α − 1)·log-ratio = 2·60 = 120 > 80: the score saturates at (e^80 − 1)/(α − 1), zero gradient.
     data = make_pairs(2)
