@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from benchmarks import providers
+from dpo_kernels._peak_rss import reset_peak_rss, status_bytes
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -212,21 +213,10 @@ def summarize(samples):
 
 
 def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (/proc/self/clear_refs, "5"); False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    value = status_bytes(field)
+    if value is None:
+        raise RuntimeError(f"{field} not in /proc/self/status")
+    return value
 
 
 def _new_bytes(grads, inputs: Inputs) -> int:
@@ -274,7 +264,7 @@ def child_measure(spec: dict) -> dict:
         peak = torch.cuda.max_memory_allocated(device)
         method = "torch.cuda.max_memory_allocated"
     else:
-        if not _reset_peak_rss():
+        if not reset_peak_rss():
             return {"extra_bytes": None, "method": "unavailable (/proc/self/clear_refs refused)"}
         baseline = _status_bytes("VmRSS")
         out, grads = forward_backward(fn, inputs)

@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import re
 import statistics
 import sys
 import tempfile
 import time
 import warnings
+
+from ._peak_rss import reset_peak_rss, status_bytes
 
 
 def _parse(argv):
@@ -126,23 +127,6 @@ def make_trainer(cls, args, steps: int, tokenizer, dataset, output_dir: str, pro
 # ------------------------------------------------------------------------------------------ measuring
 
 
-def _status_bytes(key: str):
-    try:
-        with open("/proc/self/status") as f:
-            return int(re.search(rf"{key}:\s+(\d+) kB", f.read()).group(1)) * 1024
-    except (OSError, AttributeError):
-        return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _make_timer_callback():
     from transformers import TrainerCallback
 
@@ -193,11 +177,11 @@ def peak_step_memory(trainer):
     trainer.training_step(trainer.model, batch)  # warm-up: first-call allocations, kernel caches
     trainer.model.zero_grad(set_to_none=False)
     gc.collect()
-    if not _reset_peak_rss():
+    if not reset_peak_rss():
         return None, saved
-    base = _status_bytes("VmRSS")
+    base = status_bytes("VmRSS")
     trainer.training_step(trainer.model, batch)
-    peak = _status_bytes("VmHWM")
+    peak = status_bytes("VmHWM")
     trainer.model.zero_grad(set_to_none=False)
     return (None if base is None or peak is None else max(peak - base, 0)), saved
 
@@ -248,7 +232,7 @@ def main(argv=None) -> dict:
         for lo in range(0, len(logs), window):
             chunk = logs[lo : lo + window]
 
-            def mean(key):
+            def mean(key, chunk=chunk):
                 return statistics.fmean(h[key] for h in chunk)
 
             steps = f"{chunk[0]['step']}-{chunk[-1]['step']}"

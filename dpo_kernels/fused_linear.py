@@ -279,10 +279,6 @@ def fused_linear_dpo_loss(
         )  # fmt: skip
     check_beta(beta)
     _check_lm_head("policy_hidden", policy_hidden, "weight", weight, "bias", bias)
-    kwargs = dict(
-        ignore_index=ignore_index, average=average, logit_scale=logit_scale, softcap=softcap,
-        temperature=temperature, memory_budget=memory_budget, backend=backend,
-    )  # fmt: skip
     from . import preference
 
     preference.check_options(average=average, ld_alpha=ld_alpha, use_weighting=use_weighting)
