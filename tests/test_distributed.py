@@ -314,6 +314,7 @@ def check_entry_points(rank, world):
     from torch.distributed.tensor import Shard, distribute_tensor
 
     import dpo_kernels
+    from dpo_kernels import distributed as D
     from dpo_kernels import reference
 
     group = dist.group.WORLD
@@ -329,6 +330,20 @@ def check_entry_points(rank, world):
     assert metrics.keys() == expected_metrics.keys()
     for name in expected_metrics:
         close(metrics[name], expected_metrics[name])
+    # every loss type of the family, loss and gradient of the shard
+    from dpo_kernels.losses import LOSS_TYPES
+
+    for loss_type in LOSS_TYPES:
+        extra = {"label_smoothing": 0.1} if loss_type == "exo_pair" else {}
+        mine, full = shard.clone().requires_grad_(), logits.clone().requires_grad_()
+        loss, _ = dpo_kernels.fused_dpo_loss(mine, ref_logps, labels, process_group=group, loss_type=loss_type,
+                                             backend="torch", **extra)  # fmt: skip
+        expected, _ = dpo_kernels.fused_dpo_loss(full, ref_logps, labels, loss_type=loss_type, backend="torch", **extra)
+        loss.backward()
+        expected.backward()
+        close(loss, expected)
+        start = D.vocab_shard_range(19, world, rank)[0]
+        close(mine.grad, full.grad[..., start : start + mine.shape[-1]])
     with pytest.raises(ValueError, match="inplace_backward"):
         dpo_kernels.fused_dpo_loss(shard.clone(), ref_logps, labels, process_group=group, inplace_backward=True)
 
