@@ -113,6 +113,27 @@ def test_chunking_over_rows_and_vocabulary(monkeypatch, shift, average):
         torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_row_tiles(monkeypatch, dtype):
+    """The portable backward with several row tiles per vocabulary tile (d_weight through its fp32 tile
+    accumulator) and ragged tiles both ways."""
+    monkeypatch.setattr(portable_linear, "BACKWARD_ROW_TILE", 5)
+    n, t, h, v = 4, 6, 40, 123
+    hidden, weight, b = lm_head(n, t, h, v, dtype, True)
+    _, labels = make_batch(n, t, v)
+    upstream = torch.randn(n)
+    kwargs = dict(softcap=4.0, logit_scale=1.5)
+    out, grads = run(fused, hidden, weight, b, labels, upstream, backend="torch", memory_budget=5 * 50 * 4, **kwargs)
+    ref_out, ref_grads = run(naive, hidden, weight, b, labels, upstream, **kwargs)
+    if dtype == torch.float32:
+        for grad, ref_grad in zip(grads, ref_grads):
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-5)
+        return
+    _, truth_grads = run(naive, hidden.double(), weight.double(), b.double(), labels, upstream.double(), **kwargs)
+    for grad, ref_grad, truth in zip(grads, ref_grads, truth_grads):
+        assert_low_precision_grad(grad, ref_grad, truth)
+
+
 def test_gradcheck_fp64():
     hidden, weight, b = lm_head(2, 4, 6, 11, torch.float64, True)
     labels = torch.tensor([[-100, 3, 7, 10], [-100, -100, 0, 5]])

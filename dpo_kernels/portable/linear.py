@@ -22,9 +22,10 @@ import torch
 CHUNK_ELEMENTS = 1 << 22
 # A vocabulary chunk of at most this many columns keeps row chunks tall when V is 128k-256k.
 MAX_VOCAB_CHUNK = 32768
-# Low-precision d_weight products go through a (columns, H) temporary in the input dtype: this many
-# columns at a time bounds it (32 MiB at H = 4096).
-LOW_PRECISION_WEIGHT_BLOCK = 4096
+# Backward row tile: up to this many rows share one vocabulary tile (so a tile of the default chunk is
+# 2048 × 2048 logits), which keeps the d_weight products' inner dimension long and, for M up to it,
+# makes every d_weight row a single product.
+BACKWARD_ROW_TILE = 2048
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -118,47 +119,67 @@ def fused_linear_logps_fwd(
     return label_logit - lse, lse, stats
 
 
+def _backward_tiles(M: int, V: int, chunk_elements: int):
+    """Vocabulary tiles outermost, each cut into row tiles of at most ``BACKWARD_ROW_TILE`` rows."""
+    rows = max(1, min(M, BACKWARD_ROW_TILE, chunk_elements))
+    cols = max(1, min(V, MAX_VOCAB_CHUNK, chunk_elements // rows))
+    for c in range(0, V, cols):
+        vocab = slice(c, min(c + cols, V))
+        yield vocab, [slice(r, min(r + rows, M)) for r in range(0, M, rows)]
+
+
 def fused_linear_logps_bwd(
     grad, hidden, weight, bias, labels, lse, logit_scale, softcap, temperature, chunk_elements=None
 ):
     """-> (d_hidden (M, H) in hidden's dtype, d_weight (V, H) in weight's dtype, d_bias (V,) | None).
 
     dz = g·(onehot(label) − softmax(z)), chained back through the transform; d_hidden = dz·W,
-    d_weight = dzᵀ·h, d_bias = Σ_rows dz, chunk by chunk.
+    d_weight = dzᵀ·h, d_bias = Σ_rows dz, tile by tile. Vocabulary tiles are outermost, so each tile's
+    d_weight rows are complete when the tile is: one product over all rows (M ≤ BACKWARD_ROW_TILE)
+    written straight into the result, or an fp32 (columns, H) accumulator over the row tiles, rounded
+    once. No (V, H) accumulator, and the d_weight products run with the inner dimension M, not a
+    sliver of rows; d_hidden accumulates in fp32 across vocabulary tiles.
     """
     M, V = hidden.shape[0], weight.shape[0]
     acc = _acc_dtype(hidden.dtype)
     low = _low_precision(hidden.dtype)
-    h = hidden
     g = grad.to(acc)
+    lse = lse.to(acc)
     d_hidden = torch.zeros(M, hidden.shape[1], dtype=acc, device=hidden.device)
-    d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    d_weight = torch.empty_like(weight)
     d_bias = torch.zeros(V, dtype=acc, device=weight.device) if bias is not None else None
-    for rows, vocab in _chunks(M, V, chunk_elements or CHUNK_ELEMENTS):
-        z, capped = _logits(h[rows], weight, bias, vocab, logit_scale, softcap, temperature, acc)
-        dz = z.sub_(lse[rows].to(acc).unsqueeze(1)).exp_().mul_(-g[rows].unsqueeze(1))
-        y = labels[rows] - vocab.start
-        hit = ((y >= 0) & (y < dz.shape[1])).nonzero().squeeze(1)
-        dz[hit, y[hit]] += g[rows][hit]
-        if temperature != 1.0:
-            dz /= temperature
-        if capped is not None:
-            dz *= 1 - capped.square_()
-        if logit_scale != 1.0:
-            dz *= logit_scale
-        if low:
-            dz_low = dz.to(hidden.dtype)
-            d_hidden[rows] += dz_low @ weight[vocab]
-            for start in range(vocab.start, vocab.stop, LOW_PRECISION_WEIGHT_BLOCK):
-                block = slice(start, min(start + LOW_PRECISION_WEIGHT_BLOCK, vocab.stop))
-                d_weight[block] += dz_low[:, block.start - vocab.start : block.stop - vocab.start].T @ h[rows]
-        else:
-            d_hidden[rows].addmm_(dz, weight[vocab])  # accumulate in place: no (rows, H) or
-            d_weight[vocab].addmm_(dz.T, h[rows])  # (V_chunk, H) temporaries
-        if d_bias is not None:
-            d_bias[vocab] += dz.sum(dim=0)
+    for vocab, row_tiles in _backward_tiles(M, V, chunk_elements or CHUNK_ELEMENTS):
+        w = weight[vocab]
+        w_acc = None if len(row_tiles) == 1 else torch.zeros(w.shape, dtype=acc, device=weight.device)
+        for rows in row_tiles:
+            z, capped = _logits(hidden[rows], weight, bias, vocab, logit_scale, softcap, temperature, acc)
+            dz = z.sub_(lse[rows].unsqueeze(1)).exp_().mul_(-g[rows].unsqueeze(1))
+            y = labels[rows] - vocab.start
+            hit = ((y >= 0) & (y < dz.shape[1])).nonzero().squeeze(1)
+            dz[hit, y[hit]] += g[rows][hit]
+            if temperature != 1.0:
+                dz /= temperature
+            if capped is not None:
+                dz *= 1 - capped.square_()
+            if logit_scale != 1.0:
+                dz *= logit_scale
+            if d_bias is not None:
+                d_bias[vocab] += dz.sum(dim=0)
+            dz = dz.to(hidden.dtype)  # the products run in the inputs' dtype (a no-op for fp32 / fp64)
+            if low:
+                d_hidden[rows] += dz @ w  # a (rows, H) temporary in the inputs' dtype
+            else:
+                d_hidden[rows].addmm_(dz, w)  # in place: no temporary
+            if w_acc is None:
+                torch.mm(dz.T, hidden[rows], out=d_weight[vocab])
+            elif low:
+                w_acc += dz.T @ hidden[rows]
+            else:
+                w_acc.addmm_(dz.T, hidden[rows])
+        if w_acc is not None:
+            d_weight[vocab] = w_acc
     return (
         d_hidden.to(hidden.dtype),
-        d_weight.to(weight.dtype),
+        d_weight,
         d_bias.to(bias.dtype) if d_bias is not None else None,
     )
