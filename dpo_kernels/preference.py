@@ -17,6 +17,8 @@ from . import losses
 
 # Loss types that need the number of scored tokens per sequence, or the chosen NLL.
 _NEEDS_NLL = ("sft", "orpo")
+# Loss types that divide the sequence scores by their length themselves.
+_LENGTH_NORMALISED = ("ipo", "sigmoid_norm")
 
 
 def loss_types(loss_type) -> tuple[str, ...]:
@@ -73,6 +75,12 @@ def dpo_from_tokens(
     the scored-token counts (see :func:`dpo_kernels.losses.preference_loss`).
     """
     nll_terms = any(t in _NEEDS_NLL for t in loss_types(loss_type)) or loss_options.get("rpo_alpha") is not None
+    normalised = [t for t in loss_types(loss_type) if t in _LENGTH_NORMALISED]
+    if average and normalised:
+        raise ValueError(
+            f"loss types {normalised} normalise by length themselves: average=True would divide the scores by the "
+            "length twice; leave average=False"
+        )
     policy = reduce_sequences(token_logps, mask, average=average, ld_alpha=ld_alpha)
     if nll_terms and (average or ld_alpha is not None):
         # The NLL and ORPO's odds are defined on summed token log-probs, whatever the DPO terms use.

@@ -146,6 +146,8 @@ def test_token_metrics_can_be_skipped_and_empty_sides_report_zero():
         (dict(loss_type="hinge", label_smoothing=0.1), "label_smoothing"),
         (dict(ld_alpha=1.5), "ld_alpha"),
         (dict(ld_alpha=0.5, average=True), "ld_alpha"),
+        (dict(loss_type="ipo", average=True), "length twice"),
+        (dict(loss_type=["sigmoid", "sigmoid_norm"], average=True), "length twice"),
         (dict(loss_type="nca_pair", f_divergence_type="forward_kl"), "f_divergence_type"),
     ],
 )
