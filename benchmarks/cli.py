@@ -176,11 +176,16 @@ def build_cases(args):
             main = measure.Case(workload, dtype, base["n"], base["t"], base["v"], base["h"], args.prompt_frac)
             cases.append(main)
             if args.sweep:
+                seen = {main}  # small shapes clamp to the same point: measure it once
                 for div in (4, 2):
-                    v = max(8, base["v"] // div)
-                    sweep_cases.append(("V", measure.Case(workload, dtype, base["n"], base["t"], v, base["h"], args.prompt_frac)))
-                    t = max(8, base["t"] // div)
-                    sweep_cases.append(("tokens", measure.Case(workload, dtype, base["n"], t, base["v"], base["h"], args.prompt_frac)))  # fmt: skip
+                    v, t = max(8, base["v"] // div), max(8, base["t"] // div)
+                    for axis, case in (
+                        ("V", measure.Case(workload, dtype, base["n"], base["t"], v, base["h"], args.prompt_frac)),
+                        ("tokens", measure.Case(workload, dtype, base["n"], t, base["v"], base["h"], args.prompt_frac)),
+                    ):
+                        if case not in seen:
+                            seen.add(case)
+                            sweep_cases.append((axis, case))
     return cases, sweep_cases
 
 

@@ -129,9 +129,12 @@ def plot_sweep(out_dir, rows) -> list[str]:
     for (workload, dtype, axis), sub in sorted(groups.items()):
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
         for name in dict.fromkeys(r["provider"] for r in sub):
-            pts = sorted(
-                (r["case"]["v"] if axis == "V" else r["case"]["n"] * r["case"]["t"], r) for r in sub if r["provider"] == name
-            )
+            # one point per x: the main case can coincide with a sweep point
+            by_x = {}
+            for r in sub:
+                if r["provider"] == name:
+                    by_x.setdefault(r["case"]["v"] if axis == "V" else r["case"]["n"] * r["case"]["t"], r)
+            pts = sorted(by_x.items(), key=lambda p: p[0])
             xs = [x for x, _ in pts]
             ax_t.plot(xs, [1e3 * r["time"]["total"]["median"] for _, r in pts], marker="o", label=name)
             mem = [(x, r["extra_bytes"] / MiB) for x, r in pts if r.get("extra_bytes") is not None]

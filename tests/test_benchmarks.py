@@ -48,6 +48,24 @@ def test_harness_smoke_on_a_tiny_config(tmp_path):
     assert {m["model"] for m in data["modeled"]["memory"]} == set(modeled.MODELS)
 
 
+def test_sweep_writes_its_table_and_plots(tmp_path):
+    cmd = [
+        sys.executable, "-m", "benchmarks", "--n", "2", "--t", "16", "--v", "64", "--h", "16", "--dtypes", "fp32",
+        "--providers", "reference,dpo_kernels[torch],dpo_kernels.fused_linear[torch]", "--reps", "1", "--warmup", "0",
+        "--sweep", "--no-memory", "--no-modeled", "--no-progress", "--out-dir", str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    sweep = proc.stdout.split("## Sweep (measured)")[1]
+    rows = [line for line in sweep.splitlines() if line.startswith("| logits") or line.startswith("| lm_head")]
+    labels = [line.split("|")[1:3] for line in rows]
+    assert len(labels) == len({tuple(x) for x in labels}) > 0  # each sweep point measured once
+    if report.can_plot():
+        for workload in ("logits", "lm_head"):
+            for axis in ("V", "tokens"):
+                assert (tmp_path / f"sweep_{workload}_fp32_vs_{axis}.png").stat().st_size > 0
+
+
 def test_a_disagreeing_provider_is_reported_and_not_timed():
     case = measure.Case("logits", "fp32", n=2, t=8, v=32, h=0, prompt_frac=0.25)
     inputs = measure.Inputs(case, torch.device("cpu"))
