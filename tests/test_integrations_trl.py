@@ -253,9 +253,14 @@ def test_peft_lora_reference_is_the_base_model(tmp_path):
 # ------------------------------------------------------------------------------------ a short run
 
 
-def test_training_run_matches_step_by_step(tmp_path):
-    stock = build(DPOTrainer, tmp_path / "s", model_fn=gpt2, max_steps=5, learning_rate=5e-3)
-    fused = build(FusedDPOTrainer, tmp_path / "f", model_fn=gpt2, max_steps=5, learning_rate=5e-3)
+@pytest.mark.parametrize("accumulation", [1, 2], ids=["no_accumulation", "accumulate_2"])
+def test_training_run_matches_step_by_step(tmp_path, accumulation):
+    """GPT-2 (tied embeddings), 5 optimizer steps; with gradient accumulation each step sums two
+    micro-batches' losses, scaled as the stock trainer scales them."""
+    kw = dict(model_fn=gpt2, max_steps=5, learning_rate=5e-3, gradient_accumulation_steps=accumulation,
+              per_device_train_batch_size=4 // accumulation)  # fmt: skip
+    stock = build(DPOTrainer, tmp_path / "s", **kw)
+    fused = build(FusedDPOTrainer, tmp_path / "f", **kw)
     stock.train()
     fused.train()
     logs_s = [h for h in stock.state.log_history if "loss" in h]
