@@ -253,6 +253,32 @@ def test_peft_lora_reference_is_the_base_model(tmp_path):
 # ------------------------------------------------------------------------------------ a short run
 
 
+def test_bf16_model_is_as_close_to_fp64_as_the_stock_trainer(tmp_path):
+    """A bf16 model: the fused step's loss, metrics and gradients are no farther from the fp64 step of
+    the stock trainer than the stock trainer's own bf16 step is (plus one bf16 ulp of each scale)."""
+    runs = {}
+    for name, cls, dtype in [("truth", DPOTrainer, torch.float64), ("stock", DPOTrainer, torch.bfloat16),
+                             ("fused", FusedDPOTrainer, torch.bfloat16)]:  # fmt: skip
+        trainer = build(cls, tmp_path / name, model_fn=lambda seed, dtype=dtype: llama(seed).to(dtype))
+        runs[name] = one_step(trainer, first_batch(trainer))
+    (loss_t, metrics_t, grads_t), (loss_s, metrics_s, grads_s), (loss_f, metrics_f, grads_f) = runs.values()
+    ulp = torch.finfo(torch.bfloat16).eps
+
+    def within(fused, stock, truth):
+        truth = torch.as_tensor(truth, dtype=torch.float64)
+        fused_err = (torch.as_tensor(fused).double() - truth).abs().max()
+        stock_err = (torch.as_tensor(stock).double() - truth).abs().max()
+        return fused_err <= stock_err + ulp * truth.abs().max()
+
+    assert within(loss_f, loss_s, loss_t)
+    assert metrics_f.keys() == metrics_s.keys()
+    for name in metrics_s:
+        assert within(metrics_f[name], metrics_s[name], metrics_t[name]), name
+    for name in grads_s:
+        assert grads_f[name].dtype == torch.bfloat16
+        assert within(grads_f[name], grads_s[name], grads_t[name]), name
+
+
 @pytest.mark.parametrize("accumulation", [1, 2], ids=["no_accumulation", "accumulate_2"])
 def test_training_run_matches_step_by_step(tmp_path, accumulation):
     """GPT-2 (tied embeddings), 5 optimizer steps; with gradient accumulation each step sums two
