@@ -375,6 +375,16 @@ def check_entry_points(rank, world):
     close(loss, expected)
     close(w_dt.grad.full_tensor(), w_full.grad)
     close(h.grad, h_full.grad)
+    # DTensor logits sharded on the vocabulary: sequence_logps and fused_dpo_loss take them as they are
+    l_dt = distribute_tensor(logits, mesh, [Shard(2)]).requires_grad_()
+    close(dpo_kernels.sequence_logps(l_dt, labels, backend="torch"), reference.sequence_logps(logits, labels))
+    loss, _ = dpo_kernels.fused_dpo_loss(l_dt, ref_logps, labels, backend="torch")
+    loss.backward()
+    full = logits.clone().requires_grad_()
+    expected, _ = dpo_kernels.fused_dpo_loss(full, ref_logps, labels, backend="torch")
+    expected.backward()
+    close(loss, expected)
+    close(l_dt.grad.full_tensor(), full.grad)
     # ... but the ranks must see the same tokens (an FSDP2 shard used outside its forward does not)
     mine = labels.clone()
     mine[0, -1] = (int(mine[0, -1]) + rank) % 19
