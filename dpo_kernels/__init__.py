@@ -2,20 +2,28 @@
 
 Public API:
 - :func:`sequence_logps`: per-sequence log-probs of the labels, no (N, T, V) intermediate;
-- :func:`fused_dpo_loss`: drop-in for :func:`dpo_kernels.reference.dpo_loss`;
+- :func:`fused_dpo_loss`: drop-in for :func:`dpo_kernels.reference.dpo_loss`, every loss type of the
+  DPO family (``loss_type=``) with TRL's metrics;
 - :func:`fused_linear_sequence_logps`, :func:`fused_linear_dpo_loss`: the same from the last hidden
   states and the LM head weight, without ever forming the logits;
-- :mod:`dpo_kernels.reference`: the naive reference both are tested against.
+- :mod:`dpo_kernels.losses`: the loss family on per-sequence log-probs (``preference_loss``,
+  ``kto_loss``, ``listwise_loss``);
+- :mod:`dpo_kernels.distributed`: vocabulary-parallel log-probs and losses, ``FusedLMHeadLoss``;
+- :mod:`dpo_kernels.integrations`: TRL's ``DPOTrainer`` drop-in and Hugging Face helpers (imported
+  on demand: they need the ``trl`` extra);
+- :mod:`dpo_kernels.reference`: the naive reference everything is tested against.
 """
 
-from . import ops, reference
+from . import distributed, losses, ops, reference
 from .functional import fused_dpo_loss, sequence_logps
 from .fused_linear import fused_linear_dpo_loss, fused_linear_sequence_logps
 
 __all__ = [
+    "distributed",
     "fused_dpo_loss",
     "fused_linear_dpo_loss",
     "fused_linear_sequence_logps",
+    "losses",
     "ops",
     "reference",
     "sequence_logps",

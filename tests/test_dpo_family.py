@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import BACKENDS, assert_fp32_close, make_batch
-from dpo_kernels import fused_dpo_loss, fused_linear_dpo_loss, reference
+from dpo_kernels import fused_dpo_loss, fused_linear_dpo_loss, losses, reference, sequence_logps
 
 REWARD_METRICS = (
     "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
@@ -155,3 +155,37 @@ def test_bad_options_name_the_argument(options, match):
     policy, labels = make_batch(2, 6, 123)
     with pytest.raises((ValueError, TypeError), match=match):
         fused_dpo_loss(policy, None, labels, backend="torch", **options)
+
+
+# ------------------------------------------------------------------------------ listwise and KTO
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_listwise_on_fused_log_probs(backend):
+    """The README's layout: K responses of a prompt consecutive, (B·K, T, V) -> sequence_logps -> (B, K),
+    column 0 ranked best. Equals listwise on the reference's log-probs (loss and logits gradient), and for
+    K = 2 the sigmoid loss of fused_dpo_loss on the chosen-first layout."""
+    B, K = 2, 3
+    logits, labels = make_batch(B * K, 7, 123, scale=1.0)
+    ref_logps = -torch.rand(B, K) * 20
+
+    def listwise(logps_fn, x):
+        loss, _ = losses.listwise_loss(logps_fn(x, labels).view(B, K), ref_logps, beta=0.2)
+        return loss
+
+    fused = logits.clone().requires_grad_()
+    loss = listwise(lambda x, y: sequence_logps(x, y, backend=backend), fused)
+    loss.backward()
+    naive = logits.clone().requires_grad_()
+    expected = listwise(reference.sequence_logps, naive)
+    expected.backward()
+    assert_fp32_close(loss, expected)
+    torch.testing.assert_close(fused.grad, naive.grad, rtol=1e-5, atol=1e-6)
+
+    pairs = logits[: 2 * B].clone().requires_grad_()  # K = 2: rows (c0, r0, c1, r1)
+    pair_labels, ref2 = labels[: 2 * B], ref_logps[:, :2]
+    loss2, _ = losses.listwise_loss(sequence_logps(pairs, pair_labels, backend=backend).view(B, 2), ref2, beta=0.2)
+    order = torch.tensor([0, 2, 1, 3])  # chosen first, then rejected
+    dpo, _ = fused_dpo_loss(logits[: 2 * B][order], ref2.T.reshape(-1), pair_labels[order], beta=0.2,
+                            backend=backend, token_metrics=False)  # fmt: skip
+    assert_fp32_close(loss2, dpo)
