@@ -385,11 +385,27 @@ def check_entry_points(rank, world):
     expected.backward()
     close(loss, expected)
     close(l_dt.grad.full_tensor(), full.grad)
+    # the Hugging Face helper keeps a DTensor head one (no full_tensor(): its gradient would not be reduced)
+    from dpo_kernels.integrations import hf
+
+    w_hf = nn.Parameter(distribute_tensor(weight, mesh, [Shard(0)]))
+    tokens = hf.token_logps_from_hidden(hidden, hf.LMHead(w_hf, None, 1.0, None), labels, with_stats=True,
+                                        backend="torch")  # fmt: skip
+    single = hf.token_logps_from_hidden(hidden, hf.LMHead(weight, None, 1.0, None), labels, with_stats=True,
+                                        backend="torch")  # fmt: skip
+    for got, want in zip(tokens, single):
+        close(got, want)
+    tokens.logps.sum().backward()
+    full_w = weight.clone().requires_grad_()
+    hf.token_logps_from_hidden(hidden, hf.LMHead(full_w, None, 1.0, None), labels, backend="torch").logps.sum().backward()
+    close(w_hf.grad.full_tensor(), full_w.grad)
     # ... but the ranks must see the same tokens (an FSDP2 shard used outside its forward does not)
     mine = labels.clone()
     mine[0, -1] = (int(mine[0, -1]) + rank) % 19
     with pytest.raises(ValueError, match="labels differ across the ranks"):
         dpo_kernels.fused_linear_sequence_logps(hidden, w_dt, mine, backend="torch")
+    with pytest.raises(ValueError, match="labels differ across the ranks"):
+        hf.token_logps_from_hidden(hidden, hf.LMHead(w_hf, None, 1.0, None), mine, backend="torch")
 
 
 # ----------------------------------------------------------------------------------- FSDP2 and DDP

@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .. import ops
+from .. import distributed, ops
 from .. import fused_linear as _fused_linear  # noqa: F401  (registers torch.ops.dpo_kernels.fused_linear_*)
 
 # The keyword our forward patch answers to; any other call goes to the model's own forward.
@@ -128,14 +128,10 @@ def lm_head_of(model) -> LMHead:
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"the LM head {type(head).__name__} has no 2-D weight; a linear LM head is required")
     bias = getattr(head, "bias", None)
-    try:  # FSDP2 shards parameters as DTensors; the op needs the whole head (gathered differentiably)
-        from torch.distributed.tensor import DTensor
-
-        if isinstance(weight, DTensor):
-            weight = weight.full_tensor()
-            bias = bias.full_tensor() if isinstance(bias, DTensor) else bias
-    except ImportError:  # pragma: no cover
-        pass
+    # A DTensor weight stays one: gathering it here (full_tensor()) would give an FSDP2 shard a gradient
+    # that is sliced, never reduced over the data-parallel ranks. token_logps_from_hidden takes it to
+    # the vocabulary-parallel path instead, which is right for a tensor-parallel head and refuses ranks
+    # that hold different tokens.
     scale, softcap = logit_transform(base.config)
     return LMHead(weight, bias, scale, softcap)
 
@@ -230,6 +226,16 @@ def token_logps_from_hidden(
     weight = weight.to(device=hidden.device, dtype=dtype)
     bias = None if bias is None else bias.to(device=hidden.device, dtype=dtype)
     labels = labels.to(hidden.device)
+    mask = labels[:, 1:] != ignore_index
+    if distributed.is_vocab_sharded(weight):  # a tensor-parallel head: a DTensor sharded on the vocabulary
+        with torch.autocast(hidden.device.type, enabled=False):
+            out = distributed.vocab_parallel_fused_linear_token_logps(
+                hidden, weight, labels, bias, ignore_index=int(ignore_index), logit_scale=float(head.logit_scale),
+                softcap=head.softcap, temperature=float(temperature), memory_budget=memory_budget, backend=backend,
+                with_stats=with_stats,
+            )  # fmt: skip
+        stats = out[2] if with_stats else out[0].new_empty(*out[0].shape, 0)
+        return TokenLogps(out[0], out[1], stats, mask)
     chunk_elements = 0 if memory_budget is None else int(memory_budget) // 4
     backend = ops.resolve_backend(backend, hidden.device, hidden.dtype)
     args = (
@@ -238,7 +244,6 @@ def token_logps_from_hidden(
     )  # fmt: skip
     with torch.autocast(hidden.device.type, enabled=False):
         logps, lse, stats = torch.ops.dpo_kernels.fused_linear_token_logps(*args, bool(with_stats))
-    mask = labels[:, 1:] != ignore_index
     return TokenLogps(logps, lse, stats, mask)
 
 
