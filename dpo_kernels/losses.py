@@ -118,9 +118,9 @@ class _Pairs:
     rejected_lengths: Optional[torch.Tensor]
     chosen_token_counts: Optional[torch.Tensor]  # unclamped: the NLL's token mean is over the batch total
     chosen_norm_lengths: Optional[torch.Tensor]  # what ipo / sigmoid_norm divide by, clamped to >= 1
+    rejected_norm_lengths: Optional[torch.Tensor]
     chosen_sums: torch.Tensor  # summed log-probs for the NLL and ORPO's odds (= chosen_logps by default)
     rejected_sums: torch.Tensor
-    rejected_norm_lengths: Optional[torch.Tensor]
     beta: float
     label_smoothing: float
     discopop_tau: float
@@ -525,6 +525,10 @@ def preference_loss(
     def lengths(value):
         return None if value is None else value.detach().to(dtype)
 
+    def clamped(value, default):
+        value = lengths(default if value is None else value)
+        return None if value is None else value.clamp(min=1)
+
     pairs = _Pairs(
         chosen_logps=chosen_logps,
         rejected_logps=rejected_logps,
@@ -534,22 +538,19 @@ def preference_loss(
         rejected_logratios=rejected_logratios,
         chosen_scores=_f_divergence_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef),
         rejected_scores=_f_divergence_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef),
-        chosen_lengths=None if chosen_lengths is None else lengths(chosen_lengths).clamp(min=1),
-        rejected_lengths=None if rejected_lengths is None else lengths(rejected_lengths).clamp(min=1),
+        chosen_lengths=clamped(chosen_lengths, None),
+        rejected_lengths=clamped(rejected_lengths, None),
         beta=beta,
         label_smoothing=label_smoothing,
         discopop_tau=discopop_tau,
         gamma=gamma,
         chosen_token_counts=lengths(chosen_lengths),
-        chosen_norm_lengths=lengths(chosen_lengths if chosen_norm_lengths is None else chosen_norm_lengths),
-        rejected_norm_lengths=lengths(rejected_lengths if rejected_norm_lengths is None else rejected_norm_lengths),
+        chosen_norm_lengths=clamped(chosen_norm_lengths, chosen_lengths),
+        rejected_norm_lengths=clamped(rejected_norm_lengths, rejected_lengths),
         chosen_sums=chosen_logps if chosen_sum_logps is None else chosen_sum_logps,
         rejected_sums=rejected_logps if rejected_sum_logps is None else rejected_sum_logps,
         bco_delta=bco_delta,
     )
-    for name in ("chosen_norm_lengths", "rejected_norm_lengths"):
-        if getattr(pairs, name) is not None:
-            setattr(pairs, name, getattr(pairs, name).clamp(min=1))
 
     per_pair = sum(w * _PAIR_LOSSES[t](pairs) for t, w in zip(types, weights))
     if rpo_alpha is not None:

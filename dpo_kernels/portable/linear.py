@@ -1,9 +1,10 @@
 """Portable fused LM head + log-probs: chunked torch matmuls, never an (M, V) logits buffer.
 
 Rows are the compacted scored rows (every row has a label). Logits are formed a (rows × vocabulary)
-chunk at a time, at most ``CHUNK_ELEMENTS`` fp32 values, folded into an online log-sum-exp in the
-forward and recomputed in the backward, where each chunk's ``dz`` is consumed at once by the three
-gradient matmuls. Accumulation is fp32 (fp64 for fp64 inputs); gradients are cast at the end.
+tile at a time, at most ``CHUNK_ELEMENTS`` fp32 values: folded into an online log-sum-exp in the
+forward (row tiles outermost), recomputed in the backward (vocabulary tiles outermost), where each
+tile's ``dz`` is consumed at once by the three gradient products. Accumulation is fp32 (fp64 for fp64
+inputs).
 
 bf16/fp16 inputs: the matmuls run in the input dtype (fp32 accumulation inside the GEMM), their
 outputs rounded to it as the naive ``hidden @ weight.T`` rounds its logits and its gradients; an fp32
