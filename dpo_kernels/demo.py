@@ -143,47 +143,44 @@ def _make_timer_callback():
     return StepTimer()
 
 
-def saved_for_backward(trainer, batch) -> int:
-    """Bytes of the distinct tensor storages autograd saves for backward in one loss computation (the
-    activations a step holds between its forward and its backward; parameters excluded)."""
-    import torch
-
-    params = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
-    seen = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    trainer.model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = trainer.compute_loss(trainer.model, batch)
-    del loss
-    trainer._metrics["train"].clear()
-    return sum(seen.values())
+def peak_tensor_bytes(trainer, batch):
+    """Peak bytes held by tensors during one forward+backward step, beyond the parameters of the policy
+    and the reference (torch's MemTracker: every tensor allocation, exact, unlike RSS); None where this
+    torch has no MemTracker."""
+    try:
+        from torch.distributed._tools.mem_tracker import MemTracker
+    except ImportError:  # pragma: no cover - torch without it
+        return None
+    models = [m for m in (trainer.model, trainer.ref_model) if m is not None]
+    params = sum(p.numel() * p.element_size() for m in models for p in m.parameters())
+    tracker = MemTracker()
+    tracker.track_external(*models)
+    with tracker:
+        trainer.training_step(trainer.model, batch)
+    trainer.model.zero_grad(set_to_none=True)
+    peak = max(stats["Total"] for stats in tracker.get_tracker_snapshot("peak").values())
+    return peak - params
 
 
 def peak_step_memory(trainer):
-    """(growth of the peak RSS over one forward+backward step on the first batch (None off Linux),
-    bytes saved for backward)."""
+    """(peak tensor bytes of one forward+backward step on the first batch beyond the parameters, growth
+    of the process's peak RSS over such a step (None off Linux))."""
     import gc
 
     batch = next(iter(trainer.get_train_dataloader()))
     batch = trainer._prepare_inputs(batch)
-    saved = saved_for_backward(trainer, batch)
     trainer.model.train()
     trainer.training_step(trainer.model, batch)  # warm-up: first-call allocations, kernel caches
-    trainer.model.zero_grad(set_to_none=False)
+    trainer.model.zero_grad(set_to_none=True)
+    tensors = peak_tensor_bytes(trainer, batch)
     gc.collect()
     if not reset_peak_rss():
-        return None, saved
+        return tensors, None
     base = status_bytes("VmRSS")
     trainer.training_step(trainer.model, batch)
     peak = status_bytes("VmHWM")
-    trainer.model.zero_grad(set_to_none=False)
-    return (None if base is None or peak is None else max(peak - base, 0)), saved
+    trainer.model.zero_grad(set_to_none=True)
+    return tensors, (None if base is None or peak is None else max(peak - base, 0))
 
 
 def _mib(n):
@@ -261,27 +258,25 @@ def main(argv=None) -> dict:
                 t.train()
                 losses = [h["loss"] for h in t.state.log_history if "loss" in h]
                 times = timer.times[1:] or timer.times  # the first step pays one-time costs
-                rss, saved = peak_step_memory(t)
-                rows[name] = dict(losses=losses, step=statistics.median(times), best=min(times), rss=rss, saved=saved)
+                tensors, rss = peak_step_memory(t)
+                rows[name] = dict(losses=losses, step=statistics.median(times), best=min(times), tensors=tensors, rss=rss)
                 del t
             stock, fused = rows["DPOTrainer"], rows["FusedDPOTrainer"]
             diff = max(abs(a - b) for a, b in zip(stock["losses"], fused["losses"]))
-            header = f"{'trainer':>16} {'step: median (best)':>22} {'saved for backward':>19} {'peak RSS growth':>16}"
+            header = f"{'trainer':>16} {'step: median (best)':>22} {'peak tensors':>13} {'peak RSS growth':>16}"
             print(f"{header} {'final loss':>11}")
             for name, row in rows.items():
                 timing = f"{row['step'] * 1e3:.1f} ms ({row['best'] * 1e3:.1f})"
                 print(
-                    f"{name:>16} {timing:>22} {_mib(row['saved']):>19} {_mib(row['rss']):>16} "
+                    f"{name:>16} {timing:>22} {_mib(row['tensors']):>13} {_mib(row['rss']):>16} "
                     f"{row['losses'][-1]:11.6f}"
                 )
             print(f"loss curves agree to {diff:.2e} (max abs difference over {len(stock['losses'])} steps)")
             print(
-                "memory: 'saved for backward' = distinct tensor storages autograd keeps between forward and backward "
-                "in one loss computation (parameters excluded); 'peak RSS growth' = rise of the process's peak "
-                "resident set size (Linux VmHWM, reset just before) over one forward+backward step, which the "
-                "allocator's reuse of freed memory blurs at this toy scale. TRL 1.16's stock trainer also keeps no "
-                "(B, T, V) logits for backward (its model forward scores the LM head in chunks, fused_lm_head=True), "
-                "hence the equal 'saved for backward'; the step time and peak RSS show what remains between them."
+                "memory of one forward+backward step: 'peak tensors' = the most bytes held by tensors at once "
+                "beyond the two models' parameters (torch's MemTracker: exact; includes the gradients); 'peak "
+                "RSS growth' = rise of the process's peak resident set size (Linux VmHWM, reset just before), "
+                "which the allocator's reuse of freed memory blurs at this toy scale."
             )
             result.update(compare=rows, loss_diff=diff)
     return result
