@@ -259,7 +259,8 @@ def main(argv=None) -> dict:
                 losses = [h["loss"] for h in t.state.log_history if "loss" in h]
                 times = timer.times[1:] or timer.times  # the first step pays one-time costs
                 tensors, rss = peak_step_memory(t)
-                rows[name] = dict(losses=losses, step=statistics.median(times), best=min(times), tensors=tensors, rss=rss)
+                rows[name] = dict(losses=losses, step=statistics.median(times), best=min(times), tensors=tensors,
+                                  rss=rss)  # fmt: skip
                 del t
             stock, fused = rows["DPOTrainer"], rows["FusedDPOTrainer"]
             diff = max(abs(a - b) for a, b in zip(stock["losses"], fused["losses"]))

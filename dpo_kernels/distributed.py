@@ -119,6 +119,12 @@ def _is_dtensor(t) -> bool:
 def _unwrap_sharded(name: str, t, dim: int, process_group, vocab_start):
     """(local tensor, group, vocab_start or None, global V or None) for a plain tensor or a DTensor
     sharded on ``dim`` over a 1-D mesh."""
+    if process_group is not None and process_group is not _LOCAL:
+        if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+            raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, got {process_group!r}")
+    if vocab_start is not None:
+        if isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0:
+            raise ValueError(f"vocab_start must be None or this rank's first vocabulary row (an int >= 0), got {vocab_start!r}")
     if not _is_dtensor(t):
         return t, process_group, vocab_start, None
     from torch.distributed.tensor import Replicate, Shard

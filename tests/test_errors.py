@@ -102,3 +102,25 @@ def test_label_check_ignores_the_unscored_first_position(backend):
     sequence_logps(logits, labels, backend=backend)
     with pytest.raises(ValueError, match="labels must lie in"):
         sequence_logps(logits, labels, backend=backend, shift=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(process_group="world"), TypeError, "process_group must be a torch.distributed ProcessGroup"),
+        (dict(vocab_start=-1), ValueError, "vocab_start must be None or"),
+        (dict(vocab_start=1.5), ValueError, "vocab_start must be None or"),
+        (dict(vocab_start=0), RuntimeError, "initialized torch.distributed process group"),
+    ],
+)
+def test_vocabulary_parallel_arguments(kwargs, exc, match):
+    """process_group= / vocab_start= on the public entry points: checked before any collective."""
+    from dpo_kernels import fused_linear_dpo_loss
+
+    policy, labels = batch()
+    with pytest.raises(exc, match=match):
+        sequence_logps(policy, labels, backend="torch", **kwargs)
+    with pytest.raises(exc, match=match):
+        fused_dpo_loss(policy, None, labels, backend="torch", **kwargs)
+    with pytest.raises(exc, match=match):
+        fused_linear_dpo_loss(torch.randn(4, 5, 8), torch.randn(123, 8), labels, backend="torch", **kwargs)

@@ -69,9 +69,9 @@ def test_matches_matmul_plus_reference(backend, dtype, bias, transform):
     truth_out, truth_grads = run(naive, hidden.double(), weight.double(), b64, labels, upstream.double(), **kwargs)
     if backend == "torch":
         product = (hidden @ weight.T).float()
+        bias32 = b.float() if b is not None else None
         model = reference.sequence_logps(
-            reference.lm_head_logits(product, torch.eye(v), b.float() if b is not None else None, **TRANSFORMS[transform]),
-            labels,
+            reference.lm_head_logits(product, torch.eye(v), bias32, **TRANSFORMS[transform]), labels
         )
         assert_fp32_close(out, model)
     else:
