@@ -509,10 +509,60 @@ def check_fsdp2_and_ddp_step(rank, world):
         )
 
 
+def check_hf_model_under_fsdp2(rank, world):
+    """sequence_logps_from_model on a Llama model under fully_shard (decoder layers and the root, whose unit
+    holds the untied LM head): each rank scores its own batch, the head runs inside the root's forward
+    where FSDP2 has it unsharded, and one SGD step equals the single-process step on the whole batch."""
+    import copy
+
+    try:
+        import transformers
+    except ImportError:
+        return  # the test extra brings transformers; without it the HF helper is not usable anyway
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from dpo_kernels.integrations import hf
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=53, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, tie_word_embeddings=False,
+    )  # fmt: skip
+    base = transformers.AutoModelForCausalLM.from_config(config)
+    n = 2 * world
+    input_ids = torch.randint(0, 53, (n, 9))
+    labels = input_ids.clone()
+    labels[:, :3] = -100
+
+    def step(model, ids, y):
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        loss = -hf.sequence_logps_from_model(model, ids, None, y, backend="torch").mean()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    single = copy.deepcopy(base)
+    single_loss = step(single, input_ids, labels)
+    sharded = copy.deepcopy(base)
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in sharded.model.layers:
+        fully_shard(layer, mesh=mesh)
+    # resharding the root after its forward: a head read after the forward would be a shard again
+    fully_shard(sharded, mesh=mesh, reshard_after_forward=True)
+    assert sharded.lm_head.weight.placements[0].is_shard(0)
+    mine = slice(2 * rank, 2 * rank + 2)
+    loss = step(sharded, input_ids[mine], labels[mine])
+    dist.all_reduce(loss)
+    close(loss / world, single_loss)
+    for (name, p), q in zip(sharded.named_parameters(), single.parameters()):
+        close(p.full_tensor(), q.detach())
+
+
 # ------------------------------------------------------------------------------------------- tests
 
 _FAST = ("check_logits_path", "check_logits_dpo_loss", "check_fused_linear_path", "check_fused_linear_dpo_loss",
-         "check_dtensor", "check_entry_points", "check_fsdp2_and_ddp_step")  # fmt: skip
+         "check_dtensor", "check_entry_points", "check_fsdp2_and_ddp_step", "check_hf_model_under_fsdp2")  # fmt: skip
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

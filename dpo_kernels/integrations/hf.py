@@ -33,6 +33,9 @@ from .. import fused_linear as _fused_linear  # noqa: F401  (registers torch.ops
 
 # The keyword our forward patch answers to; any other call goes to the model's own forward.
 HIDDEN_FLAG = "dpo_kernels_hidden_states"
+# model(..., dpo_kernels_token_logps=dict(labels=..., **token_logps_from_hidden options)): the fused head
+# runs inside the model's forward, where FSDP2 has the root unit's parameters (the LM head) whole.
+TOKENS_FLAG = "dpo_kernels_token_logps"
 _PATCHED = "_dpo_kernels_hidden_forward"
 
 
@@ -59,9 +62,11 @@ class TokenLogps(NamedTuple):
 
 
 class HiddenStatesOutput(dict):
-    """What the patched forward returns when called with ``dpo_kernels_hidden_states=True``: the
-    backbone's ``last_hidden_state`` and, when router logits were requested, the MoE ``aux_loss``
-    (a plain dict subclass with attribute access, so that distributed wrappers can walk it)."""
+    """What the patched forward returns when called with ``dpo_kernels_hidden_states=True`` (or
+    ``dpo_kernels_token_logps=...``): the backbone's ``last_hidden_state``, when router logits were
+    requested the MoE ``aux_loss``, and with ``dpo_kernels_token_logps`` the fused head's ``tokens``
+    (:class:`TokenLogps`); a plain dict subclass with attribute access, so that distributed wrappers can
+    walk it."""
 
     __getattr__ = dict.get
 
@@ -156,7 +161,8 @@ def install_hidden_forward(model) -> None:
 
     @functools.wraps(type(base).forward)  # keep the signature: generate() validates kwargs against it
     def forward(self, *args, **kwargs):
-        if not kwargs.pop(HIDDEN_FLAG, False):
+        token_options = kwargs.pop(TOKENS_FLAG, None)
+        if not kwargs.pop(HIDDEN_FLAG, False) and token_options is None:
             return previous_forward(*args, **kwargs)
         # Keywords meant for the LM head or the loss; PEFT passes some of them explicitly as None.
         for name in ("labels", "shift_labels", "num_items_in_batch", "fused_lm_head", "logits_to_keep"):
@@ -171,7 +177,13 @@ def install_hidden_forward(model) -> None:
         aux_loss = None
         if kwargs.get("output_router_logits"):
             aux_loss = _load_balancing_loss(text, out.router_logits, kwargs.get("attention_mask"))
-        return HiddenStatesOutput(last_hidden_state=out.last_hidden_state, aux_loss=aux_loss)
+        hidden, tokens = out.last_hidden_state, None
+        if token_options is not None:
+            options = dict(token_options)
+            labels = options.pop("labels")
+            hidden_scored = hidden[:, -labels.shape[1] :]  # prompt learning prepends virtual tokens
+            tokens = token_logps_from_hidden(hidden_scored, lm_head_of(self), labels, **options)
+        return HiddenStatesOutput(last_hidden_state=hidden, aux_loss=aux_loss, tokens=tokens)
 
     base.forward = types.MethodType(forward, base)
     setattr(base, _PATCHED, True)
@@ -266,18 +278,20 @@ def token_logps_from_model(
     """Per-token outputs of :class:`TokenLogps` for a causal LM: backbone, then the fused head.
 
     labels: (N, T), ``ignore_index`` on prompt and padding; position t of the outputs scores
-    ``labels[:, t + 1]`` (the usual causal shift). Extra keywords go to the backbone.
+    ``labels[:, t + 1]`` (the usual causal shift). Extra keywords go to the backbone. The head runs
+    inside the model's forward, so that FSDP2 (``fully_shard`` of the model, the head in its root unit)
+    has unsharded it, as for ``lm_head(hidden)``.
     """
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids must be an (N, T) tensor of token ids")
     if not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape:
         shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
-    hidden = backbone_hidden_states(model, input_ids, attention_mask, **model_kwargs)
-    return token_logps_from_hidden(
-        hidden, lm_head_of(model), labels, ignore_index=ignore_index, temperature=temperature,
-        with_stats=with_stats, memory_budget=memory_budget, backend=backend,
-    )  # fmt: skip
+    install_hidden_forward(model)
+    options = dict(labels=labels, ignore_index=ignore_index, temperature=temperature, with_stats=with_stats,
+                   memory_budget=memory_budget, backend=backend)  # fmt: skip
+    out = model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs, **{TOKENS_FLAG: options})
+    return out.tokens
 
 
 def sequence_logps_from_model(

@@ -145,13 +145,10 @@ class _FusedLoss:
     def _dpo_kernels_tokens(self, model, model_kwargs, labels, *, with_stats: bool):
         """(TokenLogps, aux_loss) of ``model`` on the batch: backbone through every wrapper, fused head."""
         hf.install_hidden_forward(model)  # idempotent; the precompute may run before configure
-        out = model(**model_kwargs, **{hf.HIDDEN_FLAG: True})
-        hidden = out.last_hidden_state[:, -labels.shape[1] :]  # prompt learning prepends virtual tokens
-        tokens = hf.token_logps_from_hidden(
-            hidden, hf.lm_head_of(model), labels, with_stats=with_stats, backend=self._dpo_kernels_backend,
-            memory_budget=self._dpo_kernels_memory_budget,
-        )  # fmt: skip
-        return tokens, out.aux_loss
+        options = dict(labels=labels, with_stats=with_stats, backend=self._dpo_kernels_backend,
+                       memory_budget=self._dpo_kernels_memory_budget)  # fmt: skip
+        out = model(**model_kwargs, **{hf.TOKENS_FLAG: options})  # the head runs inside the model's forward
+        return out.tokens, out.aux_loss
 
     def _dpo_kernels_ref_context(self):
         """The PEFT base (adapter disabled) or TRL's "ref" adapter, when there is no reference model."""
