@@ -368,6 +368,17 @@ def test_sequence_logps_from_model_matches_full_logits(name):
     torch.testing.assert_close(mean, expected.detach() / (labels[:, 1:] != -100).sum(-1), rtol=RTOL, atol=1e-6)
 
 
+def test_backbone_hidden_states_are_the_last_hidden_states():
+    """The hidden states the fused head scores: the model's own last hidden states (after the final norm),
+    and the patched forward without the flag is the model's forward."""
+    model = llama(0).eval()
+    ids, attention, _ = _batch()
+    hidden = hf.backbone_hidden_states(model, ids, attention)
+    out = model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+    torch.testing.assert_close(hidden, out.hidden_states[-1])
+    torch.testing.assert_close(model.lm_head(hidden), out.logits)
+
+
 def test_sequence_logps_through_peft_prompt_tuning():
     from peft import PromptTuningConfig, get_peft_model
 
