@@ -1,12 +1,25 @@
 """Shared fixtures, tolerances and data for the test suite.
 
-The Triton kernels run on CPU tensors under the interpreter. ``triton.jit`` reads TRITON_INTERPRET
-when a kernel is decorated, so it is set here, before any test imports dpo_kernels.triton.
+Two modes, picked by ``$DPO_KERNELS_TEST_DEVICE``:
+- ``cpu`` (the default): tensors on the CPU, the Triton kernels run under the interpreter;
+- ``cuda``: the kernel tests run on CUDA tensors, Triton compiled for the GPU and the native CUDA
+  kernels, against the same references (``benchmarks/gpu_check.sh`` runs this mode on a GPU machine).
+
+``triton.jit`` reads TRITON_INTERPRET when a kernel is decorated, so it is set (or cleared) here,
+before any test imports dpo_kernels.triton. Tests take the ``device`` fixture (or ``DEVICE``) for the
+tensors they make; ``@pytest.mark.cpu_only("why")`` and ``@pytest.mark.cuda_only`` mark the tests that
+only make sense in one mode.
 """
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"
+DEVICE = os.environ.get("DPO_KERNELS_TEST_DEVICE", "cpu")
+if DEVICE not in ("cpu", "cuda"):
+    raise RuntimeError(f"$DPO_KERNELS_TEST_DEVICE must be 'cpu' or 'cuda', got {DEVICE!r}")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+else:
+    os.environ.pop("TRITON_INTERPRET", None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -23,13 +36,35 @@ FP32_RTOL, FP32_ATOL = 1e-5, 1e-6
 LOW_PRECISION_ULPS = 1.0
 
 
+def pytest_configure(config):
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError("DPO_KERNELS_TEST_DEVICE=cuda, but torch sees no CUDA device")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        cpu_only = item.get_closest_marker("cpu_only")
+        if DEVICE != "cpu" and cpu_only is not None:
+            why = cpu_only.args[0] if cpu_only.args else "checks the CPU path"
+            item.add_marker(pytest.mark.skip(reason=f"CPU mode only: {why}"))
+        if DEVICE != "cuda" and item.get_closest_marker("cuda_only") is not None:
+            item.add_marker(pytest.mark.skip(reason="needs a GPU: run with DPO_KERNELS_TEST_DEVICE=cuda"))
+
+
+@pytest.fixture
+def device():
+    """The device the kernel tests put their tensors on (see the module docstring)."""
+    return torch.device(DEVICE)
+
+
 @pytest.fixture(autouse=True)
 def seed():
     torch.manual_seed(0)
 
 
-def make_batch(n, t, v, dtype=torch.float32, prompt=0.25, scale=3.0, label_dtype=torch.int64):
-    """Logits and labels like a DPO batch: a masked prompt prefix and a ragged masked padding tail."""
+def make_batch(n, t, v, dtype=torch.float32, prompt=0.25, scale=3.0, label_dtype=torch.int64, device=DEVICE):
+    """Logits and labels like a DPO batch: a masked prompt prefix and a ragged masked padding tail,
+    made on the CPU (the same numbers in both modes) and moved to ``device``."""
     logits = (torch.randn(n, t, v) * scale).to(dtype)
     labels = torch.randint(0, v, (n, t), dtype=label_dtype)
     prompt_len = int(t * prompt)
@@ -38,7 +73,7 @@ def make_batch(n, t, v, dtype=torch.float32, prompt=0.25, scale=3.0, label_dtype
         pad = i % max(t // 4, 1)
         if pad:
             labels[i, t - pad :] = -100
-    return logits, labels
+    return logits.to(device), labels.to(device)
 
 
 def assert_fp32_close(actual, expected):
