@@ -49,14 +49,15 @@ def check_ref(ref, policy_logits: torch.Tensor) -> None:
         raise ValueError(f"ref_logits are on {ref.device} but policy_logits is on {policy_logits.device}")
     if not ref.is_floating_point():
         raise TypeError(f"ref_logits must be floating point, got {ref.dtype}")
-    n, t = policy_logits.shape[:2]
+    n = policy_logits.shape[0]
     if ref.dim() == 1:
         if ref.shape[0] != n:
             raise ValueError(f"ref_logits as precomputed log-probs must have shape ({n},), got {tuple(ref.shape)}")
-    elif ref.dim() != 3 or ref.shape[:2] != (n, t):
+    elif ref.shape != policy_logits.shape:
+        # a different V would score the labels against another vocabulary: never broadcast or truncate
         raise ValueError(
-            f"ref_logits must be None, ({n},) reference log-probs or ({n}, {t}, V) logits, "
-            f"got {tuple(ref.shape)}"
+            f"ref_logits must be None, ({n},) reference log-probs or logits of policy_logits' shape "
+            f"{tuple(policy_logits.shape)} (2B, T, V), got {tuple(ref.shape)}"
         )
 
 

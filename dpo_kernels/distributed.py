@@ -699,10 +699,11 @@ def vocab_parallel_dpo_loss(
     stats = out[2] if wants_stats else None
     labels = _local(labels)
     mask = labels[:, 1:] != ignore_index
+    if ref_logits is not None:
+        check_ref(_local(ref_logits), _local(policy_logits_shard))
     if ref_logits is None:
         ref = None
     elif _local(ref_logits).dim() == 1:
-        check_ref(_local(ref_logits), _local(policy_logits_shard))
         ref = _local(ref_logits).detach()
     else:
         with torch.no_grad():
@@ -774,6 +775,11 @@ def vocab_parallel_fused_linear_dpo_loss(
         ref = ref.detach()
     elif ref_hidden is not None:
         head = weight_shard if ref_weight_shard is None else ref_weight_shard
+        if _local(head).shape[0] != _local(weight_shard).shape[0]:
+            raise ValueError(
+                f"ref_weight_shard must hold this rank's rows of the policy's vocabulary: weight_shard has shape "
+                f"{tuple(_local(weight_shard).shape)}, ref_weight_shard {tuple(_local(head).shape)}"
+            )
         with torch.no_grad():
             ref_tokens, _ = vocab_parallel_fused_linear_token_logps(ref_hidden, head, labels, ref_bias_shard, **kw)
         ref = _reduce_ref(ref_tokens, mask, average, loss_options)

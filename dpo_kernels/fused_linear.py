@@ -168,6 +168,22 @@ def _check_lm_head(hidden_name, hidden, weight_name, weight, bias_name, bias) ->
         raise ValueError(f"{bias_name} must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
+def _check_ref_head(policy_hidden, weight, ref_hidden, ref_weight, ref_bias) -> None:
+    """The reference head must score the policy's tokens: the same (N, T) and vocabulary size V."""
+    head_name = "weight (scoring ref_hidden)" if ref_weight is None else "ref_weight"
+    _check_lm_head("ref_hidden", ref_hidden, head_name, weight if ref_weight is None else ref_weight, "ref_bias", ref_bias)
+    if ref_hidden.shape[:2] != policy_hidden.shape[:2]:
+        raise ValueError(
+            f"ref_hidden must have shape (N, T, H) with the (N, T) of policy_hidden {tuple(policy_hidden.shape)}, "
+            f"got {tuple(ref_hidden.shape)}"
+        )
+    if ref_weight is not None and ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"ref_weight must cover the policy's vocabulary: weight has shape {tuple(weight.shape)}, "
+            f"ref_weight {tuple(ref_weight.shape)}"
+        )
+
+
 def _check_transform(logit_scale, softcap, temperature) -> None:
     if not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale):
         raise ValueError(f"logit_scale must be a finite number, got {logit_scale!r}")
@@ -310,16 +326,13 @@ def fused_linear_dpo_loss(
         ref = ref_logps.detach().to(policy.dtype)
     elif ref_hidden is not None:
         head = weight if ref_weight is None else ref_weight
-        _check_lm_head("ref_hidden", ref_hidden, "ref_weight", head, "ref_bias", ref_bias)
-        if ref_hidden.shape[:2] != policy_hidden.shape[:2]:
-            raise ValueError(
-                f"ref_hidden must have shape (N, T, H) with (N, T) = {tuple(policy_hidden.shape[:2])}, "
-                f"got {tuple(ref_hidden.shape)}"
-            )
+        _check_ref_head(policy_hidden, weight, ref_hidden, ref_weight, ref_bias)
         with torch.no_grad():
             ref_tokens = tokens(ref_hidden, head, ref_bias, False)[0]
             ref = preference.reduce_sequences(ref_tokens, mask, average=average, ld_alpha=ld_alpha)
     else:
+        if ref_weight is not None or ref_bias is not None:
+            raise ValueError("ref_weight / ref_bias score ref_hidden: give ref_hidden too, or leave them out")
         ref = None
     return preference.dpo_from_tokens(
         token_logp, mask, ref, stats=stats if with_stats else None, lse=lse, vocab_size=weight.shape[0],

@@ -33,7 +33,7 @@ trainer logs them).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -376,8 +376,10 @@ def _check_per_pair(name: str, value, batch: int) -> None:
         raise ValueError(f"{name} must have shape ({batch},) like the log-probs, got {tuple(value.shape)}")
 
 
-def _check_label_smoothing(types: Sequence[str], eps: float) -> None:
+def _check_label_smoothing(types: Sequence[str], eps: float, applies_to: Optional[Sequence[str]]) -> None:
     for t in types:
+        if applies_to is not None and t not in applies_to:
+            continue  # ignored for this type, as the caller asked
         bounds = _LABEL_SMOOTHING_RANGES.get(t)
         if bounds is None:
             if eps != 0.0:
@@ -405,6 +407,7 @@ def preference_loss(
     loss_weights: Optional[Sequence[float]] = None,
     beta: float = 0.1,
     label_smoothing: float = 0.0,
+    label_smoothing_types: Optional[Sequence[str]] = None,
     f_divergence_type: str = "reverse_kl",
     f_alpha_divergence_coef: float = 0.5,
     discopop_tau: float = 0.05,
@@ -432,7 +435,8 @@ def preference_loss(
     Options follow TRL 1.16's ``DPOConfig``: ``f_divergence_type`` turns log-ratios into scores for
     the score-based losses (a non-default value with another loss type is an error);
     ``label_smoothing`` is ε of cDPO/AOT ([0, 0.5]), robust ([0, 0.5)) and EXO ((0, 1)) and must be 0
-    otherwise; ``gamma`` is SimPO's margin for "sigmoid_norm" only. ``chosen_lengths`` /
+    otherwise; ``label_smoothing_types``, when given, names the loss types ε applies to and the others
+    ignore it (TRL 1.16's DPOTrainer: robust, exo_pair, aot, aot_unpaired; its "sigmoid" ignores ε); ``gamma`` is SimPO's margin for "sigmoid_norm" only. ``chosen_lengths`` /
     ``rejected_lengths`` are the scored-token counts of each sequence, needed by ipo, sigmoid_norm,
     sft, orpo and RPO; ``chosen_norm_lengths`` / ``rejected_norm_lengths``, when given, replace them
     as the divisors of ipo and sigmoid_norm only (TRL 1.16 divides there by the unshifted
@@ -462,7 +466,11 @@ def preference_loss(
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     label_smoothing = _check_number("label_smoothing", label_smoothing)
-    _check_label_smoothing(types, label_smoothing)
+    if label_smoothing_types is not None:
+        unknown = [t for t in label_smoothing_types if t not in _PAIR_LOSSES]
+        if isinstance(label_smoothing_types, str) or unknown:
+            raise ValueError(f"label_smoothing_types must be a list of loss types, got {label_smoothing_types!r}")
+    _check_label_smoothing(types, label_smoothing, label_smoothing_types)
 
     if f_divergence_type not in F_DIVERGENCES:
         raise ValueError(f"Unknown f_divergence_type {f_divergence_type!r}; valid: {', '.join(F_DIVERGENCES)}")
@@ -552,7 +560,11 @@ def preference_loss(
         bco_delta=bco_delta,
     )
 
-    per_pair = sum(w * _PAIR_LOSSES[t](pairs) for t, w in zip(types, weights))
+    unsmoothed = replace(pairs, label_smoothing=0.0)
+    per_pair = sum(
+        w * _PAIR_LOSSES[t](pairs if label_smoothing_types is None or t in label_smoothing_types else unsmoothed)
+        for t, w in zip(types, weights)
+    )
     if rpo_alpha is not None:
         per_pair = per_pair + rpo_alpha * _chosen_nll(pairs.chosen_sums, pairs.chosen_token_counts)
     if pair_weights is not None:
@@ -741,9 +753,17 @@ def dpo_sigmoid(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: 
     :func:`preference_loss`.
     """
     out = preference_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=beta)
-    metrics = {
-        "reward_chosen": out.chosen_rewards.mean(),
-        "reward_rejected": out.rejected_rewards.mean(),
-        "accuracy": (out.chosen_rewards > out.rejected_rewards).to(out.chosen_rewards.dtype).mean(),
+    return out.loss, lesson_metrics(beta, policy_chosen - ref_chosen, policy_rejected - ref_rejected)
+
+
+def lesson_metrics(beta: float, chosen_logratios, rejected_logratios) -> dict:
+    """The keys of the hand-rolled ``dpo_loss`` that users port from (the seed lesson), whatever the loss
+    type: ``reward_chosen`` / ``reward_rejected`` = mean β·(π − π_ref) over the chosen / rejected
+    sequences, ``accuracy`` = share of pairs with β·[(π_c − ref_c) − (π_r − ref_r)] > 0. Detached 0-dim
+    tensors like the others (the lesson's are Python floats: ``float()`` them)."""
+    chosen_logratios, rejected_logratios = chosen_logratios.detach(), rejected_logratios.detach()
+    return {
+        "reward_chosen": (beta * chosen_logratios).mean(),
+        "reward_rejected": (beta * rejected_logratios).mean(),
+        "accuracy": (beta * (chosen_logratios - rejected_logratios) > 0).to(chosen_logratios.dtype).mean(),
     }
-    return out.loss, metrics

@@ -108,6 +108,7 @@ def dpo_from_tokens(
         pair_weights=pair_weights, **loss_options,
     )  # fmt: skip
     metrics = reward_metrics(out.chosen_rewards, out.rejected_rewards, policy_chosen, policy_rejected)
+    metrics.update(losses.lesson_metrics(beta, policy_chosen - ref_chosen, policy_rejected - ref_rejected))
     if stats is not None:
         metrics.update(token_metrics(stats, mask, vocab_size))
     if nll_terms:

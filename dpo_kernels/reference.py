@@ -90,7 +90,8 @@ def dpo_loss(
     Returns ``(loss, metrics)``; the metrics are detached 0-dim tensors (``float()`` them to log) under
     TRL's names: ``rewards/chosen|rejected|accuracies|margins``, ``logps/chosen|rejected`` and, with
     ``token_metrics``, ``logits/chosen|rejected``, ``entropy``, ``mean_token_accuracy`` (plus
-    ``nll_loss`` where an NLL term is used).
+    ``nll_loss`` where an NLL term is used), and the hand-rolled loss's ``reward_chosen``,
+    ``reward_rejected`` and ``accuracy`` (:func:`dpo_kernels.losses.lesson_metrics`).
     """
     from . import preference
 

@@ -9,6 +9,7 @@ from conftest import BACKENDS, DTYPES, assert_fp32_close, assert_low_precision_g
 from dpo_kernels import fused_dpo_loss, reference
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected", "entropy", "mean_token_accuracy")
+LESSON_METRICS = ("reward_chosen", "reward_rejected", "accuracy")  # the seed lesson's hand-rolled dpo_loss
 
 
 def loss_and_grad(fn, policy, ref, labels, **kwargs):
@@ -35,8 +36,8 @@ def test_matches_reference(backend, dtype, ref_mode):
     loss, metrics, grad = loss_and_grad(fused_dpo_loss, policy, ref, labels, beta=0.5, backend=backend)
     ref_loss, ref_metrics, ref_grad = loss_and_grad(reference.dpo_loss, policy, ref, labels, beta=0.5)
     assert_fp32_close(loss, ref_loss)
-    assert set(metrics) == set(METRICS)
-    for name in METRICS:
+    assert set(metrics) == set(METRICS + LESSON_METRICS)
+    for name in METRICS + LESSON_METRICS:
         assert metrics[name].dim() == 0 and not metrics[name].requires_grad
         assert_fp32_close(metrics[name], ref_metrics[name])
     if dtype == torch.float32:
@@ -82,9 +83,30 @@ def test_the_lessons_toy_pair(backend):
     assert math.isclose(metrics["rewards/chosen"].item(), 0.1 * 0.20, rel_tol=1e-4)
     assert math.isclose(metrics["rewards/rejected"].item(), 0.1 * -0.50, rel_tol=1e-4)
     assert metrics["rewards/accuracies"].item() == 1.0
+    assert math.isclose(metrics["reward_chosen"].item(), 0.1 * 0.20, rel_tol=1e-4)
+    assert math.isclose(metrics["reward_rejected"].item(), 0.1 * -0.50, rel_tol=1e-4)
+    assert metrics["accuracy"].item() == 1.0
     sig = 1 / (1 + math.exp(gap))
     assert math.isclose(grad[0, 0, 0].item(), -0.1 * sig * (1 - p[0].item()), rel_tol=1e-5)
     assert math.isclose(grad[1, 0, 0].item(), 0.1 * sig * (1 - p[1].item()), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "orpo", "sigmoid_norm"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_lessons_metric_keys_whatever_the_loss(backend, loss_type):
+    """reward_chosen / reward_rejected = mean β·(π − π_ref), accuracy = share of pairs whose chosen reward
+    beats the rejected one, from the per-sequence log-probs, beside TRL's names (which differ for orpo)."""
+    policy, labels = make_batch(8, 7, 123)
+    pi = reference.sequence_logps(policy, labels)
+    # precomputed reference log-probs that put two pairs each way
+    pi_ref = pi - torch.tensor([1.0, -1.0, 2.0, -2.0, -1.0, 1.0, 0.5, 0.5]).to(pi.device)
+    beta = 0.3
+    _, metrics = fused_dpo_loss(policy, pi_ref, labels, beta=beta, backend=backend, loss_type=loss_type)
+    chosen, rejected = (beta * (pi - pi_ref)).chunk(2)
+    assert_fp32_close(metrics["reward_chosen"], chosen.mean())
+    assert_fp32_close(metrics["reward_rejected"], rejected.mean())
+    assert metrics["accuracy"].item() == (chosen > rejected).float().mean().item()
+    assert 0 < metrics["accuracy"].item() < 1  # the batch has pairs both ways: the share is really counted
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -207,7 +207,11 @@ def bad_cases():
         "memory_budget": (dict(policy_hidden=h, weight=w, labels=y, memory_budget=2), ValueError, "memory_budget must be None or a number of bytes"),
         "two_refs": (dict(policy_hidden=h, weight=w, labels=y, ref_logps=torch.zeros(4), ref_hidden=h), ValueError, "not both"),
         "ref_logps_shape": (dict(policy_hidden=h, weight=w, labels=y, ref_logps=torch.zeros(3)), ValueError, r"ref_logps must have shape \(4,\)"),
-        "ref_hidden_shape": (dict(policy_hidden=h, weight=w, labels=y, ref_hidden=h[:, :-1]), ValueError, "ref_hidden must have shape"),
+        "ref_hidden_shape": (dict(policy_hidden=h, weight=w, labels=y, ref_hidden=h[:, :-1]), ValueError, r"ref_hidden must have shape \(N, T, H\) with the \(N, T\) of policy_hidden \(4, 5, 8\), got \(4, 4, 8\)"),
+        "ref_hidden_H": (dict(policy_hidden=h, weight=w, labels=y, ref_hidden=h[..., :-1]), ValueError, r"weight \(scoring ref_hidden\) must have shape \(V, H\) with H = 7, got \(50, 8\)"),
+        "ref_weight_V": (dict(policy_hidden=h, weight=w, labels=y, ref_hidden=h, ref_weight=w[:-1]), ValueError, r"ref_weight must cover the policy's vocabulary: weight has shape \(50, 8\), ref_weight \(49, 8\)"),
+        "ref_bias_shape": (dict(policy_hidden=h, weight=w, labels=y, ref_hidden=h, ref_bias=b[:-1]), ValueError, r"ref_bias must have shape \(50,\), got \(49,\)"),
+        "ref_weight_alone": (dict(policy_hidden=h, weight=w, labels=y, ref_weight=w), ValueError, "give ref_hidden too"),
     }
 
 

@@ -140,6 +140,9 @@ LOSS_CASES = {
     "nca_pair": dict(loss_types=["nca_pair"]),
     "sppo_hard": dict(loss_types=["sppo_hard"]),
     "aot": dict(loss_types=["aot"], label_smoothing=0.1),
+    # TRL 1.16 ignores label_smoothing for sigmoid (and the types that never use it), applies it to robust
+    "sigmoid_smoothing_ignored": dict(label_smoothing=0.2),
+    "sigmoid_robust_hinge_smoothing": dict(loss_types=["sigmoid", "robust", "hinge"], label_smoothing=0.1),
     "aot_unpaired": dict(loss_types=["aot_unpaired"]),
     "apo_zero": dict(loss_types=["apo_zero"]),
     "apo_down": dict(loss_types=["apo_down"]),
@@ -317,10 +320,19 @@ def test_version_check_names_the_installed_version(monkeypatch):
 def test_unsupported_options_raise_at_construction(tmp_path):
     with pytest.raises(NotImplementedError, match="use_liger_kernel"):
         build(FusedDPOTrainer, tmp_path / "a", use_liger_kernel=True)
-    with pytest.raises(ValueError, match="label_smoothing.*'sigmoid'"):  # TRL 1.16 ignores it there
-        build(FusedDPOTrainer, tmp_path / "b", label_smoothing=0.1)
-    with pytest.raises(ValueError, match="label_smoothing"):  # TRL silently ignores it for hinge
-        build(FusedDPOTrainer, tmp_path / "c", loss_type="hinge", label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("loss_type", [["sigmoid"], ["hinge"], ["sigmoid", "aot"]])
+def test_label_smoothing_ignored_as_stock_does_with_one_warning(tmp_path, loss_type):
+    """A config stock TRL 1.16 accepts (it drops label_smoothing for sigmoid and hinge) keeps working,
+    with stock's numbers and one warning naming the types that ignore it."""
+    opts = dict(loss_type=loss_type, label_smoothing=0.1)
+    stock = build(DPOTrainer, tmp_path / "s", **opts)
+    with pytest.warns(UserWarning, match=r"label_smoothing=0.1 is ignored for loss types \[.(sigmoid|hinge).\]") as w:
+        fused = build(FusedDPOTrainer, tmp_path / "f", **opts)
+    assert sum("label_smoothing" in str(x.message) for x in w) == 1
+    batch = first_batch(stock)
+    assert_same_step(one_step(stock, batch), one_step(fused, batch))
 
 
 # ------------------------------------------------------------------------------------ the HF helpers

@@ -71,6 +71,10 @@ def check_trl_version(installed: str | None = None) -> str:
     return installed
 
 
+# The loss types TRL 1.16's DPOTrainer applies label_smoothing to; the others ignore it.
+_TRL_SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")
+
+
 def _unsupported(args) -> list[str]:
     """The DPOConfig / Trainer options the fused loss step does not support, each with its reason."""
     found = []
@@ -116,17 +120,21 @@ class _FusedLoss:
         return dict(
             beta=self.beta, loss_type=list(self.loss_types), loss_weights=list(self.loss_weights), average=False,
             ld_alpha=self.ld_alpha, use_weighting=self.use_weighting, label_smoothing=self.label_smoothing,
+            label_smoothing_types=[t for t in self.loss_types if t in _TRL_SMOOTHED],
             f_divergence_type=self.f_divergence_type, f_alpha_divergence_coef=self.f_alpha_divergence_coef,
             discopop_tau=self.args.discopop_tau,
         )  # fmt: skip
 
     def _dpo_kernels_check_loss_options(self) -> None:
         """Refuse at construction what the loss step would refuse (or compute differently) later."""
-        if self.label_smoothing and "sigmoid" in self.loss_types:
-            raise ValueError(
-                f"label_smoothing={self.label_smoothing} with loss_type 'sigmoid': TRL 1.16's DPOTrainer ignores it, "
-                "while dpo_kernels applies it (conservative DPO), so the fused trainer would not match the stock one. "
-                "Use loss_type='robust' (or 'aot'), or label_smoothing=0."
+        ignored = [t for t in self.loss_types if t not in _TRL_SMOOTHED]
+        if self.label_smoothing and ignored:
+            warnings.warn(
+                f"label_smoothing={self.label_smoothing} is ignored for loss types {ignored}, as TRL 1.16's "
+                "DPOTrainer ignores it there (dpo_kernels.fused_dpo_loss would apply it to 'sigmoid' as "
+                "conservative DPO)",
+                UserWarning,
+                stacklevel=3,
             )
         # One tiny evaluation of the loss family: every option check it makes, up front.
         tokens = torch.full((2, 2), -1.0)
