@@ -729,3 +729,20 @@ def test_orpo_near_zero_log_probs(dtype):
         total += nll - logsig(log_odds)
     tol = FP64_TOL if dtype == torch.float64 else dict(rtol=FP32_RTOL, atol=FP32_ATOL)
     torch.testing.assert_close(out.loss.item(), total / 3, **tol)
+
+
+def test_label_smoothing_types_limit_where_epsilon_applies():
+    """TRL 1.16's convention: ε for robust only, sigmoid and hinge ignore it (no error, no smoothing)."""
+    data = make_pairs()
+    opts = dict(loss_type=["sigmoid", "robust", "hinge"], loss_weights=[1.0, 0.5, 0.25])
+    out = call(data, label_smoothing=0.2, label_smoothing_types=["robust"], **opts)
+    expected = (
+        expected_loss(data, loss_type=["sigmoid"])
+        + 0.5 * expected_loss(data, loss_type=["robust"], label_smoothing=0.2)
+        + 0.25 * expected_loss(data, loss_type=["hinge"])
+    )
+    torch.testing.assert_close(out.loss.item(), expected, **FP64_TOL)
+    with pytest.raises(ValueError, match="label_smoothing must lie in"):  # the listed types are still checked
+        call(data, label_smoothing=0.7, label_smoothing_types=["robust"], **opts)
+    with pytest.raises(ValueError, match="label_smoothing_types must be a list of loss types"):
+        call(data, label_smoothing=0.2, label_smoothing_types="robust", **opts)
