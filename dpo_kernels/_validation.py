@@ -39,8 +39,9 @@ def check_pairs(name: str, n: int) -> None:
         )
 
 
-def check_ref(ref, policy_logits: torch.Tensor) -> None:
-    """ref_logits: None, (2B,) precomputed reference log-probs, or (2B, T, V) reference logits."""
+def check_ref(ref, policy_logits: torch.Tensor, n_sequences=None) -> None:
+    """ref_logits: None, (2B,) precomputed reference log-probs, or (2B, T, V) reference logits (of a
+    packed batch: ``n_sequences`` = S per-sequence log-probs, or logits of the policy's shape)."""
     if ref is None:
         return
     if not isinstance(ref, torch.Tensor):
@@ -49,7 +50,7 @@ def check_ref(ref, policy_logits: torch.Tensor) -> None:
         raise ValueError(f"ref_logits are on {ref.device} but policy_logits is on {policy_logits.device}")
     if not ref.is_floating_point():
         raise TypeError(f"ref_logits must be floating point, got {ref.dtype}")
-    n = policy_logits.shape[0]
+    n = policy_logits.shape[0] if n_sequences is None else n_sequences
     if ref.dim() == 1:
         if ref.shape[0] != n:
             raise ValueError(f"ref_logits as precomputed log-probs must have shape ({n},), got {tuple(ref.shape)}")

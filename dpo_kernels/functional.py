@@ -2,7 +2,7 @@
 
 import torch
 
-from . import distributed, ops
+from . import distributed, ops, packing
 from ._validation import check_beta, check_labels, check_logits, check_pairs, check_ref
 
 
@@ -17,6 +17,8 @@ def sequence_logps(
     inplace_backward: bool = False,
     process_group=None,
     vocab_start=None,
+    cu_seqlens=None,
+    position_ids=None,
 ) -> torch.Tensor:
     """Per-sequence log-probs of ``labels`` under ``logits``, without a (N, T, V) intermediate.
 
@@ -37,9 +39,15 @@ def sequence_logps(
     Vocabulary parallelism: with ``process_group`` (or ``vocab_start``, or ``logits`` a DTensor sharded on
     its last dimension) each rank passes its slice of the vocabulary and the global labels; see
     :func:`dpo_kernels.distributed.vocab_parallel_sequence_logps`.
+
+    Padding-free packed batches: logits (1, total, V), labels (1, total) and ``cu_seqlens`` ((S + 1,)
+    sequence starts) or ``position_ids`` ((1, total), restarting at 0 per sequence) give the (S,)
+    per-sequence values of the padded layout; with ``shift`` no sequence predicts its successor's first
+    token (:mod:`dpo_kernels.packing`).
     """
     if distributed.wanted(process_group, vocab_start, logits):
         _no_inplace(inplace_backward)
+        packing.refuse_vocab_parallel(cu_seqlens, position_ids)
         return distributed.vocab_parallel_sequence_logps(
             logits, labels, process_group=process_group, vocab_start=vocab_start, ignore_index=ignore_index,
             shift=shift, average=average, backend=backend,
@@ -47,15 +55,17 @@ def sequence_logps(
     check_logits("logits", logits)
     backend = ops.resolve_backend(backend, logits.device, logits.dtype)
     check_labels(labels, logits, "logits")
+    pk = packing.resolve(labels, cu_seqlens, position_ids) if packing.wanted(cu_seqlens, position_ids) else None
     if inplace_backward and logits.is_leaf and logits.requires_grad:
         raise ValueError(
             "inplace_backward=True would overwrite the leaf tensor `logits` with its own gradient; "
             "use it on logits produced by a model (a non-leaf tensor)"
         )
+    labels, shift = packing.kernel_labels(labels, pk, ignore_index, shift)
     token_logp, _, _ = torch.ops.dpo_kernels.token_logps(
         logits, labels, ignore_index, shift, backend, inplace_backward, False
     )
-    return _per_sequence(token_logp, labels, ignore_index, shift, average)
+    return _per_sequence(packing.layout(token_logp, pk), packing.scored(labels, shift, pk, ignore_index), average)
 
 
 def _no_inplace(inplace_backward: bool) -> None:
@@ -63,11 +73,10 @@ def _no_inplace(inplace_backward: bool) -> None:
         raise ValueError("inplace_backward=True is not supported on the vocabulary-parallel path (process_group=)")
 
 
-def _per_sequence(token_logp, labels, ignore_index: int, shift: bool, average: bool) -> torch.Tensor:
-    """Sum (or mean over scored tokens, 0 where there are none) of (N, T - shift) per-token log-probs."""
+def _per_sequence(token_logp, scored, average: bool) -> torch.Tensor:
+    """Sum (or mean over the ``scored`` tokens, 0 where there are none) of (N, T') per-token log-probs."""
     total = token_logp.sum(-1)
     if average:
-        scored = labels[:, int(shift) :] != ignore_index
         return total / scored.sum(-1).clamp(min=1)
     return total
 
@@ -88,6 +97,8 @@ def fused_dpo_loss(
     token_metrics: bool = True,
     process_group=None,
     vocab_start=None,
+    cu_seqlens=None,
+    position_ids=None,
     **loss_options,
 ):
     """Drop-in replacement for :func:`dpo_kernels.reference.dpo_loss`: same arguments, layout and metrics.
@@ -102,11 +113,15 @@ def fused_dpo_loss(
 
     Vocabulary parallelism: ``process_group`` (or ``vocab_start``, or DTensor logits sharded on the
     vocabulary) as in :func:`sequence_logps`; the reference logits are then this rank's slice too.
+
+    Packed batches as in :func:`sequence_logps` (``cu_seqlens`` / ``position_ids``): sequences 0..B-1
+    are the chosen and B..2B-1 the rejected; ``ref_logits`` is then packed the same way, or (2B,).
     """
     from . import preference
 
     if distributed.wanted(process_group, vocab_start, policy_logits, ref_logits):
         _no_inplace(inplace_backward)
+        packing.refuse_vocab_parallel(cu_seqlens, position_ids)
         return distributed.vocab_parallel_dpo_loss(
             policy_logits, ref_logits, labels, beta, process_group=process_group, vocab_start=vocab_start,
             ignore_index=ignore_index, average=average, backend=backend, token_metrics=token_metrics,
@@ -115,27 +130,34 @@ def fused_dpo_loss(
     check_beta(beta)
     preference.check_options(average=average, ld_alpha=ld_alpha, use_weighting=use_weighting)
     check_logits("policy_logits", policy_logits)
-    check_pairs("policy_logits", policy_logits.shape[0])
     backend = ops.resolve_backend(backend, policy_logits.device, policy_logits.dtype)
     check_labels(labels, policy_logits, "policy_logits")
-    check_ref(ref_logits, policy_logits)
+    pk = packing.resolve(labels, cu_seqlens, position_ids) if packing.wanted(cu_seqlens, position_ids) else None
+    if pk is None:
+        check_pairs("policy_logits", policy_logits.shape[0])
+    else:
+        check_pairs("the packed batch (cu_seqlens / position_ids)", len(pk.bounds) - 1)
+    check_ref(ref_logits, policy_logits, n_sequences=None if pk is None else len(pk.bounds) - 1)
     if inplace_backward and policy_logits.is_leaf and policy_logits.requires_grad:
         raise ValueError(
             "inplace_backward=True would overwrite the leaf tensor `policy_logits` with its own gradient; "
             "use it on logits produced by a model (a non-leaf tensor)"
         )
     with_stats = preference.needs_stats(token_metrics, use_weighting)
+    labels, shift = packing.kernel_labels(labels, pk, ignore_index, True)
     token_logp, lse, stats = torch.ops.dpo_kernels.token_logps(
-        policy_logits, labels, ignore_index, True, backend, inplace_backward, with_stats
+        policy_logits, labels, ignore_index, shift, backend, inplace_backward, with_stats
     )
-    mask = labels[:, 1:] != ignore_index
+    token_logp, lse, stats = (packing.layout(t, pk) for t in (token_logp, lse, stats))
+    mask = packing.scored(labels, shift, pk, ignore_index)
     if ref_logits is None or ref_logits.dim() == 1:
         ref = ref_logits
     else:
         with torch.no_grad():
             ref_tokens, _, _ = torch.ops.dpo_kernels.token_logps(
-                ref_logits, labels, ignore_index, True, backend, False, False
+                ref_logits, labels, ignore_index, shift, backend, False, False
             )
+            ref_tokens = packing.layout(ref_tokens, pk)
             ref = preference.reduce_sequences(ref_tokens, mask, average=average, ld_alpha=ld_alpha)
     return preference.dpo_from_tokens(
         token_logp, mask, ref, stats=stats if with_stats else None, lse=lse, vocab_size=policy_logits.shape[-1],

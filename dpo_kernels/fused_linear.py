@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from . import distributed, ops
+from . import distributed, ops, packing
 from ._validation import FLOAT_DTYPES, check_beta, check_labels, check_pairs
 from .functional import _per_sequence
 from .reference import STATS
@@ -209,6 +209,8 @@ def fused_linear_sequence_logps(
     backend: str = "auto",
     process_group=None,
     vocab_start: Optional[int] = None,
+    cu_seqlens=None,
+    position_ids=None,
 ) -> torch.Tensor:
     """Per-sequence log-probs of ``labels`` under the LM head ``weight`` applied to ``hidden``.
 
@@ -226,8 +228,12 @@ def fused_linear_sequence_logps(
     dim 0 over a 1-D mesh, e.g. ``ColwiseParallel``) ``weight``/``bias`` are this rank's rows of the head
     and every rank passes the same ``hidden`` and global ``labels``; see
     :func:`dpo_kernels.distributed.vocab_parallel_fused_linear_sequence_logps`.
+
+    Packed batches (hidden (1, total, H), ``cu_seqlens`` or ``position_ids``) as in
+    :func:`dpo_kernels.sequence_logps`: returns the (S,) per-sequence values.
     """
     if distributed.wanted(process_group, vocab_start, weight, bias):
+        packing.refuse_vocab_parallel(cu_seqlens, position_ids)
         return distributed.vocab_parallel_fused_linear_sequence_logps(
             hidden, weight, labels, bias, process_group=process_group, vocab_start=vocab_start,
             ignore_index=ignore_index, shift=shift, average=average, logit_scale=logit_scale, softcap=softcap,
@@ -241,11 +247,14 @@ def fused_linear_sequence_logps(
         raise ValueError(f"memory_budget must be None or a number of bytes >= 4, got {memory_budget!r}")
     chunk_elements = 0 if memory_budget is None else memory_budget // 4
     backend = ops.resolve_backend(backend, hidden.device, hidden.dtype)
+    pk = packing.resolve(labels, cu_seqlens, position_ids, tokens_name="hidden") if packing.wanted(
+        cu_seqlens, position_ids) else None  # fmt: skip
+    labels, shift = packing.kernel_labels(labels, pk, ignore_index, shift)
     token_logp, _, _ = torch.ops.dpo_kernels.fused_linear_token_logps(
         hidden, weight, bias, labels, ignore_index, shift, float(logit_scale),
         None if softcap is None else float(softcap), float(temperature), chunk_elements, backend, False,
     )  # fmt: skip
-    return _per_sequence(token_logp, labels, ignore_index, shift, average)
+    return _per_sequence(packing.layout(token_logp, pk), packing.scored(labels, shift, pk, ignore_index), average)
 
 
 def fused_linear_dpo_loss(
@@ -272,6 +281,8 @@ def fused_linear_dpo_loss(
     token_metrics: bool = True,
     process_group=None,
     vocab_start: Optional[int] = None,
+    cu_seqlens=None,
+    position_ids=None,
     **loss_options,
 ):
     """The DPO loss of :func:`dpo_kernels.fused_dpo_loss` straight from the last hidden states.
@@ -283,8 +294,12 @@ def fused_linear_dpo_loss(
 
     Vocabulary parallelism as in :func:`fused_linear_sequence_logps`: ``weight``, ``bias``, ``ref_weight``
     and ``ref_bias`` are then this rank's rows.
+
+    Packed batches (``cu_seqlens`` / ``position_ids``) as in :func:`dpo_kernels.fused_dpo_loss`:
+    ``ref_hidden`` packed like ``policy_hidden``, or ``ref_logps`` (S,).
     """
     if distributed.wanted(process_group, vocab_start, weight, bias, ref_weight, ref_bias):
+        packing.refuse_vocab_parallel(cu_seqlens, position_ids)
         return distributed.vocab_parallel_fused_linear_dpo_loss(
             policy_hidden, weight, labels, process_group=process_group, vocab_start=vocab_start,
             ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight_shard=ref_weight, bias_shard=bias,
@@ -299,15 +314,22 @@ def fused_linear_dpo_loss(
 
     preference.check_options(average=average, ld_alpha=ld_alpha, use_weighting=use_weighting)
     check_labels(labels, policy_hidden, "policy_hidden")
-    check_pairs("policy_hidden", policy_hidden.shape[0])
+    pk = packing.resolve(labels, cu_seqlens, position_ids, tokens_name="policy_hidden") if packing.wanted(
+        cu_seqlens, position_ids) else None  # fmt: skip
+    if pk is None:
+        check_pairs("policy_hidden", policy_hidden.shape[0])
+    else:
+        check_pairs("the packed batch (cu_seqlens / position_ids)", len(pk.bounds) - 1)
+    labels, shift = packing.kernel_labels(labels, pk, ignore_index, True)
 
     def tokens(hidden, head, head_bias, with_stats):
         chunk_elements = 0 if memory_budget is None else memory_budget // 4
         resolved = ops.resolve_backend(backend, hidden.device, hidden.dtype)
-        return torch.ops.dpo_kernels.fused_linear_token_logps(
-            hidden, head, head_bias, labels, ignore_index, True, float(logit_scale),
+        out = torch.ops.dpo_kernels.fused_linear_token_logps(
+            hidden, head, head_bias, labels, ignore_index, shift, float(logit_scale),
             None if softcap is None else float(softcap), float(temperature), chunk_elements, resolved, with_stats,
         )  # fmt: skip
+        return tuple(packing.layout(t, pk) for t in out)
 
     _check_transform(logit_scale, softcap, temperature)
     valid_budget = isinstance(memory_budget, int) and not isinstance(memory_budget, bool) and memory_budget >= 4
@@ -315,7 +337,7 @@ def fused_linear_dpo_loss(
         raise ValueError(f"memory_budget must be None or a number of bytes >= 4, got {memory_budget!r}")
     with_stats = preference.needs_stats(token_metrics, use_weighting)
     token_logp, lse, stats = tokens(policy_hidden, weight, bias, with_stats)
-    mask = labels[:, 1:] != ignore_index
+    mask = packing.scored(labels, shift, pk, ignore_index)
     policy = token_logp.sum(-1)
     if ref_logps is not None and ref_hidden is not None:
         raise ValueError("give the reference as ref_logps or as ref_hidden, not both")

@@ -7,6 +7,8 @@ that the tests and the benchmarks compare the fused kernels against, so it stays
 import torch
 import torch.nn.functional as F
 
+from . import packing
+
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = True):
     """(N, T - shift) log p(label) per token, fp32 (fp64 for fp64 logits), 0 where the label is ignored.
@@ -26,12 +28,20 @@ def sequence_logps(
     ignore_index: int = -100,
     shift: bool = True,
     average: bool = False,
+    cu_seqlens=None,
+    position_ids=None,
 ) -> torch.Tensor:
     """Per-sequence sum (or mean with ``average``) of log p(label) over tokens whose label is not ignored.
 
     logits: (N, T, V); labels: (N, T). With ``shift``, logits[:, :-1] predict labels[:, 1:].
     Returns (N,) fp32 (fp64 for fp64 logits). A sequence with no scored token gets 0.
+
+    A packed batch (logits (1, total, V), labels (1, total), ``cu_seqlens`` or ``position_ids``, see
+    :mod:`dpo_kernels.packing`) is scored as its padded layout (:func:`padded`): returns (S,).
     """
+    if packing.wanted(cu_seqlens, position_ids):
+        pk = packing.resolve(labels, cu_seqlens, position_ids)
+        logits, labels = padded(logits, pk), padded(labels, pk, fill=ignore_index)
     total = token_logps(logits, labels, ignore_index=ignore_index, shift=shift).sum(-1)
     if average:
         mask = labels[:, int(shift) :] != ignore_index
@@ -78,6 +88,8 @@ def dpo_loss(
     ld_alpha=None,
     use_weighting: bool = False,
     token_metrics: bool = True,
+    cu_seqlens=None,
+    position_ids=None,
     **loss_options,
 ):
     """The DPO family's loss from full logits: DPO (Rafailov et al. 2023, arXiv:2305.18290) and every
@@ -95,6 +107,11 @@ def dpo_loss(
     """
     from . import preference
 
+    if packing.wanted(cu_seqlens, position_ids):  # sequences 0..B-1 chosen, B..2B-1 rejected
+        pk = packing.resolve(labels, cu_seqlens, position_ids)
+        policy_logits, labels = padded(policy_logits, pk), padded(labels, pk, fill=ignore_index)
+        if ref_logits is not None and ref_logits.dim() == 3:
+            ref_logits = padded(ref_logits, pk)
     preference.check_options(average=average, ld_alpha=ld_alpha, use_weighting=use_weighting)
     kw = dict(ignore_index=ignore_index, shift=True)
     mask = labels[:, 1:] != ignore_index
@@ -115,6 +132,17 @@ def dpo_loss(
         policy_tokens, mask, ref, stats=stats, lse=lse, vocab_size=policy_logits.shape[-1], beta=beta,
         loss_type=loss_type, average=average, ld_alpha=ld_alpha, use_weighting=use_weighting, **loss_options,
     )  # fmt: skip
+
+
+def padded(packed: torch.Tensor, pk: "packing.Packing", fill=0) -> torch.Tensor:
+    """A packed (1, total, ...) tensor as the padded batch it came from: (S, L, ...), each sequence
+    right-padded with ``fill`` to the longest one, L."""
+    rows = []
+    for start, end in zip(pk.bounds[:-1], pk.bounds[1:]):
+        row = packed[0, start:end]
+        pad = row.new_full((pk.max_length - (end - start), *row.shape[1:]), fill)
+        rows.append(torch.cat([row, pad]))
+    return torch.stack(rows)
 
 
 def lm_head_logits(hidden, weight, bias=None, *, logit_scale=1.0, softcap=None, temperature=1.0):
