@@ -95,6 +95,13 @@ def _logits_tile(
 
 
 @triton.jit
+def _pivot(m):
+    """The running max as the reference point of exp(z − m): 0 where it is -inf (nothing but -inf logits
+    so far), so that exp(-inf − pivot) = 0 instead of exp(-inf + inf) = NaN; +inf and NaN stay (NaN out)."""
+    return tl.where(m == float("-inf"), 0.0, m)
+
+
+@triton.jit
 def _label_column(labels, col0, BLOCK_V: tl.constexpr):
     """(BLOCK_M,) int32: each row's label as a column of the tile starting at col0, or -1."""
     local = labels - col0
@@ -205,19 +212,20 @@ def fused_linear_logps_fwd_kernel(
             tile_max, first = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
         else:
             tile_max = tl.max(z, axis=1)
-        m_new = tl.maximum(m, tile_max)  # finite: every tile holds a column < V
+        m_new = tl.maximum(m, tile_max)  # -inf while every logit so far is -inf (a -inf bias entry)
+        pivot = _pivot(m_new)
         if WITH_STATS:
-            alpha = tl.exp(m - m_new)
-            e = tl.exp(z - m_new[:, None])  # 0 in masked columns (z = -inf)
+            alpha = tl.exp(m - pivot)
+            e = tl.exp(z - pivot[:, None])  # 0 in masked columns (z = -inf)
             z0 = tl.where(col_mask[None, :], z, 0.0)  # finite there, so e · (z0 − m_new) = 0, not 0 · -inf
-            moved = tl.maximum(m - m_new, -3.0e38) * s  # (m_old − m_new) · s; 0, not -inf · 0, at first
-            s1 = (s1 + moved) * alpha + tl.sum(e * (z0 - m_new[:, None]), axis=1)
+            moved = tl.maximum(m - pivot, -3.0e38) * s  # (m_old − m_new) · s; 0, not -inf · 0, at first
+            s1 = (s1 + moved) * alpha + tl.sum(e * (z0 - pivot[:, None]), axis=1)
             s2 = s2 * (alpha * alpha) + tl.sum(e * e, axis=1)
             s = s * alpha + tl.sum(e, axis=1)
             sum_z += tl.sum(z0, axis=1)
             arg = tl.where(tile_max > m, col0 + first, arg)
         else:
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+            s = s * tl.exp(m - pivot) + tl.sum(tl.exp(z - pivot[:, None]), axis=1)
         m = m_new
         is_label = c[None, :] == _label_column(labels, col0, BLOCK_V)[:, None]
         z_label += tl.sum(tl.where(is_label, z, 0.0), axis=1)
@@ -274,16 +282,17 @@ def fused_linear_logps_merge_kernel(
         sum_z = tl.zeros([BLOCK], dtype=tl.float32)
         best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
         arg = tl.zeros([BLOCK], dtype=tl.int32)
+    pivot = _pivot(m)
     for split in range(0, splits):
         part = tl.cast(split, tl.int64) * M + rows
         m_split = tl.load(m_part_ptr + part, mask=mask, other=0.0)
         s_split = tl.load(s_part_ptr + part, mask=mask, other=1.0)
-        alpha = tl.exp(m_split - m)
+        alpha = tl.exp(m_split - pivot)  # 0 for a split whose logits are all -inf (its s is 0)
         s += s_split * alpha
         z_label += tl.load(zl_part_ptr + part, mask=mask, other=0.0)
         if WITH_STATS:
             s1_split = tl.load(s1_part_ptr + part, mask=mask, other=0.0)
-            s1 += (s1_split + (m_split - m) * s_split) * alpha
+            s1 += (s1_split + tl.maximum(m_split - pivot, -3.0e38) * s_split) * alpha
             s2 += tl.load(s2_part_ptr + part, mask=mask, other=1.0) * (alpha * alpha)
             sum_z += tl.load(sz_part_ptr + part, mask=mask, other=0.0)
             arg_split = tl.load(am_part_ptr + part, mask=mask, other=0)
