@@ -595,11 +595,11 @@ def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     fp32 output on CUDA (``out_dtype``); on CPU (interpreter tests) the operands are widened, which gives
     the same exact bf16 products, summed in fp32."""
     if a.dtype == torch.float32:
-        acc.addmm_(a, b)
+        torch.addmm(acc, a, b, out=acc)
     elif acc.device.type == "cuda":
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
-        acc.addmm_(a.float(), b.float())
+        torch.addmm(acc, a.float(), b.float(), out=acc)
 
 
 def fused_linear_logps_bwd(grad, hidden, weight, bias, labels, lse, logit_scale=1.0, softcap=None, temperature=1.0,
