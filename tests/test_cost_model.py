@@ -42,6 +42,7 @@ def test_triton_formulas_match_interpreter_counts(M, H, V, dtype, splits, chunk_
     assert aten_flops == modeled.aten_linear_flops(M, H, V)
 
 
+@pytest.mark.slow
 def test_issue_budget_at_m128_h1024_v2048_bf16():
     """At the bf16 launch config: Triton stores <= 1.25x the outputs + one bf16 dz of the scored logits,
     and Triton dots + aten GEMMs <= 8.4·M·H·V FLOPs."""
