@@ -4,11 +4,14 @@
    tensors' shapes, dtypes and lifetimes are real, their storage is not. The fused ops are
    torch.library custom ops whose fake implementations allocate what the kernels return; in-kernel
    scratch is not seen by the tracker, so the Triton fused-linear backward's scratch is added
-   analytically (fp32 d_hidden slabs, vocab splits x rows x H, and one fp32 BLOCK_V x H slot per
-   persistent program; 132 SMs of an H100 SXM).
+   analytically (its dz chunk buffer and its fp32 (rows, H) d_hidden accumulator).
 2. Bytes moved per token by each kernel (analytic) and the resulting H100 SXM memory-bandwidth time
    bound at 3.35 TB/s, with the dense bf16 tensor-core compute bound (989 TFLOP/s) beside it for the
    matmul paths. Assumptions are in ``ASSUMPTIONS`` and printed with the table.
+3. Modeled time per kernel launch (``modeled_times``): FLOPs and HBM bytes as formulas in the launch's
+   tile parameters, an L2 working-set rule for re-read operands, max(bytes / bandwidth, FLOPs / rate) on
+   an H100 (datasheet) and an H200 (ceilings measured here); the exact Triton counts are checked
+   against the interpreter (tests/test_cost_model.py, benchmarks/traffic.py).
 """
 
 import torch
