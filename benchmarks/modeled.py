@@ -4,11 +4,14 @@
    tensors' shapes, dtypes and lifetimes are real, their storage is not. The fused ops are
    torch.library custom ops whose fake implementations allocate what the kernels return; in-kernel
    scratch is not seen by the tracker, so the Triton fused-linear backward's scratch is added
-   analytically (fp32 d_hidden slabs, vocab splits x rows x H, and one fp32 BLOCK_V x H slot per
-   persistent program; 132 SMs of an H100 SXM).
+   analytically (its dz chunk buffer and its fp32 (rows, H) d_hidden accumulator).
 2. Bytes moved per token by each kernel (analytic) and the resulting H100 SXM memory-bandwidth time
    bound at 3.35 TB/s, with the dense bf16 tensor-core compute bound (989 TFLOP/s) beside it for the
    matmul paths. Assumptions are in ``ASSUMPTIONS`` and printed with the table.
+3. Modeled time per kernel launch (``modeled_times``): FLOPs and HBM bytes as formulas in the launch's
+   tile parameters, an L2 working-set rule for re-read operands, max(bytes / bandwidth, FLOPs / rate) on
+   an H100 (datasheet) and an H200 (ceilings measured here); the exact Triton counts are checked
+   against the interpreter (tests/test_cost_model.py, benchmarks/traffic.py).
 """
 
 import torch
@@ -33,7 +36,7 @@ ASSUMPTIONS = [
     f"(forward and d_hidden products), the hidden rows once per {BLOCK_V}-wide vocabulary block (d_weight); no L2 "
     "reuse across concurrently running blocks, so this part is an upper bound (blocks running at the same time share "
     "weight tiles through the 50 MB L2, so real HBM traffic is far lower; the FLOP bound is the better guide there)",
-    "FLOPs: naive LM head 6·M·V·H (forward, d_hidden, d_weight); fused-linear 10·M·V·H (the logits tile is recomputed in both backward kernels)",
+    "FLOPs: naive LM head 6·M·V·H (forward, d_hidden, d_weight); fused-linear 8·M·V·H (the logits are recomputed once, in the backward's dz kernel)",
 ]
 
 
@@ -78,13 +81,13 @@ def _lm_head_inputs(n, t, h, v, dtype):
     return make
 
 
-def triton_linear_scratch_bytes(m: int, h: int, v: int) -> int:
-    """The Triton fused-linear backward's fp32 scratch (not seen by the tracker), per its launcher."""
-    row_blocks = -(-m // BLOCK_M)
-    v_tiles = -(-v // BLOCK_V)
-    splits = max(1, min(-(-2 * H100_SMS // row_blocks), 16, v_tiles))
-    h_pad = -(-h // 64) * 64
-    return splits * row_blocks * BLOCK_M * h_pad * 4 + min(H100_SMS, v_tiles) * BLOCK_V * h_pad * 4
+def triton_linear_scratch_bytes(m: int, h: int, v: int, e: int = 2) -> int:
+    """The Triton fused-linear backward's scratch (not seen by the tracker), per its launcher: the dz chunk
+    buffer (at most DZ_CHUNK_BYTES, whole BLOCK_V tiles) and the fp32 (M, H) d_hidden accumulator."""
+    from dpo_kernels.triton.linear import DZ_CHUNK_BYTES, dz_chunk_columns
+
+    vc = min(dz_chunk_columns(m, v, e, BLOCK_V, DZ_CHUNK_BYTES), v)
+    return m * vc * e + m * h * 4
 
 
 def modeled_memory(models=None, n=N_SEQ, t=SEQ_LEN, dtype=torch.bfloat16) -> list[dict]:
@@ -137,8 +140,9 @@ def bytes_per_token(v: int, h: int, e: int = 2) -> list[dict]:
         {"kernel": "lm_head: naive (cuBLAS + eager reference)", "logits_io": 42 * v + 3 * e * v,
          "gemm_stream": 2 * stream_w + stream_h, "other": 2 * e * h, "flops": 6 * v * h},
         # fwd reads hidden; backward: fp32 d_hidden slab written + read, d_hidden written
-        {"kernel": "lm_head: dpo_kernels fused-linear (Triton)", "logits_io": 0,
-         "gemm_stream": 2 * stream_w + stream_h, "other": e * h + 8 * h + e * h, "flops": 10 * v * h},
+        # backward: dz written once in bf16 and read by the two cuBLAS products and the d_bias sum
+        {"kernel": "lm_head: dpo_kernels fused-linear (Triton + cuBLAS)", "logits_io": 4 * e * v,
+         "gemm_stream": 2 * stream_w + stream_h, "other": e * h + 8 * h + e * h, "flops": 8 * v * h},
     ]  # fmt: skip
 
 
@@ -156,6 +160,194 @@ def bandwidth_table(models=None, n=N_SEQ, t=SEQ_LEN) -> list[dict]:
                 "flop_bound_ms": 1e3 * r["flops"] * tokens / H100_BF16_FLOPS if r["flops"] else None,
             })  # fmt: skip
     return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cost model per kernel launch: exact counts (checked against the interpreter), HBM bytes with L2, time
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+GPUS = {  # name -> (HBM bytes/s, dense bf16 GEMM FLOP/s (cuBLAS), SMs, L2 bytes)
+    "H100 SXM (datasheet)": (3.35e12, 989e12, 132, 50 * 2**20),
+    "H200 (measured)": (4.3e12, 790e12, 132, 60 * 2**20),
+}
+# A Triton tl.dot loop on Hopper (wgmma, 64 x 128 tiles, a softmax epilogue per tile): 0.7 of the datasheet
+# dense rate, i.e. 0.875 of what cuBLAS reached on the H200 here (788 of 989 TFLOP/s). Triton's products
+# lower to the same wgmma as cuBLAS; the factor charges our smaller tiles (fewer operand reuses per byte
+# of shared memory) and the exp / max epilogue, amortized over H / BLOCK_H = 64 k-steps. An assumption
+# to check on the first GPU run (issue 14.8), on both GPUs the same (the same SMs and clocks).
+TRITON_DOT_RATE = 0.7 * 989e12
+L2_SHARE = 0.5  # the share of L2 a re-read working set may fill and still be served from it
+
+
+def triton_linear_counts(M, H, V, e, cfg, splits, chunk_cols, bias=False, eb=None):
+    """Exact loads / stores (bytes) and tl.dot FLOPs of the Triton fused-LM-head kernels as launched by
+    ``dpo_kernels.triton.linear`` (no stats), without any cache: what the interpreter counts.
+
+    cfg: LinearConfig; splits: the forward's vocabulary splits (after ``_vocab_splits``); chunk_cols: the
+    backward's dz chunk width VC. Rows of every block load their H once per V tile they meet, weight rows
+    once per row block; dot FLOPs count padded tiles (2 · BLOCK_M · BLOCK_V · BLOCK_H per k-step).
+    """
+    eb = e if eb is None else eb
+    BM, BV, BH = cfg.BLOCK_M, cfg.BLOCK_V, cfg.BLOCK_H
+    R, T, Hp = cdiv(M, BM), cdiv(V, BV), cdiv(H, BH) * BH
+    fwd = {
+        "ld": 8 * M * splits + M * H * e * T + V * H * e * R + (V * eb * R if bias else 0),
+        "st": 3 * 4 * M * splits,
+        "dot_flops": 2 * R * BM * T * BV * Hp,
+    }
+    merge = {"ld": 4 * 4 * M * splits + 8 * M, "st": 2 * 4 * M, "dot_flops": 0}
+    tiles = sum(cdiv(min(chunk_cols, V - c), BV) for c in range(0, V, chunk_cols))
+    dz = {
+        "ld": (8 + 4 + 4) * M * tiles + M * H * e * tiles + V * H * e * R + (V * eb * R if bias else 0),
+        "st": M * V * e,
+        "dot_flops": 2 * R * BM * tiles * BV * Hp,
+    }
+    return {"fused_linear_logps_fwd_kernel": fwd, "fused_linear_logps_merge_kernel": merge,
+            "fused_linear_logps_bwd_dz_kernel": dz}  # fmt: skip
+
+
+def aten_linear_flops(M, H, V) -> int:
+    """FLOPs of the backward's cuBLAS products: d_weight = dzᵀ · h and d_hidden += dz · W per chunk."""
+    return 4 * M * H * V
+
+
+def _kernel(name, flops, hbm, rate, note=""):
+    return {"kernel": name, "flops": flops, "hbm_bytes": hbm, "rate": rate, "note": note}
+
+
+def fused_linear_kernels(N, H, V, gpu, e=2, group_m=None, chunk_bytes=None):
+    """The launches of the fused LM head fwd + bwd at N scored rows (bf16, launch configs of the GPU
+    path), each with FLOPs, modeled HBM bytes (L2 reuse where the working set of the programs in flight
+    fits in L2_SHARE of it) and the rate its products run at."""
+    from dpo_kernels.triton.linear import (
+        DZ_CHUNK_BYTES, GROUP_M, LAUNCH_CONFIGS, _vocab_splits, dz_chunk_columns, forward_splits,
+    )  # fmt: skip
+
+    bw, gemm_rate, sms, l2 = GPUS[gpu]
+    cfg = LAUNCH_CONFIGS[(torch.bfloat16, True)]
+    BM, BV = cfg.BLOCK_M, cfg.BLOCK_V
+    R, T = cdiv(N, BM), cdiv(V, BV)
+    budget = L2_SHARE * l2
+    splits, _ = _vocab_splits(V, BV, forward_splits(V, H, e, cfg, R, sms, l2))
+    # forward: splits fastest, so sms / splits row blocks are in flight, each re-reading its h rows per V tile
+    rows_in_flight = max(1, min(R, sms // splits))
+    slab = BM * H * e
+    h_reads = splits if rows_in_flight * slab + splits * BV * H * e <= budget else T
+    fwd_bytes = h_reads * N * H * e + cdiv(R, rows_in_flight) * V * H * e + 12 * N * splits
+    out = [_kernel("Triton fwd (logits tiles + online lse)", 2 * N * H * V, fwd_bytes, TRITON_DOT_RATE,
+                   f"{splits} splits, {rows_in_flight} row blocks in flight, h read {h_reads}x")]  # fmt: skip
+    out.append(_kernel("Triton merge", 0, 16 * N * splits + 16 * N, gemm_rate))
+    # backward: dz chunks; GROUP_M row blocks x (sms / GROUP_M) V tiles in flight
+    g = group_m or GROUP_M
+    vc = dz_chunk_columns(N, V, e, BV, chunk_bytes or DZ_CHUNK_BYTES)
+    chunks = cdiv(V, vc)
+    v_in_flight = max(1, sms // g)
+    fits = g * slab + v_in_flight * BV * H * e <= budget
+    w_reads = cdiv(R, g) if fits else R
+    dz_bytes = chunks * N * H * e + w_reads * V * H * e + N * V * e + 16 * N * chunks
+    out.append(_kernel("Triton bwd dz (recompute + softmax grad)", 2 * N * H * V, dz_bytes, TRITON_DOT_RATE,
+                       f"{chunks} chunks of {vc} columns, W read {w_reads}x"))  # fmt: skip
+    out.append(_kernel("cuBLAS d_weight = dzᵀ·h", 2 * N * H * V, N * V * e + chunks * N * H * e + V * H * e,
+                       gemm_rate))  # fmt: skip
+    out.append(_kernel("cuBLAS d_hidden += dz·W (fp32 out)", 2 * N * H * V,
+                       N * V * e + V * H * e + chunks * 8 * N * H, gemm_rate))  # fmt: skip
+    out.append(_kernel("d_hidden cast fp32 -> bf16", 0, N * H * (4 + e), gemm_rate))
+    return out, bw
+
+
+def naive_lm_head_kernels(N, H, V, gpu, e=2):
+    """cuBLAS logits + the eager reference (42 bytes per logit, ``ASSUMPTIONS``) + two cuBLAS products."""
+    bw, gemm_rate, _, _ = GPUS[gpu]
+    logits = N * V
+    return [
+        _kernel("cuBLAS logits = h·Wᵀ", 2 * N * H * V, logits * e + (N + V) * H * e, gemm_rate),
+        _kernel("eager log-softmax fwd + bwd", 0, 42 * logits, gemm_rate),
+        _kernel("cuBLAS d_hidden = dz·W", 2 * N * H * V, logits * e + (N + V) * H * e, gemm_rate),
+        _kernel("cuBLAS d_weight = dzᵀ·h", 2 * N * H * V, logits * e + (N + V) * H * e, gemm_rate),
+    ], bw
+
+
+def previous_fused_linear_kernels(N, H, V, gpu, e=2, BM=64, BV=128):
+    """The fused head before issue 14, by its count: 10·N·H·V on Triton, fp32 scratch slabs re-read and
+    re-written per tile (8·N·H·V / BLOCK_V for d_hidden, 8·N·H·V / BLOCK_M for d_weight), above L2."""
+    bw, _, _, _ = GPUS[gpu]
+    return [
+        _kernel("Triton fwd", 2 * N * H * V, N * H * e + cdiv(N, BM) * V * H * e, TRITON_DOT_RATE),
+        _kernel("Triton bwd d_hidden (slab per V tile)", 4 * N * H * V, 8 * N * H * V // BV, TRITON_DOT_RATE),
+        _kernel("Triton bwd d_weight (slot per row block)", 4 * N * H * V, 8 * N * H * V // BM, TRITON_DOT_RATE),
+    ], bw
+
+
+def logits_kernels(N, V, gpu, e=2):
+    """The logits path: the naive eager reference (42 bytes per logit) against the fused Triton log-prob
+    kernels (read the logits in the forward, read them and write the gradient in the backward)."""
+    bw = GPUS[gpu][0]
+    return {
+        "naive: reference.sequence_logps": [_kernel("eager log-softmax fwd + bwd", 0, 42 * N * V, 1.0)],
+        "fused: sequence_logps (Triton)": [_kernel("Triton fwd", 0, N * V * e, 1.0),
+                                           _kernel("Triton bwd", 0, 2 * N * V * e, 1.0)],
+    }, bw
+
+
+def kernel_ms(k, bw) -> float:
+    """max(bytes / bandwidth, FLOPs / rate): each launch is bound by the slower of the two."""
+    return 1e3 * max(k["hbm_bytes"] / bw, k["flops"] / k["rate"] if k["flops"] else 0.0)
+
+
+def modeled_times(models=None, n=N_SEQ, t=SEQ_LEN) -> list[dict]:
+    """``modeled_time`` rows (model, workload, path, gpu, ms, floor_ms, kernels) at N = n·t scored rows.
+    Floors: lm_head 8·N·H·V at the GPU's GEMM rate (forward, one recompute, two products), logits the
+    bytes of reading the logits twice and writing their gradient once."""
+    rows = []
+    N = n * t
+    for model in models or MODELS:
+        V, H = MODELS[model]
+        for gpu, (bw, rate, _, _) in GPUS.items():
+            lm_floor = 1e3 * 8 * N * H * V / rate
+            paths = [
+                ("lm_head", "naive: matmul + reference", *naive_lm_head_kernels(N, H, V, gpu), lm_floor),
+                ("lm_head", "fused-linear (Triton + cuBLAS)", *fused_linear_kernels(N, H, V, gpu), lm_floor),
+                ("lm_head", "fused-linear, previous design (by count)", *previous_fused_linear_kernels(N, H, V, gpu),
+                 lm_floor),
+            ]  # fmt: skip
+            per_logits, _ = logits_kernels(N, V, gpu)
+            paths += [("logits", name, ks, bw, 1e3 * 6 * N * V / bw) for name, ks in per_logits.items()]
+            for workload, path, kernels, kbw, floor in paths:
+                times = [dict(k, ms=kernel_ms(k, kbw)) for k in kernels]
+                rows.append({"model": model, "workload": workload, "path": path, "gpu": gpu,
+                             "ms": sum(k["ms"] for k in times), "floor_ms": floor, "kernels": times})  # fmt: skip
+    return rows
+
+
+PEERS = [  # their own published numbers, not ours and not modeled
+    "Liger-Kernel CuTe fused linear cross-entropy: 18.3 ms fwd+bwd at 4096 x 4096 x 128256 on an H200 "
+    "(about 147 ms per 32768 rows), as published by Liger-Kernel",
+    "Cut Cross-Entropy: 145 ms for Gemma-2-2B (8192 tokens, V 256000, H 2304) on an A100 with its gradient "
+    "filter, 357 ms without, as published by its authors",
+]
+
+
+def time_markdown(rows) -> str:
+    out = [f"### Modeled time per launch: max(bytes / bandwidth, FLOPs / rate) ({N_SEQ}×{SEQ_LEN} scored rows, bf16)",
+           "", "| model | workload | path | GPU | modeled ms | floor ms | vs floor |", "|---|---|---|---|---:|---:|---:|"]  # fmt: skip
+    for r in rows:
+        out.append(f"| {r['model']} | {r['workload']} | {r['path']} | {r['gpu']} | {r['ms']:.1f} | {r['floor_ms']:.1f} "
+                   f"| {r['ms'] / r['floor_ms']:.2f}× |")  # fmt: skip
+    llama = [r for r in rows if r["model"] == "Llama-3-8B" and r["path"] == "fused-linear (Triton + cuBLAS)"]
+    for r in llama:
+        out += ["", f"Fused LM head at Llama-3-8B, {r['gpu']}, per launch:", "",
+                "| launch | GFLOP | HBM GB | ms | note |", "|---|---:|---:|---:|---|"]  # fmt: skip
+        out += [f"| {k['kernel']} | {k['flops'] / 1e9:.0f} | {k['hbm_bytes'] / 1e9:.2f} | {k['ms']:.1f} | {k['note']} |"
+                for k in r["kernels"]]  # fmt: skip
+    out += ["", f"Rates: cuBLAS at the GPU's GEMM ceiling, Triton tl.dot loops at {TRITON_DOT_RATE / 1e12:.0f} TFLOP/s "
+            "(0.7 of the datasheet dense bf16 rate; an assumption until measured). An operand re-read by the programs "
+            f"in flight counts once when their working set fits in {L2_SHARE:.0%} of L2, else at every re-read.", "",
+            "Peers, by their own published numbers (not modeled here):"] + [f"- {p}" for p in PEERS]  # fmt: skip
+    return "\n".join(out)
 
 
 def markdown(mem_rows, bw_rows) -> str:
@@ -188,5 +380,8 @@ def markdown(mem_rows, bw_rows) -> str:
 
 
 def run(models=None) -> dict:
-    mem, bw = modeled_memory(models), bandwidth_table(models)
-    return {"memory": mem, "bandwidth": bw, "assumptions": ASSUMPTIONS, "markdown": markdown(mem, bw)}
+    mem, bw, times = modeled_memory(models), bandwidth_table(models), modeled_times(models)
+    text = markdown(mem, bw) + "\n\n" + time_markdown(times)
+    rows = [{k: r[k] for k in ("model", "workload", "path", "gpu", "ms", "floor_ms")} for r in times]
+    return {"memory": mem, "bandwidth": bw, "modeled_time": rows, "modeled_time_kernels": times,
+            "assumptions": ASSUMPTIONS, "markdown": text}

@@ -89,9 +89,16 @@ def _kernels(backend: str):
 
 def _check_label_range(labels: torch.Tensor, ignore_index: int, shift: bool, V: int) -> None:
     # Runs inside the op (eagerly, even under torch.compile), so a bad label is an error, never an
-    # out-of-bounds read or a silent number. It costs one small reduction and, on GPU, one sync.
+    # out-of-bounds read or a silent number. On CPU the clear error below costs nothing more than the
+    # reduction; on CUDA reading the flag would block the host on the GPU (and break graph capture), so
+    # the check is a device-side assert instead: a bad label stops the stream with this message at the
+    # next synchronization (the kernels themselves give NaN for such a label meanwhile, never a read
+    # out of bounds).
     used = labels[:, int(shift) :]
     bad = (used != ignore_index) & ((used < 0) | (used >= V))
+    if labels.is_cuda:
+        torch._assert_async(~bad.any(), f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}")
+        return
     if bool(bad.any()):
         value = used[bad][0].item()
         raise ValueError(

@@ -46,6 +46,9 @@ def test_harness_smoke_on_a_tiny_config(tmp_path):
     assert all(r["check"]["ok"] and r["time"]["fwd"]["n"] == 2 for r in timed)
     assert all("extra_bytes" in r for r in timed)  # memory measured (None only where /proc refuses)
     assert {m["model"] for m in data["modeled"]["memory"]} == set(modeled.MODELS)
+    times = data["modeled"]["modeled_time"]
+    assert {r["model"] for r in times} == set(modeled.MODELS) and {r["gpu"] for r in times} == set(modeled.GPUS)
+    assert all(set(r) == {"model", "workload", "path", "gpu", "ms", "floor_ms"} and r["ms"] > 0 for r in times)
 
 
 def test_sweep_writes_its_table_and_plots(tmp_path):

@@ -31,12 +31,12 @@ from dpo_kernels.triton.linear import (
 RTOL, ATOL = 1e-4, 1e-5
 SMALL = LinearConfig(BLOCK_M=16, BLOCK_V=32, BLOCK_H=16, num_warps=4, num_stages=2)
 
-# id -> (M, H, V, bias, logit_scale, softcap, temperature, config, fwd splits, bwd splits, dw programs)
+# id -> (M, H, V, bias, logit_scale, softcap, temperature, config, fwd splits, bwd dz chunk columns)
 CASES = {
-    "bias-strided-splits": (37, 40, 300, True, 1.0, None, 1.0, SMALL, 3, 2, 3),
-    "softcap-scale-temp-launchcfg": (5, 72, 123, False, 0.5, 4.0, 1.7, None, None, None, None),
-    "all-transforms": (23, 16, 123, True, 2.0, 30.0, 0.8, SMALL, 2, 4, 1),
-    "aligned-launchcfg": (70, 64, 300, True, 1.0, 15.0, 1.0, None, 2, 2, 2),
+    "bias-strided-splits": (37, 40, 300, True, 1.0, None, 1.0, SMALL, 3, 64),
+    "softcap-scale-temp-launchcfg": (5, 72, 123, False, 0.5, 4.0, 1.7, None, None, None),
+    "all-transforms": (23, 16, 123, True, 2.0, 30.0, 0.8, SMALL, 2, 32),
+    "aligned-launchcfg": (70, 64, 300, True, 1.0, 15.0, 1.0, None, 2, 128),
 }
 
 
@@ -60,12 +60,14 @@ def reference_logps(hidden, weight, bias, labels, grad, dtype, **transform):
     return logp.detach(), lse.detach(), *(x.grad if x is not None else None for x in leaves)
 
 
-def run_kernels(hidden, weight, bias, labels, grad, config=None, splits=(None, None), programs=None,
+def run_kernels(hidden, weight, bias, labels, grad, config=None, splits=None, chunk_columns=None,
                 filter_eps=0.0, **transform):  # fmt: skip
-    logp, lse, _ = fused_linear_logps_fwd(hidden, weight, bias, labels, **transform, splits=splits[0], config=config)
+    """chunk_columns: the backward's dz chunk width (a chunk_elements budget for that many columns)."""
+    logp, lse, _ = fused_linear_logps_fwd(hidden, weight, bias, labels, **transform, splits=splits, config=config)
+    chunk = None if chunk_columns is None else hidden.shape[0] * chunk_columns * hidden.element_size() // 4
     grads = fused_linear_logps_bwd(
         grad, hidden, weight, bias, labels, lse, **transform,
-        filter_eps=filter_eps, splits=splits[1], programs=programs, config=config,
+        filter_eps=filter_eps, chunk_elements=chunk, config=config,
     )  # fmt: skip
     return logp, lse, *grads
 
@@ -77,14 +79,14 @@ def close(actual, expected):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_matches_fp64_reference(case, dtype):
-    M, H, V, bias, scale, softcap, temperature, config, fwd_splits, bwd_splits, programs = CASES[case]
+    M, H, V, bias, scale, softcap, temperature, config, fwd_splits, chunk_columns = CASES[case]
     transform = dict(logit_scale=scale, softcap=softcap, temperature=temperature)
     # config None: the real launch config of the dtype, aligned (H = 64) or not (H = 72)
     hidden, weight, b, labels, grad = make_inputs(M, H, V, bias, dtype, strided=config is not None)
     if case == "all-transforms":
         grad = torch.randn(1).expand(M)  # a stride-0 upstream gradient
         labels = torch.randint(0, V, (2 * M,))[::2]  # strided labels
-    out = run_kernels(hidden, weight, b, labels, grad, config, (fwd_splits, bwd_splits), programs, **transform)
+    out = run_kernels(hidden, weight, b, labels, grad, config, fwd_splits, chunk_columns, **transform)
     truth = reference_logps(hidden, weight, b, labels, grad, torch.float64, **transform)
 
     logp, lse, d_hidden, d_weight, d_bias = out
@@ -120,8 +122,8 @@ def test_gradient_filter():
     transform = dict(logit_scale=scale, softcap=None, temperature=temperature)
     truth = reference_logps(hidden, weight, b, labels, grad, torch.float64, **transform)
 
-    exact = run_kernels(hidden, weight, b, labels, grad, SMALL, (1, 1), 2, filter_eps=0.0, **transform)
-    filtered = run_kernels(hidden, weight, b, labels, grad, SMALL, (1, 1), 2, filter_eps=eps, **transform)
+    exact = run_kernels(hidden, weight, b, labels, grad, SMALL, 1, 64, filter_eps=0.0, **transform)
+    filtered = run_kernels(hidden, weight, b, labels, grad, SMALL, 1, 64, filter_eps=eps, **transform)
     for actual, expected in zip(exact, truth):
         close(actual, expected)
     assert torch.equal(exact[0], filtered[0]) and torch.equal(exact[1], filtered[1])  # the forward is untouched

@@ -132,17 +132,18 @@ LINEAR_POINTERS = {  # pointer argument -> element type ("X" hidden/weight dtype
         "s1_part_ptr": "fp32", "s2_part_ptr": "fp32", "sz_part_ptr": "fp32", "am_part_ptr": "i32",
         "labels_ptr": "i64", "logp_ptr": "fp32", "lse_ptr": "fp32", "stats_ptr": "fp32",
     },
-    "fused_linear_logps_bwd_dh_kernel": {
-        "dh_ptr": "fp32", "grad_ptr": "fp32", "hidden_ptr": "X", "weight_ptr": "X", "bias_ptr": "X",
+    "fused_linear_logps_bwd_dz_kernel": {
+        "dz_ptr": "X", "grad_ptr": "fp32", "hidden_ptr": "X", "weight_ptr": "X", "bias_ptr": "X",
         "labels_ptr": "i64", "lse_ptr": "fp32",
-    },
-    "fused_linear_logps_bwd_dw_kernel": {
-        "dw_ptr": "X", "db_ptr": "X", "ws_ptr": "fp32", "grad_ptr": "fp32", "hidden_ptr": "X",
-        "weight_ptr": "X", "bias_ptr": "X", "labels_ptr": "i64", "lse_ptr": "fp32",
     },
 }  # fmt: skip
 LINEAR_FLOATS = ("logit_scale", "softcap", "temperature", "filter_eps")
-LINEAR_UNIT_STRIDES = ("stride_y", "stride_g")  # contiguous labels and grad: the JIT folds 1 to a constant
+LINEAR_UNIT_STRIDES = ("stride_y", "stride_g")
+# Kernels whose tiles are reduced across warps (row max / sums of the online log-sum-exp, the softmax of
+# the dz tile): those reductions go through shared memory and need a CTA barrier (bar.sync) in the PTX.
+LINEAR_BARRIER_KERNELS = ("fused_linear_logps_fwd_kernel", "fused_linear_logps_bwd_dz_kernel")
+# Per SM: registers, shared memory (sm_80 164 KiB, sm_90 228 KiB; 1 KiB of it reserved per CTA), threads, CTAs.
+SM_LIMITS = {80: (65536, 167936, 2048, 32), 90: (65536, 233472, 2048, 32)}  # contiguous labels and grad: the JIT folds 1 to a constant
 # Divisible by 16 when H is (4096, 5120, ...); v_per_split is a multiple of BLOCK_V in every layout.
 # "unaligned" also drops the 16-byte divisibility of the hidden and weight pointers (a sliced view).
 LINEAR_ALIGNED_INTS = ("H", "stride_hm", "stride_wv")
@@ -183,6 +184,10 @@ class LinearVariant:
 
     @property
     def stages(self):
+        if self.kernel == "fused_linear_logps_bwd_dz_kernel":
+            from .linear import DZ_MAX_STAGES
+
+            return min(self.config.num_stages, DZ_MAX_STAGES)
         return self.config.num_stages
 
     @property
@@ -234,6 +239,10 @@ def linear_source(variant: LinearVariant):
             "HAS_BIAS": has_bias, "HAS_SOFTCAP": has_softcap, "UPCAST_DOT": False,
             "BLOCK_M": c.BLOCK_M, "BLOCK_V": c.BLOCK_V, "BLOCK_H": c.BLOCK_H,
         }  # fmt: skip
+        if variant.kernel == "fused_linear_logps_bwd_dz_kernel":
+            from .linear import GROUP_M
+
+            constexprs["GROUP_M"] = GROUP_M
     if variant.kernel in LINEAR_STATS_KERNELS:
         constexprs["WITH_STATS"] = variant.stats
     signature, attrs = {}, {}
@@ -252,18 +261,26 @@ def linear_source(variant: LinearVariant):
             signature[arg] = "fp32"
         else:
             signature[arg] = "i32"
-            if arg == "v_per_split" or (arg in LINEAR_ALIGNED_INTS and variant.layout == "aligned"):
+            if arg in ("v_per_split", "chunk_start") or (arg in LINEAR_ALIGNED_INTS and variant.layout == "aligned"):
                 attrs[(index,)] = [["tt.divisibility", 16]]
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 
 
-def linear_problems(variant: LinearVariant, ptx: str, shared: int) -> list:
+def linear_problems(variant: LinearVariant, ptx: str, shared: int, sass: str = "") -> list:
     problems = []
     if shared > MAX_SHARED.get(variant.arch, min(MAX_SHARED.values())):
         problems.append(f"shared memory {shared} B over the sm_{variant.arch} limit {MAX_SHARED.get(variant.arch)}")
+    if variant.kernel in LINEAR_BARRIER_KERNELS and not re.search(r"\bbar\.sync\b|\bbarrier\.sync\b", ptx):
+        problems.append("no CTA barrier (bar.sync) for the cross-warp reductions")
     if variant.kernel != "fused_linear_logps_merge_kernel":
+        if variant.dtype == "fp32" and (uses_mma(ptx) or re.search(r"\b[HQ]?GMMA\b|\bHMMA\b", sass)):
+            problems.append("fp32 products on tensor cores (TF32 mma): the fp32 path must be IEEE")
         if variant.dtype != "fp32" and not uses_mma(ptx):
             problems.append("bf16/fp16 products not on tensor cores (no mma.sync / wgmma)")
+        if variant.dtype != "fp32" and variant.layout == "aligned" and sass:
+            want = "HGMMA" if variant.arch >= 90 else "HMMA"
+            if not re.search(rf"\b{want}\b", sass):
+                problems.append(f"bf16/fp16 products without {want} in the sm_{variant.arch} SASS")
         if variant.layout == "aligned" and not re.search(CP_ASYNC_16, ptx) and not (
             re.search(r"ld\.global(\.\w+)*\.v[248]", ptx)
         ):
@@ -273,6 +290,26 @@ def linear_problems(variant: LinearVariant, ptx: str, shared: int) -> list:
 
 def uses_mma(ptx: str) -> bool:
     return bool(re.search(r"\b(mma\.sync|wgmma\.mma_async)", ptx))
+
+
+def sass(cubin: bytes) -> str:
+    """The cubin's SASS, by the cuobjdump that ships with Triton."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([tool, "-sass", f.name], check=True, capture_output=True, text=True).stdout
+
+
+def ctas_per_sm(arch: int, regs: int, warps: int, shared: int) -> int:
+    """Resident CTAs per SM from registers (allocated per warp in units of 256) and shared memory."""
+    max_regs, max_shared, max_threads, max_ctas = SM_LIMITS.get(arch, SM_LIMITS[80])
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = max_regs // (per_warp * warps)
+    by_shared = max_shared // (shared + 1024)
+    return max(0, min(by_regs, by_shared, max_threads // (32 * warps), max_ctas))
 
 
 def resource_usage(cubin: bytes) -> dict:
@@ -310,7 +347,8 @@ def compile_variant(variant: Variant) -> dict:
     if usage.get("LOCAL", 0) or usage.get("STACK", 0):
         problems.append(f"register spills: local={usage.get('LOCAL')} stack={usage.get('STACK')}")
     if linear:
-        problems += linear_problems(variant, ptx, kernel.metadata.shared)
+        code = sass(kernel.asm["cubin"]) if variant.kernel != "fused_linear_logps_merge_kernel" else ""
+        problems += linear_problems(variant, ptx, kernel.metadata.shared, code)
         if variant.kernel != "fused_linear_logps_merge_kernel":
             vector_loads = "mma" if uses_mma(ptx) else "fma"
     elif variant.layout == "aligned" and not vector_loads:
@@ -322,6 +360,7 @@ def compile_variant(variant: Variant) -> dict:
         "vector_loads": vector_loads,
         "seconds": time.perf_counter() - start,
         "problems": problems,
+        "ctas": ctas_per_sm(variant.arch, usage.get("REG", 0), variant.warps, kernel.metadata.shared),
     }
 
 
@@ -333,6 +372,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--kernels", nargs="+", help="compile only the kernels whose names contain one of these")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: the interpreter replaces the kernels with Python functions", file=sys.stderr)
@@ -340,11 +380,13 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
     todo = list(variants(args.arch)) + list(linear_variants(args.arch))
+    if args.kernels:
+        todo = [v for v in todo if any(k in v.kernel for k in args.kernels)]
     with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(compile_variant, todo))
     failures = 0
     width = max([80] + [len(variant.name) for variant in todo])
-    print(f"{'variant':<{width}} {'regs':>4} {'smem':>6} {'local':>5} {'vec':>3} {'s':>5}")
+    print(f"{'variant':<{width}} {'regs':>4} {'smem':>6} {'local':>5} {'vec':>3} {'CTA/SM':>6} {'s':>5}")
     for result in results:
         variant = result["variant"]
         if "error" in result:
@@ -354,7 +396,7 @@ def main(argv=None) -> int:
         usage = result["usage"]
         print(
             f"{variant.name:<{width}} {usage.get('REG', 0):>4} {result['shared']:>6} {usage.get('LOCAL', 0):>5} "
-            f"{vec_column(result['vector_loads']):>3} {result['seconds']:>5.1f}"
+            f"{vec_column(result['vector_loads']):>3} {result['ctas']:>6} {result['seconds']:>5.1f}"
         )
         for problem in result["problems"]:
             failures += 1

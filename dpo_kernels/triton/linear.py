@@ -8,9 +8,10 @@ For compacted rows (every row is scored) the forward computes, per row m,
 the transform of ``reference.lm_head_logits``. Each program forms a (BLOCK_M, BLOCK_V) logits tile in
 registers with ``tl.dot`` (fp32 accumulator) over BLOCK_H slices of the hidden size, folds it into an
 online log-sum-exp and picks the label logit in the same loop; no logits tile is ever written to global
-memory. The backward recomputes the tiles: one kernel (programs over row blocks, looping over V)
-accumulates d_hidden, a second one (programs over V blocks, looping over rows) accumulates d_weight and
-d_bias, so neither needs float atomics and both are deterministic.
+memory. The backward recomputes each logits tile once, per vocabulary chunk: a kernel writes the
+chunk's dz = g · (onehot − softmax) (chained through the transform) in the inputs' dtype, and two
+cuBLAS GEMMs consume it (d_weight rows of the chunk written once, d_hidden accumulated in fp32):
+8 · M · H · V FLOPs for forward + backward, no float atomics, deterministic.
 
 fp32 inputs multiply in IEEE fp32 (FMA, no TF32: the exact path); bf16/fp16 inputs go to tensor cores
 with fp32 accumulation, and the backward rounds dz to the input dtype before the second product, as a
@@ -23,6 +24,7 @@ the operands are widened to fp32 first. bf16 × bf16 products are exact in fp32,
 summation order differs from the tensor-core path.
 """
 
+import contextlib
 import os
 from typing import NamedTuple
 
@@ -92,6 +94,13 @@ def _logits_tile(
         t = x
     z = tl.where(col_mask[None, :], x / temperature, float("-inf"))
     return z, t
+
+
+@triton.jit
+def _pivot(m):
+    """The running max as the reference point of exp(z − m): 0 where it is -inf (nothing but -inf logits
+    so far), so that exp(-inf − pivot) = 0 instead of exp(-inf + inf) = NaN; +inf and NaN stay (NaN out)."""
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
@@ -173,8 +182,11 @@ def fused_linear_logps_fwd_kernel(
     with e = exp(z − m_new), sum z, and the first argmax: the tile's first column holding its max,
     taken only when that max is strictly above every earlier tile's (the earliest maximum wins).
     Masked columns (≥ V) count in none of them. Without it the kernel is the plain one."""
-    row0 = tl.program_id(0) * BLOCK_M
-    split = tl.program_id(1)
+    # splits fastest: the programs in flight share few row blocks, whose h rows (re-read for every V
+    # tile) then stay in L2; every split's W tiles are shared by those row blocks
+    n_splits = tl.cdiv(V, v_per_split)
+    split = tl.program_id(0) % n_splits
+    row0 = (tl.program_id(0) // n_splits) * BLOCK_M
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_V)
     ks = tl.arange(0, BLOCK_H)
@@ -205,19 +217,20 @@ def fused_linear_logps_fwd_kernel(
             tile_max, first = tl.max(z, axis=1, return_indices=True, return_indices_tie_break_left=True)
         else:
             tile_max = tl.max(z, axis=1)
-        m_new = tl.maximum(m, tile_max)  # finite: every tile holds a column < V
+        m_new = tl.maximum(m, tile_max)  # -inf while every logit so far is -inf (a -inf bias entry)
+        pivot = _pivot(m_new)
         if WITH_STATS:
-            alpha = tl.exp(m - m_new)
-            e = tl.exp(z - m_new[:, None])  # 0 in masked columns (z = -inf)
+            alpha = tl.exp(m - pivot)
+            e = tl.exp(z - pivot[:, None])  # 0 in masked columns (z = -inf)
             z0 = tl.where(col_mask[None, :], z, 0.0)  # finite there, so e · (z0 − m_new) = 0, not 0 · -inf
-            moved = tl.maximum(m - m_new, -3.0e38) * s  # (m_old − m_new) · s; 0, not -inf · 0, at first
-            s1 = (s1 + moved) * alpha + tl.sum(e * (z0 - m_new[:, None]), axis=1)
+            moved = tl.maximum(m - pivot, -3.0e38) * s  # (m_old − m_new) · s; 0, not -inf · 0, at first
+            s1 = (s1 + moved) * alpha + tl.sum(e * (z0 - pivot[:, None]), axis=1)
             s2 = s2 * (alpha * alpha) + tl.sum(e * e, axis=1)
             s = s * alpha + tl.sum(e, axis=1)
             sum_z += tl.sum(z0, axis=1)
             arg = tl.where(tile_max > m, col0 + first, arg)
         else:
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+            s = s * tl.exp(m - pivot) + tl.sum(tl.exp(z - pivot[:, None]), axis=1)
         m = m_new
         is_label = c[None, :] == _label_column(labels, col0, BLOCK_V)[:, None]
         z_label += tl.sum(tl.where(is_label, z, 0.0), axis=1)
@@ -274,16 +287,17 @@ def fused_linear_logps_merge_kernel(
         sum_z = tl.zeros([BLOCK], dtype=tl.float32)
         best = tl.full([BLOCK], float("-inf"), dtype=tl.float32)
         arg = tl.zeros([BLOCK], dtype=tl.int32)
+    pivot = _pivot(m)
     for split in range(0, splits):
         part = tl.cast(split, tl.int64) * M + rows
         m_split = tl.load(m_part_ptr + part, mask=mask, other=0.0)
         s_split = tl.load(s_part_ptr + part, mask=mask, other=1.0)
-        alpha = tl.exp(m_split - m)
+        alpha = tl.exp(m_split - pivot)  # 0 for a split whose logits are all -inf (its s is 0)
         s += s_split * alpha
         z_label += tl.load(zl_part_ptr + part, mask=mask, other=0.0)
         if WITH_STATS:
             s1_split = tl.load(s1_part_ptr + part, mask=mask, other=0.0)
-            s1 += (s1_split + (m_split - m) * s_split) * alpha
+            s1 += (s1_split + tl.maximum(m_split - pivot, -3.0e38) * s_split) * alpha
             s2 += tl.load(s2_part_ptr + part, mask=mask, other=1.0) * (alpha * alpha)
             sum_z += tl.load(sz_part_ptr + part, mask=mask, other=0.0)
             arg_split = tl.load(am_part_ptr + part, mask=mask, other=0)
@@ -304,22 +318,23 @@ def fused_linear_logps_merge_kernel(
 
 
 @triton.jit
-def fused_linear_logps_bwd_dh_kernel(
-    dh_ptr,  # (SPLITS, M_PAD, H_PAD) fp32, contiguous, zero-filled: each vocabulary split's part of d_hidden
+def fused_linear_logps_bwd_dz_kernel(
+    dz_ptr,  # (M, VC) dtype of hidden, strides (stride_dz, 1): d loss / d(h · Wᵀ) of the chunk's logits
     grad_ptr,  # (M,) fp32, stride stride_g (0 for an expand): d loss / d logp
     hidden_ptr,  # (M, H) fp32 | bf16 | fp16, strides (stride_hm, 1)
-    weight_ptr,  # (V, H) dtype of hidden, strides (stride_wv, 1)
-    bias_ptr,  # (V,) fp32 | bf16 | fp16, contiguous; not read without HAS_BIAS
-    labels_ptr,  # (M,) int64, stride stride_y
+    weight_ptr,  # (VC, H) the chunk's rows of weight (dtype of hidden), strides (stride_wv, 1)
+    bias_ptr,  # (VC,) the chunk's bias entries, contiguous; not read without HAS_BIAS
+    labels_ptr,  # (M,) int64, stride stride_y, in [0, V): global vocabulary indices
     lse_ptr,  # (M,) fp32, contiguous, from the forward
     M,
-    V,
+    VC,
     H,
+    stride_dz,
     stride_hm,
     stride_wv,
     stride_y,
     stride_g,
-    v_per_split,  # a multiple of BLOCK_V
+    chunk_start,  # the chunk's first vocabulary index (labels are global)
     logit_scale,
     softcap,
     temperature,
@@ -329,136 +344,51 @@ def fused_linear_logps_bwd_dh_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    GROUP_M: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
-    """d_hidden[rows] += dacc · W[cols] for every V tile of the split, dacc from _dlogits_tile.
+    """dz[rows, cols] = dacc of _dlogits_tile, rounded to the inputs' dtype: one (BLOCK_M, BLOCK_V) tile
+    per program, its logits recomputed from h and W (2 · BLOCK_M · BLOCK_V · H FLOPs, the tile's h rows
+    and W rows read once, the tile stored once: 2 bytes per bf16 logit).
 
-    The program owns its (rows, split) slab of dh_ptr and updates it in place, one BLOCK_H slice at a
-    time; a barrier after each V tile orders one tile's stores before the next tile's loads, which
-    other threads of the program may issue. The scratch is padded to M_PAD = programs · BLOCK_M rows
-    and H_PAD = cdiv(H, BLOCK_H) · BLOCK_H columns, so its tiles need no masks and load as vectors.
+    The two gradient products that consume dz run on cuBLAS (``fused_linear_logps_bwd``). Programs are
+    ordered in groups of GROUP_M row blocks (the matmul tutorial's swizzle): the programs in flight
+    cover GROUP_M row blocks × (programs / GROUP_M) V tiles, whose h and W rows stay in L2 while they
+    are re-read, so each W chunk comes from HBM once per group of row blocks, not once per row block.
+    A tile dropped by filter_eps is stored as zeros.
     """
-    row0 = tl.program_id(0) * BLOCK_M
-    split = tl.program_id(1)
+    pid = tl.program_id(0)
+    row_tiles = tl.cdiv(M, BLOCK_M)
+    v_tiles = tl.cdiv(VC, BLOCK_V)
+    group = pid // (GROUP_M * v_tiles)
+    first = group * GROUP_M
+    group_rows = tl.minimum(row_tiles - first, GROUP_M)
+    in_group = pid % (GROUP_M * v_tiles)
+    row0 = (first + in_group % group_rows) * BLOCK_M
+    col0 = (in_group // group_rows) * BLOCK_V
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_V)
     ks = tl.arange(0, BLOCK_H)
     row_mask = r < M - row0
+    col_mask = c < VC - col0
     rows = (row0 + r).to(tl.int64)
     labels = tl.load(labels_ptr + rows * stride_y, mask=row_mask, other=-1).to(tl.int64)
     g = tl.load(grad_ptr + rows * stride_g, mask=row_mask, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     h_base = hidden_ptr + tl.cast(row0, tl.int64) * stride_hm
-    h_offs = r[:, None] * stride_hm + ks[None, :]
-    w_offs = c[:, None] * stride_wv + ks[None, :]
-    h_pad = tl.cdiv(H, BLOCK_H) * BLOCK_H
-    dh_base = dh_ptr + (tl.cast(split, tl.int64) * tl.num_programs(0) * BLOCK_M + row0) * h_pad
-    dh_offs = r[:, None] * h_pad + ks[None, :]
-    v_begin = split * v_per_split
-    v_end = tl.minimum(v_begin + v_per_split, V)
-    for col0 in range(v_begin, v_end, BLOCK_V):
-        w_base = weight_ptr + tl.cast(col0, tl.int64) * stride_wv
-        col_mask = c < V - col0
-        z, t = _logits_tile(
-            h_base, w_base, bias_ptr + col0, h_offs, w_offs, row_mask, col_mask, H,
-            logit_scale, softcap, temperature, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_H, UPCAST_DOT,
-        )  # fmt: skip
-        dacc, keep = _dlogits_tile(
-            z, t, _label_column(labels, col0, BLOCK_V), row_mask, g, lse,
-            logit_scale, temperature, filter_eps, HAS_SOFTCAP, BLOCK_V,
-        )  # fmt: skip
-        if keep:
-            d = dacc.to(weight_ptr.dtype.element_ty)
-            for k in range(0, H, BLOCK_H):
-                w = tl.load(w_base + k + w_offs, mask=col_mask[:, None] & (ks < H - k)[None, :], other=0.0)
-                dh = _dot(d, w, tl.load(dh_base + k + dh_offs), UPCAST_DOT)
-                tl.store(dh_base + k + dh_offs, dh)
-            tl.debug_barrier()
-
-
-@triton.jit
-def fused_linear_logps_bwd_dw_kernel(
-    dw_ptr,  # (V, H) dtype of weight, contiguous: d_weight
-    db_ptr,  # (V,) dtype of bias, contiguous: d_bias; not written without HAS_BIAS
-    ws_ptr,  # (PROGRAMS, H_PAD / BLOCK_H, BLOCK_V, BLOCK_H) fp32, contiguous: one accumulator slot per program
-    grad_ptr,  # (M,) fp32, stride stride_g (0 for an expand): d loss / d logp
-    hidden_ptr,  # (M, H) fp32 | bf16 | fp16, strides (stride_hm, 1)
-    weight_ptr,  # (V, H) dtype of hidden, strides (stride_wv, 1)
-    bias_ptr,  # (V,) fp32 | bf16 | fp16, contiguous; not read without HAS_BIAS
-    labels_ptr,  # (M,) int64, stride stride_y
-    lse_ptr,  # (M,) fp32, contiguous, from the forward
-    M,
-    V,
-    H,
-    stride_hm,
-    stride_wv,
-    stride_y,
-    stride_g,
-    logit_scale,
-    softcap,
-    temperature,
-    filter_eps,
-    HAS_BIAS: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-):
-    """d_weight[cols] = sum over row blocks of daccᵀ · h[rows], d_bias[cols] = sum_rows dacc.
-
-    Persistent: program p takes V blocks p, p + PROGRAMS, ... and accumulates each in its fp32 slot,
-    one BLOCK_H slice at a time (the first kept row block starts from zero instead of loading), then
-    casts the slot into d_weight. The scratch is PROGRAMS · BLOCK_V · H_PAD floats, not V · H; a slot
-    stores its (BLOCK_V, BLOCK_H) tiles one after the other, so they need no masks and load as vectors.
-    """
-    pid = tl.program_id(0)
-    r = tl.arange(0, BLOCK_M)
-    c = tl.arange(0, BLOCK_V)
-    ks = tl.arange(0, BLOCK_H)
-    h_offs = r[:, None] * stride_hm + ks[None, :]
-    w_offs = c[:, None] * stride_wv + ks[None, :]
-    slot_offs = c[:, None] * BLOCK_H + ks[None, :]  # tile k of the slot starts at k · BLOCK_V
-    dw_offs = c[:, None] * H + ks[None, :]
-    slot = ws_ptr + tl.cast(pid, tl.int64) * BLOCK_V * (tl.cdiv(H, BLOCK_H) * BLOCK_H)
-    for vb in range(pid, tl.cdiv(V, BLOCK_V), tl.num_programs(0)):
-        col0 = vb * BLOCK_V
-        w_base = weight_ptr + tl.cast(col0, tl.int64) * stride_wv
-        col_mask = c < V - col0
-        db = tl.zeros([BLOCK_V], dtype=tl.float32)
-        kept = 0  # row blocks accumulated into the slot so far
-        for row0 in range(0, M, BLOCK_M):
-            row_mask = r < M - row0
-            rows = (row0 + r).to(tl.int64)
-            labels = tl.load(labels_ptr + rows * stride_y, mask=row_mask, other=-1).to(tl.int64)
-            g = tl.load(grad_ptr + rows * stride_g, mask=row_mask, other=0.0)
-            lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
-            h_base = hidden_ptr + tl.cast(row0, tl.int64) * stride_hm
-            z, t = _logits_tile(
-                h_base, w_base, bias_ptr + col0, h_offs, w_offs, row_mask, col_mask, H,
-                logit_scale, softcap, temperature, HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_H, UPCAST_DOT,
-            )  # fmt: skip
-            dacc, keep = _dlogits_tile(
-                z, t, _label_column(labels, col0, BLOCK_V), row_mask, g, lse,
-                logit_scale, temperature, filter_eps, HAS_SOFTCAP, BLOCK_V,
-            )  # fmt: skip
-            if keep:
-                db += tl.sum(dacc, axis=0)
-                d = tl.trans(dacc.to(hidden_ptr.dtype.element_ty))
-                for k in range(0, H, BLOCK_H):
-                    h = tl.load(h_base + k + h_offs, mask=row_mask[:, None] & (ks < H - k)[None, :], other=0.0)
-                    acc = tl.load(slot + k * BLOCK_V + slot_offs, mask=kept > 0, other=0.0)
-                    tl.store(slot + k * BLOCK_V + slot_offs, _dot(d, h, acc, UPCAST_DOT))
-                kept += 1
-                tl.debug_barrier()
-        dw_base = dw_ptr + tl.cast(col0, tl.int64) * H
-        for k in range(0, H, BLOCK_H):
-            acc = tl.load(slot + k * BLOCK_V + slot_offs, mask=kept > 0, other=0.0)  # zeros if nothing was kept
-            dw_mask = col_mask[:, None] & (ks < H - k)[None, :]
-            tl.store(dw_base + k + dw_offs, acc.to(dw_ptr.dtype.element_ty), mask=dw_mask)
-        if HAS_BIAS:
-            tl.store(db_ptr + col0 + c, db.to(db_ptr.dtype.element_ty), mask=col_mask)
-        tl.debug_barrier()  # the slot's last loads before the next V block's first stores
+    w_base = weight_ptr + tl.cast(col0, tl.int64) * stride_wv
+    z, t = _logits_tile(
+        h_base, w_base, bias_ptr + col0, r[:, None] * stride_hm + ks[None, :], c[:, None] * stride_wv + ks[None, :],
+        row_mask, col_mask, H, logit_scale, softcap, temperature,
+        HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_H, UPCAST_DOT,
+    )  # fmt: skip
+    dacc, keep = _dlogits_tile(
+        z, t, _label_column(labels, chunk_start + col0, BLOCK_V), row_mask, g, lse,
+        logit_scale, temperature, filter_eps, HAS_SOFTCAP, BLOCK_V,
+    )  # fmt: skip
+    dacc = tl.where(keep, dacc, 0.0)
+    out = dz_ptr + rows[:, None] * stride_dz + (col0 + c)[None, :]
+    tl.store(out, dacc.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -495,7 +425,15 @@ STATS_LAUNCH_CONFIGS = {
 }
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MERGE_BLOCK = 1024
-MAX_BWD_SPLITS = 16  # the d_hidden scratch is SPLITS x M x H floats
+GROUP_M = 16  # row blocks per program group of the backward's dz kernel (its L2 swizzle)
+# The backward's dz chunk buffer: (M, VC) in the inputs' dtype, VC a multiple of BLOCK_V. The default
+# 1 GiB holds 16384 vocabulary columns of 32768 bf16 rows; with the fp32 d_hidden accumulator (M x H x 4
+# bytes, 0.5 GiB there) the backward's scratch stays under 2 GiB. ``memory_budget`` sets it: more means
+# fewer, larger GEMMs (fewer launches), less means less memory; the FLOPs and bytes barely change.
+DZ_CHUNK_BYTES = 1 << 30
+# The dz kernel holds the softmax-gradient tile beside the logits tile: with 3 stages its bf16/fp16 sm_80
+# build takes an 8-byte stack frame (the AOT check), with 2 none.
+DZ_MAX_STAGES = 2
 
 
 def launch_config(dtype: torch.dtype, aligned: bool = True, with_stats: bool = False) -> LinearConfig:
@@ -521,27 +459,39 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of the device; 1 under the interpreter (CPU tensors)."""
+def _device_shape(device: torch.device) -> tuple[int, int]:
+    """(streaming multiprocessors, L2 bytes) of the device; (1, 0) under the interpreter (CPU tensors)."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
+        props = torch.cuda.get_device_properties(device)
+        return props.multi_processor_count, props.L2_cache_size
+    return 1, 0
 
 
-def _target_programs(device: torch.device) -> int:
-    """Programs that fill the device: two waves of one program per SM (the launch configs use up to
-    255 registers x 256 threads, so one program runs per SM at a time)."""
-    return 2 * _sm_count(device) if device.type == "cuda" else 1
+def forward_splits(V: int, H: int, itemsize: int, cfg: LinearConfig, row_blocks: int, sms: int, l2_bytes: int) -> int:
+    """Default vocabulary splits of the forward: enough programs for two waves of one per SM, and enough
+    splits that the row blocks in flight (sms / splits of them, splits fastest in the grid) keep their
+    h rows (BLOCK_M · H each, re-read for every V tile) in half the L2; never more than the V tiles."""
+    v_tiles = triton.cdiv(V, cfg.BLOCK_V)
+    fill = triton.cdiv(2 * sms, row_blocks)
+    slab = cfg.BLOCK_M * H * itemsize
+    in_flight = min(sms, row_blocks)
+    l2 = triton.cdiv(in_flight * slab, l2_bytes // 2) if l2_bytes else 1
+    return max(1, min(max(fill, l2), v_tiles))
 
 
-def _vocab_splits(V: int, block_v: int, row_blocks: int, device, splits, cap: int) -> tuple[int, int]:
-    """(splits, v_per_split): split V across programs when the row blocks alone do not fill the device."""
+def _vocab_splits(V: int, block_v: int, splits: int) -> tuple[int, int]:
+    """(splits, v_per_split) for at most ``splits`` ranges of whole V tiles."""
     v_tiles = triton.cdiv(V, block_v)
-    if splits is None:
-        splits = min(triton.cdiv(_target_programs(device), row_blocks), cap)
     splits = max(1, min(int(splits), v_tiles))
     per_split = triton.cdiv(v_tiles, splits) * block_v
     return triton.cdiv(V, per_split), per_split
+
+
+def dz_chunk_columns(M: int, V: int, itemsize: int, block_v: int, chunk_bytes: int) -> int:
+    """Vocabulary columns per backward chunk: the (M, VC) dz buffer within chunk_bytes, VC a multiple of
+    BLOCK_V (at least one tile) and at most V rounded up to one."""
+    cols = chunk_bytes // max(1, M * itemsize) // block_v * block_v
+    return max(block_v, min(cols, triton.cdiv(V, block_v) * block_v))
 
 
 def _check(hidden, weight, bias, labels):
@@ -569,7 +519,7 @@ def _transform_args(bias, weight, logit_scale, softcap, temperature):
 
 
 def fused_linear_logps_fwd(hidden, weight, bias, labels, logit_scale=1.0, softcap=None, temperature=1.0, *,
-                           splits=None, config=None, with_stats=False):  # fmt: skip
+                           splits=None, config=None, with_stats=False, chunk_elements=None):  # fmt: skip
     """(logp, lse, stats): logp and lse (M,) fp32, log_softmax(z)[label] and logsumexp(z) of the LM-head
     logits z; stats (M, 4) fp32 with ``with_stats`` (columns ``reference.STATS``: sum_v z, the entropy,
     1.0 where the label is the first argmax of z, logsumexp(2z)), computed in the same pass, else None.
@@ -578,8 +528,9 @@ def fused_linear_logps_fwd(hidden, weight, bias, labels, logit_scale=1.0, softca
     (V, H) same dtype, unit stride along H; bias: (V,) or None; labels: (M,) int64 in [0, V) (a label
     outside gives NaN). z = (hidden · weightᵀ + bias) · logit_scale, softcapped if ``softcap``, divided by
     ``temperature`` (``reference.lm_head_logits``). ``splits`` divides V across that many programs per row
-    block (default: enough to fill the GPU; 1 under the interpreter), merged deterministically by a second
-    kernel. ``config`` overrides ``launch_config(hidden.dtype, aligned, with_stats)``.
+    block (default ``forward_splits``: enough to fill the GPU and to keep the h rows in flight in L2; 1
+    under the interpreter), merged deterministically by a second kernel. ``config`` overrides
+    ``launch_config(hidden.dtype, aligned, with_stats)``. ``chunk_elements`` is the backward's knob (unused).
     """
     _check(hidden, weight, bias, labels)
     M, H = hidden.shape
@@ -592,13 +543,15 @@ def fused_linear_logps_fwd(hidden, weight, bias, labels, logit_scale=1.0, softca
     cfg = config or launch_config(hidden.dtype, _aligned(hidden, weight), with_stats)
     _check_offsets(hidden, weight, cfg)
     row_blocks = triton.cdiv(M, cfg.BLOCK_M)
-    n_splits, per_split = _vocab_splits(V, cfg.BLOCK_V, row_blocks, hidden.device, splits, cap=V)
+    if splits is None:
+        splits = forward_splits(V, H, hidden.element_size(), cfg, row_blocks, *_device_shape(hidden.device))
+    n_splits, per_split = _vocab_splits(V, cfg.BLOCK_V, splits)
     # m, s, z[label] (and s1, s2, sum z with stats) per split; the stats' argmax in its own int32 slab
     parts = torch.empty((6 if with_stats else 3, n_splits, M), dtype=torch.float32, device=hidden.device)
     argmax = torch.empty((n_splits, M), dtype=torch.int32, device=hidden.device) if with_stats else None
     stat_parts = (parts[3], parts[4], parts[5], argmax) if with_stats else (parts[0],) * 4  # dummies: unread
     bias_arg, scale, cap, temp = _transform_args(bias, weight, logit_scale, softcap, temperature)
-    fused_linear_logps_fwd_kernel[(row_blocks, n_splits)](
+    fused_linear_logps_fwd_kernel[(row_blocks * n_splits,)](
         hidden, weight, bias_arg, labels, parts[0], parts[1], parts[2], *stat_parts,
         M, V, H, hidden.stride(0), weight.stride(0), labels.stride(0), per_split,
         scale, cap, temp,
@@ -615,68 +568,100 @@ def fused_linear_logps_fwd(hidden, weight, bias, labels, logit_scale=1.0, softca
     return logp, lse, stats
 
 
+@contextlib.contextmanager
+def _ieee_fp32_matmuls(dtype: torch.dtype, device: torch.device):
+    """cuBLAS fp32 GEMMs in IEEE fp32 for the duration (fp32 is the exact path: no TF32), restoring the
+    caller's setting after, through whichever of torch's two flag APIs it uses (mixing them raises)."""
+    flags = torch.backends.cuda.matmul
+    if dtype != torch.float32 or device.type != "cuda" or flags.fp32_precision != "tf32":
+        yield
+        return
+    try:
+        legacy = torch.get_float32_matmul_precision()  # raises when the caller set the new API
+    except RuntimeError:
+        legacy = None
+    if legacy is not None:
+        torch.set_float32_matmul_precision("highest")
+    else:
+        flags.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+        else:
+            flags.fp32_precision = "tf32"
+
+
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b with a, b in the inputs' dtype and an fp32 accumulator: one cuBLAS GEMM with an
+    fp32 output on CUDA (``out_dtype``); on CPU (interpreter tests) the operands are widened, which gives
+    the same exact bf16 products, summed in fp32."""
+    if a.dtype == torch.float32:
+        torch.addmm(acc, a, b, out=acc)
+    elif acc.device.type == "cuda":
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        torch.addmm(acc, a.float(), b.float(), out=acc)
+
+
 def fused_linear_logps_bwd(grad, hidden, weight, bias, labels, lse, logit_scale=1.0, softcap=None, temperature=1.0,
-                           *, filter_eps=0.0, splits=None, programs=None, config=None):  # fmt: skip
-    """(d_hidden, d_weight, d_bias) of sum_m grad[m] · logp[m], recomputing the logits tiles.
+                           *, filter_eps=0.0, chunk_elements=None, config=None):  # fmt: skip
+    """(d_hidden, d_weight, d_bias) of sum_m grad[m] · logp[m], recomputing the logits once.
 
     grad: (M,) fp32 (any stride); lse: (M,) fp32 from ``fused_linear_logps_fwd``; the other arguments as
     there (unit stride along H required). d_hidden is (M, H) in hidden's dtype, d_weight (V, H) in
-    weight's dtype, d_bias (V,) in bias's dtype or None; all accumulate in fp32 and are cast once.
+    weight's dtype, d_bias (V,) in bias's dtype or None.
 
-    Deterministic, without float atomics: d_hidden comes from programs over row blocks (× ``splits``
-    vocabulary ranges, default enough to fill the GPU, at most 16; 1 under the interpreter), each
-    accumulating its own fp32 slab (scratch: splits · M · H floats), summed in a fixed order; d_weight
-    and d_bias from ``programs`` persistent programs over V blocks (default one per SM), each with an
-    fp32 slot of BLOCK_V · H floats (scratch: about 0.28 GB for 132 SMs at H = 4096, not V · H).
+    Per vocabulary chunk of VC columns (``dz_chunk_columns``; the (M, VC) buffer takes ``chunk_elements``
+    · 4 bytes, default ``DZ_CHUNK_BYTES``): ``fused_linear_logps_bwd_dz_kernel`` recomputes the chunk's
+    logits and writes dz = d loss / d(h · Wᵀ) in the inputs' dtype (as a bf16 autograd graph rounds its
+    logits' gradient), then two cuBLAS GEMMs consume it: d_weight[chunk] = dzᵀ · h, written once in
+    weight's dtype, and d_hidden += dz · W[chunk] into an fp32 (M, H) accumulator, cast once at the end;
+    d_bias[chunk] = Σ_rows dz in fp32. FLOPs: 2·M·H·V (recompute) + 4·M·H·V (products); extra memory:
+    the dz buffer + M·H fp32 (+ V fp32 with a bias). Deterministic: no atomics, fixed chunk order. fp32
+    inputs stay IEEE fp32 throughout (the kernel's products and the GEMMs, ``_ieee_fp32_matmuls``).
 
-    ``filter_eps`` > 0 skips the contribution of every (row block, V tile) whose softmax entries are all
-    below filter_eps and that holds no label: it saves that tile's second product (about half of the
-    tile's backward work; the logits are still recomputed) at a gradient error of at most
-    g · p · |logit_scale / temperature| per dropped entry p < filter_eps, times |W_v| for d_hidden and
-    |h_m| for d_weight (times 1 for d_bias). 0 (default) drops nothing and matches the reference.
+    ``filter_eps`` > 0 zeroes the dz of every (row block, V tile) whose softmax entries are all below
+    filter_eps and that holds no label, at a gradient error of at most g · p · |logit_scale /
+    temperature| per dropped entry p < filter_eps, times |W_v| for d_hidden and |h_m| for d_weight
+    (times 1 for d_bias); the GEMMs still run over those tiles. 0 (default) drops nothing.
     """
     _check(hidden, weight, bias, labels)
     M, H = hidden.shape
     V = weight.shape[0]
     device = hidden.device
     d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    d_bias = torch.empty_like(bias, memory_format=torch.contiguous_format) if bias is not None else None
     if M == 0:
         d_weight.zero_()
-        if d_bias is not None:
-            d_bias.zero_()
-        return torch.empty_like(hidden), d_weight, d_bias
+        return torch.empty_like(hidden), d_weight, torch.zeros_like(bias) if bias is not None else None
     cfg = config or launch_config(hidden.dtype, _aligned(hidden, weight))
     _check_offsets(hidden, weight, cfg)
     grad = grad.to(torch.float32)
     lse = lse.to(torch.float32).contiguous()
     bias_arg, scale, cap, temp = _transform_args(bias, weight, logit_scale, softcap, temperature)
-    common = dict(
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H,
-        UPCAST_DOT=_interpreting() and hidden.dtype == torch.bfloat16,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-
+    chunk_bytes = DZ_CHUNK_BYTES if not chunk_elements else 4 * int(chunk_elements)
+    vc = dz_chunk_columns(M, V, hidden.element_size(), cfg.BLOCK_V, chunk_bytes)
+    dz_buf = torch.empty((M, min(vc, V)), dtype=hidden.dtype, device=device)
+    d_hidden = torch.zeros((M, H), dtype=torch.float32, device=device)
+    d_bias = torch.empty(V, dtype=torch.float32, device=device) if bias is not None else None
     row_blocks = triton.cdiv(M, cfg.BLOCK_M)
-    n_splits, per_split = _vocab_splits(V, cfg.BLOCK_V, row_blocks, device, splits, cap=MAX_BWD_SPLITS)
-    h_pad = triton.cdiv(H, cfg.BLOCK_H) * cfg.BLOCK_H
-    dh = torch.zeros((n_splits, row_blocks * cfg.BLOCK_M, h_pad), dtype=torch.float32, device=device)
-    fused_linear_logps_bwd_dh_kernel[(row_blocks, n_splits)](
-        dh, grad, hidden, weight, bias_arg, labels, lse,
-        M, V, H, hidden.stride(0), weight.stride(0), labels.stride(0), grad.stride(0), per_split,
-        scale, cap, temp, float(filter_eps),
-        **common,
-    )  # fmt: skip
-    d_hidden = (dh[0] if n_splits == 1 else dh.sum(0))[:M, :H].to(hidden.dtype).contiguous()
-
-    v_blocks = triton.cdiv(V, cfg.BLOCK_V)
-    n_programs = max(1, min(int(programs or _sm_count(device)), v_blocks))
-    ws = torch.empty((n_programs, h_pad // cfg.BLOCK_H, cfg.BLOCK_V, cfg.BLOCK_H), dtype=torch.float32, device=device)
-    fused_linear_logps_bwd_dw_kernel[(n_programs,)](
-        d_weight, d_bias if d_bias is not None else d_weight, ws, grad, hidden, weight, bias_arg, labels, lse,
-        M, V, H, hidden.stride(0), weight.stride(0), labels.stride(0), grad.stride(0),
-        scale, cap, temp, float(filter_eps),
-        **common,
-    )  # fmt: skip
-    return d_hidden, d_weight, d_bias
+    with _ieee_fp32_matmuls(hidden.dtype, device):
+        for c0 in range(0, V, vc):
+            cols = min(vc, V - c0)
+            dz = dz_buf[:, :cols]
+            fused_linear_logps_bwd_dz_kernel[(row_blocks * triton.cdiv(cols, cfg.BLOCK_V),)](
+                dz, grad, hidden, weight[c0:], bias_arg[c0:] if bias is not None else bias_arg, labels, lse,
+                M, cols, H, dz_buf.stride(0), hidden.stride(0), weight.stride(0), labels.stride(0), grad.stride(0),
+                c0, scale, cap, temp, float(filter_eps),
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+                BLOCK_M=cfg.BLOCK_M, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H, GROUP_M=GROUP_M,
+                UPCAST_DOT=_interpreting() and hidden.dtype == torch.bfloat16,
+                num_warps=cfg.num_warps, num_stages=min(cfg.num_stages, DZ_MAX_STAGES),
+            )  # fmt: skip
+            torch.mm(dz.T, hidden, out=d_weight[c0 : c0 + cols])
+            _add_product(d_hidden, dz, weight[c0 : c0 + cols])
+            if d_bias is not None:
+                torch.sum(dz, dim=0, dtype=torch.float32, out=d_bias[c0 : c0 + cols])
+    d_hidden = d_hidden if hidden.dtype == torch.float32 else d_hidden.to(hidden.dtype)
+    return d_hidden, d_weight, d_bias.to(bias.dtype) if bias is not None else None

@@ -1,0 +1,66 @@
+"""The cost model of the fused LM head (benchmarks/modeled.py) against exact interpreter counts, and the
+design's budgets: what the Triton kernels store and what they and the aten GEMMs compute (issue 14)."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks import modeled, traffic
+from dpo_kernels.triton import linear
+from dpo_kernels.triton.linear import LinearConfig, fused_linear_logps_bwd, fused_linear_logps_fwd
+
+pytestmark = pytest.mark.cpu_only("counts loads, stores and dots under the Triton interpreter")
+SMALL = LinearConfig(BLOCK_M=16, BLOCK_V=32, BLOCK_H=16, num_warps=4, num_stages=1)
+
+
+def counted(M, H, V, dtype, cfg, splits, chunk_cols, bias):
+    hidden = torch.randn(M, H).to(dtype)
+    weight = (torch.randn(V, H) / H**0.5).to(dtype)
+    b = torch.randn(V).to(dtype) if bias else None
+    labels = torch.randint(0, V, (M,))
+    chunk = M * chunk_cols * hidden.element_size() // 4
+    with traffic.count() as c, FlopCounterMode(display=False) as flops:
+        _, lse, _ = fused_linear_logps_fwd(hidden, weight, b, labels, splits=splits, config=cfg)
+        grads = fused_linear_logps_bwd(torch.randn(M), hidden, weight, b, labels, lse, config=cfg, chunk_elements=chunk)
+    return c.totals, flops.get_total_flops(), grads
+
+
+@pytest.mark.parametrize(
+    "M, H, V, dtype, splits, chunk_cols, bias",
+    [(37, 40, 300, torch.float32, 3, 64, True), (20, 24, 150, torch.bfloat16, 2, 96, False)],
+    ids=["fp32-ragged-bias", "bf16-ragged"],
+)
+def test_triton_formulas_match_interpreter_counts(M, H, V, dtype, splits, chunk_cols, bias):
+    """Ragged in every dimension, several splits and dz chunks: the formulas are exact."""
+    totals, aten_flops, _ = counted(M, H, V, dtype, SMALL, splits, chunk_cols, bias)
+    e = torch.empty(0, dtype=dtype).element_size()
+    n_splits, _ = linear._vocab_splits(V, SMALL.BLOCK_V, splits)
+    model = modeled.triton_linear_counts(M, H, V, e, SMALL, n_splits, chunk_cols, bias=bias)
+    for kernel, expected in model.items():
+        got = {k: totals[kernel][k] for k in ("ld", "st", "dot_flops")}
+        assert got == expected, (kernel, got, expected)
+    assert aten_flops == modeled.aten_linear_flops(M, H, V)
+
+
+@pytest.mark.slow
+def test_issue_budget_at_m128_h1024_v2048_bf16():
+    """At the bf16 launch config: Triton stores <= 1.25x the outputs + one bf16 dz of the scored logits,
+    and Triton dots + aten GEMMs <= 8.4·M·H·V FLOPs."""
+    M, H, V = 128, 1024, 2048
+    cfg = linear.launch_config(torch.bfloat16, aligned=True)
+    totals, aten_flops, grads = counted(M, H, V, torch.bfloat16, cfg, None, 1024, False)
+    outputs = sum(g.numel() * g.element_size() for g in grads if g is not None) + 2 * 4 * M  # + logp, lse
+    stores = sum(t["st"] for t in totals.values())
+    assert stores <= 1.25 * outputs + M * V * 2, (stores, outputs)
+    dots = sum(t["dot_flops"] for t in totals.values())
+    assert dots + aten_flops <= 8.4 * M * H * V, (dots, aten_flops)
+
+
+def test_modeled_llama3_8b_h100_within_target():
+    """The design's modeled fwd + bwd at Llama-3-8B scale on an H100 (datasheet) is <= 180 ms (1.3x the
+    8·N·H·V floor), and its scratch <= 2 GiB by default."""
+    rows = {(r["path"], r["gpu"]): r for r in modeled.modeled_times(["Llama-3-8B"])}
+    fused = rows["fused-linear (Triton + cuBLAS)", "H100 SXM (datasheet)"]
+    assert fused["ms"] <= 180 and fused["ms"] <= 1.3 * fused["floor_ms"]
+    assert rows["fused-linear, previous design (by count)", "H100 SXM (datasheet)"]["ms"] > 5 * fused["ms"]
+    assert modeled.triton_linear_scratch_bytes(8 * 4096, 4096, 128256) <= 2 * 2**30
