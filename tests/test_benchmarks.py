@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from benchmarks import measure, modeled, providers, report
@@ -96,3 +97,15 @@ def test_modeled_gpu_memory_at_llama3_8b_scale():
     assert fused < 0.1 * rows["lm_head", "naive: matmul + reference"]["peak_bytes"]
     bw = {r["kernel"]: r for r in modeled.bandwidth_table(["Llama-3-8B"])}
     assert bw["logits: dpo_kernels fused (Triton)"]["logits_io"] * 7 == bw["logits: naive reference (eager)"]["logits_io"]
+
+
+def test_packed_benchmark_runs_and_removes_the_padding():
+    """python -m benchmarks.packed: the padded and packed steps agree (it raises otherwise), the packed layout
+    processes no padding while the long-tailed lengths leave plenty in the padded one."""
+    pytest.importorskip("transformers")
+    from benchmarks import packed
+
+    result = packed.main(["--quick", "--pairs", "3", "--vocab", "200"])
+    padded, packed_row = result["layouts"]["padded"], result["layouts"]["packed"]
+    assert packed_row["padding_share"] == 0.0 and padded["padding_share"] > 0.2
+    assert packed_row["peak_mib"] < padded["peak_mib"]
