@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .. import distributed, ops
+from .. import distributed, ops, packing
 from .. import fused_linear as _fused_linear  # noqa: F401  (registers torch.ops.dpo_kernels.fused_linear_*)
 
 # The keyword our forward patch answers to; any other call goes to the model's own forward.
@@ -222,11 +222,15 @@ def token_logps_from_hidden(
     with_stats: bool = False,
     memory_budget: Optional[int] = None,
     backend: str = "auto",
+    cu_seqlens: Optional[torch.Tensor] = None,
 ) -> TokenLogps:
     """The fused op on (N, T, H) hidden states: position t scores ``labels[:, t + 1]``.
 
     Under autocast the head runs in the autocast dtype, as ``nn.Linear`` would; otherwise the weight
     and bias are cast to the hidden states' dtype when they differ (differentiably).
+
+    ``cu_seqlens``: the (1, total, H) hidden states of a packed batch (:mod:`dpo_kernels.packing`); the
+    outputs are then laid out as (S, L) rows, one per sequence, with the shift inside each sequence.
     """
     if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
@@ -238,8 +242,9 @@ def token_logps_from_hidden(
     weight = weight.to(device=hidden.device, dtype=dtype)
     bias = None if bias is None else bias.to(device=hidden.device, dtype=dtype)
     labels = labels.to(hidden.device)
-    mask = labels[:, 1:] != ignore_index
     if distributed.is_vocab_sharded(weight):  # a tensor-parallel head: a DTensor sharded on the vocabulary
+        packing.refuse_vocab_parallel(cu_seqlens, None)
+        mask = labels[:, 1:] != ignore_index
         with torch.autocast(hidden.device.type, enabled=False):
             out = distributed.vocab_parallel_fused_linear_token_logps(
                 hidden, weight, labels, bias, ignore_index=int(ignore_index), logit_scale=float(head.logit_scale),
@@ -250,13 +255,15 @@ def token_logps_from_hidden(
         return TokenLogps(out[0], out[1], stats, mask)
     chunk_elements = 0 if memory_budget is None else int(memory_budget) // 4
     backend = ops.resolve_backend(backend, hidden.device, hidden.dtype)
+    pk = None if cu_seqlens is None else packing.resolve(labels, cu_seqlens.to(labels.device), tokens_name="hidden")
+    labels, shift = packing.kernel_labels(labels, pk, int(ignore_index), True)
     args = (
-        hidden, weight, bias, labels, int(ignore_index), True, float(head.logit_scale),
+        hidden, weight, bias, labels, int(ignore_index), shift, float(head.logit_scale),
         None if head.softcap is None else float(head.softcap), float(temperature), chunk_elements, backend,
     )  # fmt: skip
     with torch.autocast(hidden.device.type, enabled=False):
-        logps, lse, stats = torch.ops.dpo_kernels.fused_linear_token_logps(*args, bool(with_stats))
-    return TokenLogps(logps, lse, stats, mask)
+        out = torch.ops.dpo_kernels.fused_linear_token_logps(*args, bool(with_stats))
+    return TokenLogps(*(packing.layout(t, pk) for t in out), packing.scored(labels, shift, pk, int(ignore_index)))
 
 
 # ------------------------------------------------------------------------------------ from a model

@@ -33,9 +33,10 @@ from importlib import metadata
 
 import torch
 
-from .. import preference
+from .. import packing, preference
 from ..reference import STATS
 from . import hf
+from .collate import PackedPreferenceCollator
 
 SUPPORTED_TRL = (">=1.16.0", "<1.17.0")
 _MIN_TRL, _MAX_TRL = "1.16.0", "1.17.0"
@@ -71,6 +72,8 @@ def check_trl_version(installed: str | None = None) -> str:
     return installed
 
 
+# Attention implementations of transformers that keep packed sequences apart from position_ids alone.
+_PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 # The loss types TRL 1.16's DPOTrainer applies label_smoothing to; the others ignore it.
 _TRL_SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")
 
@@ -111,9 +114,43 @@ class _FusedLoss:
             found.append("vision-language models and image datasets (untested with the backbone call)")
         _raise_unsupported(found)
         self._dpo_kernels_check_loss_options()
+        self._dpo_kernels_setup_packing()
         hf.install_hidden_forward(self.model)
         if getattr(self, "ref_model", None) is not None:
             hf.install_hidden_forward(self.ref_model)
+
+    def _dpo_kernels_setup_packing(self) -> None:
+        """``DPOConfig(padding_free=True)``: collate every batch into one row (TRL 1.16's trainer turns the
+        option off); the model keeps the sequences apart from ``position_ids`` (no attention mask)."""
+        from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+        self._dpo_kernels_packed = bool(getattr(self.args, "padding_free", False))
+        if not self._dpo_kernels_packed:
+            return
+        self.padding_free = True
+        for model in (self.model, getattr(self, "ref_model", None)):
+            if model is None:
+                continue
+            impl = getattr(hf._transformers_model(model).config, "_attn_implementation", None)
+            if impl not in _PACKING_ATTENTION:
+                raise ValueError(
+                    f"padding_free=True needs an attention implementation that keeps packed sequences apart from "
+                    f"position_ids ({', '.join(_PACKING_ATTENTION)}); the model uses {impl!r}"
+                )
+        if isinstance(self.data_collator, DataCollatorForPreference):
+            self.data_collator = PackedPreferenceCollator(self.args.max_length, self.args.truncation_mode)
+        elif not isinstance(self.data_collator, PackedPreferenceCollator):
+            raise ValueError(
+                f"padding_free=True packs batches with dpo_kernels.integrations.collate.PackedPreferenceCollator; "
+                f"the trainer was given another data_collator ({type(self.data_collator).__name__})"
+            )
+
+    def _dpo_kernels_packing(self, inputs):
+        """The packed batch's sequence starts (cu_seqlens), or None for a padded batch."""
+        if not (getattr(self, "_dpo_kernels_packed", False) and "position_ids" in inputs):
+            return None
+        labels = inputs["input_ids"]
+        return packing.resolve(labels, position_ids=inputs["position_ids"].to(labels.device), tokens_name="input_ids")
 
     def _dpo_kernels_loss_options(self) -> dict:
         """The DPOConfig options, as :func:`dpo_kernels.preference.dpo_from_tokens` takes them."""
@@ -150,11 +187,13 @@ class _FusedLoss:
 
     # ---------------------------------------------------------------------------------- per-token pass
 
-    def _dpo_kernels_tokens(self, model, model_kwargs, labels, *, with_stats: bool):
-        """(TokenLogps, aux_loss) of ``model`` on the batch: backbone through every wrapper, fused head."""
+    def _dpo_kernels_tokens(self, model, model_kwargs, labels, *, with_stats: bool, pk=None):
+        """(TokenLogps, aux_loss) of ``model`` on the batch: backbone through every wrapper, fused head;
+        for a packed batch (``pk``) laid out one sequence per row."""
         hf.install_hidden_forward(model)  # idempotent; the precompute may run before configure
         options = dict(labels=labels, with_stats=with_stats, backend=self._dpo_kernels_backend,
-                       memory_budget=self._dpo_kernels_memory_budget)  # fmt: skip
+                       memory_budget=self._dpo_kernels_memory_budget,
+                       cu_seqlens=None if pk is None else pk.cu_seqlens)  # fmt: skip
         out = model(**model_kwargs, **{hf.TOKENS_FLAG: options})  # the head runs inside the model's forward
         return out.tokens, out.aux_loss
 
@@ -165,7 +204,7 @@ class _FusedLoss:
         unwrapped = self.accelerator.unwrap_model(self.model)
         return use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
 
-    def _dpo_kernels_reference(self, model_kwargs, labels) -> torch.Tensor:
+    def _dpo_kernels_reference(self, model_kwargs, labels, pk=None) -> torch.Tensor:
         """(2B,) reference log-probs, reduced like the policy's (sum, or LD-DPO's weighting)."""
         from accelerate.utils import is_peft_model
         from trl.models.utils import disable_gradient_checkpointing
@@ -176,7 +215,7 @@ class _FusedLoss:
         model = self.model if use_base else self.ref_model
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             with context:
-                tokens, _ = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=False)
+                tokens, _ = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=False, pk=pk)
         return preference.reduce_sequences(tokens.logps, tokens.mask, average=False, ld_alpha=self.ld_alpha)
 
     def compute_ref_log_probs(self, model, inputs):
@@ -187,6 +226,7 @@ class _FusedLoss:
         model_kwargs = {k: v for k, v in inputs.items() if k not in _NON_MODEL_KEYS}
         model_kwargs["use_cache"] = False
         labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        pk = self._dpo_kernels_packing(inputs)
         context = contextlib.nullcontext()
         if self.ref_model is None and is_peft_model(self.model):
             context = self._dpo_kernels_ref_context()
@@ -196,7 +236,7 @@ class _FusedLoss:
             context,
             self.accelerator.autocast(),
         ):
-            tokens, _ = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=False)
+            tokens, _ = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=False, pk=pk)
         ref = preference.reduce_sequences(tokens.logps, tokens.mask, average=False, ld_alpha=self.ld_alpha)
         return ref.chunk(2, dim=0)
 
@@ -211,17 +251,19 @@ class _FusedLoss:
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
 
-        tokens, aux_loss = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=True)
+        pk = self._dpo_kernels_packing(inputs)
+        tokens, aux_loss = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=True, pk=pk)
         if self.precompute_ref_logps:
             ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(tokens.logps.device)
         else:
-            ref = self._dpo_kernels_reference(model_kwargs, labels)
+            ref = self._dpo_kernels_reference(model_kwargs, labels, pk)
 
         # ipo and sigmoid_norm divide by TRL's unshifted completion-mask count (one more than the scored
         # tokens when the prompt is empty)
         loss, metrics = preference.dpo_from_tokens(
             tokens.logps, tokens.mask, ref, stats=tokens.stats, lse=tokens.lse,
-            vocab_size=hf.lm_head_of(model).weight.shape[0], norm_lengths=completion_mask.sum(-1),
+            vocab_size=hf.lm_head_of(model).weight.shape[0],
+            norm_lengths=packing.layout(completion_mask.to(tokens.mask.device), pk).sum(-1),
             **self._dpo_kernels_loss_options(),
         )  # fmt: skip
 
@@ -264,7 +306,10 @@ class _FusedLoss:
         logged = self._metrics[mode]
         logged["entropy"].append(global_mean(metrics["entropy"], weights["entropy"]))
         if mode == "train":
-            batch_tokens = acc.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            # a packed batch has no attention mask: all its tokens are real
+            real = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].new_tensor(
+                inputs["input_ids"].numel())  # fmt: skip
+            batch_tokens = acc.gather_for_metrics(real).sum().item()
             self._total_train_tokens += batch_tokens // self._tp_size
         logged["num_tokens"] = [self._total_train_tokens]
         for name in _TOKEN_METRICS[1:]:
@@ -291,7 +336,15 @@ class FusedDPOTrainer(_FusedLoss, DPOTrainer):
         # compute_ref_log_probs, which reads these.
         self._dpo_kernels_backend = backend
         self._dpo_kernels_memory_budget = memory_budget
-        super().__init__(*args, **kwargs)
+        # TRL 1.16 turns padding_free off with a warning that does not apply here: keep it from seeing it
+        padding_free = getattr(config, "padding_free", False)
+        if padding_free:
+            config.padding_free = False
+        try:
+            super().__init__(*args, **kwargs)
+        finally:
+            if padding_free:
+                config.padding_free = True
         self._dpo_kernels_configure(backend, memory_budget)
 
 
