@@ -76,11 +76,6 @@ def _unsupported(args) -> list[str]:
     found = []
     if getattr(args, "use_liger_kernel", False):
         found.append("use_liger_kernel=True (Liger patches the model; the LM head is already fused here)")
-    if getattr(args, "fsdp", None):
-        found.append("FSDP (fsdp=...): the LM head would be read sharded")
-    plugin = getattr(args, "deepspeed_plugin", None)
-    if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
-        found.append("DeepSpeed ZeRO-3: the LM head would be read partitioned")
     return found
 
 
@@ -101,8 +96,6 @@ class _FusedLoss:
         self._dpo_kernels_backend = backend
         self._dpo_kernels_memory_budget = memory_budget
         found = _unsupported(self.args)
-        if getattr(self, "is_fsdp_enabled", False) and not any(f.startswith("FSDP") for f in found):
-            found.append("FSDP: the LM head would be read sharded")
         if getattr(self, "_is_vlm", False) or getattr(self, "_is_vision_dataset", False):
             found.append("vision-language models and image datasets (untested with the backbone call)")
         _raise_unsupported(found)
@@ -143,12 +136,13 @@ class _FusedLoss:
     # ---------------------------------------------------------------------------------- per-token pass
 
     def _dpo_kernels_tokens(self, model, model_kwargs, labels, *, with_stats: bool):
-        """(TokenLogps, aux_loss) of ``model`` on the batch: backbone through every wrapper, fused head."""
+        """(TokenLogps, aux_loss, V) of ``model`` on the batch: backbone through every wrapper, fused head.
+        V (the head's rows) comes from inside the forward: outside it a ZeRO-3 or FSDP1 weight is a shard."""
         hf.install_hidden_forward(model)  # idempotent; the precompute may run before configure
         options = dict(labels=labels, with_stats=with_stats, backend=self._dpo_kernels_backend,
                        memory_budget=self._dpo_kernels_memory_budget)  # fmt: skip
         out = model(**model_kwargs, **{hf.TOKENS_FLAG: options})  # the head runs inside the model's forward
-        return out.tokens, out.aux_loss
+        return out.tokens, out.aux_loss, out.vocab_size
 
     def _dpo_kernels_ref_context(self):
         """The PEFT base (adapter disabled) or TRL's "ref" adapter, when there is no reference model."""
@@ -168,7 +162,7 @@ class _FusedLoss:
         model = self.model if use_base else self.ref_model
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             with context:
-                tokens, _ = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=False)
+                tokens = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=False)[0]
         return preference.reduce_sequences(tokens.logps, tokens.mask, average=False, ld_alpha=self.ld_alpha)
 
     def compute_ref_log_probs(self, model, inputs):
@@ -188,7 +182,7 @@ class _FusedLoss:
             context,
             self.accelerator.autocast(),
         ):
-            tokens, _ = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=False)
+            tokens = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=False)[0]
         ref = preference.reduce_sequences(tokens.logps, tokens.mask, average=False, ld_alpha=self.ld_alpha)
         return ref.chunk(2, dim=0)
 
@@ -203,7 +197,7 @@ class _FusedLoss:
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
 
-        tokens, aux_loss = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=True)
+        tokens, aux_loss, vocab_size = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=True)
         if self.precompute_ref_logps:
             ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(tokens.logps.device)
         else:
@@ -213,7 +207,7 @@ class _FusedLoss:
         # tokens when the prompt is empty)
         loss, metrics = preference.dpo_from_tokens(
             tokens.logps, tokens.mask, ref, stats=tokens.stats, lse=tokens.lse,
-            vocab_size=hf.lm_head_of(model).weight.shape[0], norm_lengths=completion_mask.sum(-1),
+            vocab_size=vocab_size, norm_lengths=completion_mask.sum(-1),
             **self._dpo_kernels_loss_options(),
         )  # fmt: skip
 

@@ -1,0 +1,241 @@
+"""FusedDPOTrainer under FSDP2, FSDP1 and DeepSpeed ZeRO-2/3, against TRL's stock DPOTrainer under the same
+setting, on 2 CPU ranks with gloo.
+
+One spawn per setting (spawning and building the trainers take most of the time): each rank builds a stock
+and a fused trainer on the same tiny models, lets the Trainer wrap them (``_prepare_for_training``: FSDP's
+sharding, DeepSpeed's engine), and for several loss configurations compares, on the same per-rank batch, the
+loss, every logged metric and the full (gathered) gradient of every trainable parameter (fp32, rtol 1e-5).
+Then one real optimizer step through ``train()``.
+"""
+
+import os
+import socket
+import sys
+import time
+import traceback
+
+import pytest
+import torch
+
+pytest.importorskip("trl")
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+pytestmark = [pytest.mark.cpu_only("gloo ranks on CPU"), pytest.mark.filterwarnings("ignore::FutureWarning")]
+
+WORLD = 2
+RTOL, ATOL = 1e-5, 1e-6
+
+
+# ------------------------------------------------------------------------------------------ launching
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _patch_accelerate_fsdp_on_cpu():
+    """accelerate promotes only GPU-like multi-device types to FSDP (``AcceleratorState.__init__``, the
+    ``MULTI_GPU, MULTI_XPU, ...`` branch); on CPU ranks (``MULTI_CPU``) it silently falls back to DDP.
+    ``fully_shard`` / ``FullyShardedDataParallel`` themselves run on gloo, so for these tests only, an FSDP
+    plugin on MULTI_CPU is promoted the same way the GPU branch would."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    if getattr(AcceleratorState, "_dpo_kernels_cpu_fsdp", False):
+        return
+    init = AcceleratorState.__init__
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = __init__
+    AcceleratorState._dpo_kernels_cpu_fsdp = True
+
+
+def _entry(rank, world, port, setting, checks, tmp):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TQDM_DISABLE="1")  # fmt: skip
+    torch.set_num_threads(1)
+    if setting.startswith("fsdp"):
+        _patch_accelerate_fsdp_on_cpu()
+    for name in checks:
+        start = time.perf_counter()
+        try:
+            globals()[name](rank, world, setting, os.path.join(tmp, f"{name}-{rank}"))
+        except Exception as e:  # name the check in the error the parent re-raises
+            raise AssertionError(f"[rank {rank}/{world}] {setting} {name}: {traceback.format_exc()}") from e
+        if os.environ.get("DPO_KERNELS_TEST_TIMING") and rank == 0:
+            print(f"{setting} {name}: {time.perf_counter() - start:.2f} s", file=sys.stderr)
+    # Success: leave without the interpreter's teardown (gloo, DeepSpeed and library threads can abort it
+    # after all output); failures above raise normally so that mp.spawn reports them.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _spawn(setting, *checks, tmp):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_entry, args=(WORLD, _free_port(), setting, checks, str(tmp)), nprocs=WORLD, join=True)
+
+
+# ---------------------------------------------------------------------------------- settings and models
+
+
+def _setting_args(setting):
+    """The DPOConfig keywords of a distributed setting."""
+    if setting.startswith("fsdp"):
+        version = 2 if setting == "fsdp2" else 1
+        fsdp_config = {"version": version}  # auto-wrap: the model's _no_split_modules (its decoder layers)
+        if version == 1:
+            fsdp_config["use_orig_params"] = setting == "fsdp1_orig"
+        return dict(fsdp="full_shard auto_wrap", fsdp_config=fsdp_config)
+    stage = {"zero2": 2, "zero3": 3}[setting]
+    return dict(deepspeed={
+        "zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
+        "bf16": {"enabled": False}, "fp16": {"enabled": False},
+    })  # fmt: skip
+
+
+def _build(cls, setting, tmp, *, ref=True, model_fn="llama", peft=False, **overrides):
+    import test_integrations_trl as T
+
+    kwargs = dict(_setting_args(setting), **overrides)
+    trainer_kwargs = {}
+    if peft:
+        from peft import LoraConfig
+
+        trainer_kwargs["peft_config"] = LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+            task_type="CAUSAL_LM",
+        )  # fmt: skip
+    fn = getattr(T, model_fn)
+    # Whole models for both trainers, partitioned by the Trainer's DeepSpeed set-up: a DPOConfig alive from an
+    # earlier build would make transformers build them under zero.Init (with a world size of 1 at that point).
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    model, ref_model = fn(0), fn(1) if ref else None
+    return cls(
+        model=model, ref_model=ref_model, args=T.config(tmp, **kwargs), train_dataset=T.make_dataset(),
+        processing_class=T.make_tokenizer(), **trainer_kwargs,
+    )  # fmt: skip
+
+
+def _log(*what):
+    if os.environ.get("DPO_KERNELS_TEST_TIMING") and os.environ.get("RANK") == "0":
+        print(f"  {time.perf_counter() - _T0:7.2f} s", *what, file=sys.stderr, flush=True)
+
+
+_T0 = time.perf_counter()
+
+
+def _wrap(trainer):
+    """The Trainer's own wrapping (FSDP sharding / DeepSpeed engine, optimizer), as ``train()`` does it."""
+    trainer.model_wrapped, _ = trainer._prepare_for_training(trainer.args.max_steps, None, None)
+    return trainer
+
+
+def _rank_batch(trainer, rank, n=2):
+    import test_integrations_trl as T
+
+    rows = range(rank * n, rank * n + n)
+    examples = [{k: trainer.train_dataset[i][k] for k in T.BATCH_KEYS if k in trainer.train_dataset.column_names}
+                for i in rows]  # fmt: skip
+    return trainer._prepare_inputs(trainer.data_collator(examples))
+
+
+def _full_grads(trainer, setting):
+    model = trainer.model_wrapped
+    named = [(n, p) for n, p in trainer.model.named_parameters() if p.requires_grad]
+    if setting.startswith("zero"):
+        from deepspeed.utils import safe_get_full_grad
+
+        return {n: safe_get_full_grad(p).detach().clone() for n, p in named}
+    if setting == "fsdp2":
+        return {n: p.grad.full_tensor().detach().clone() for n, p in named}
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.summon_full_params(model, with_grads=True):
+        return {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def _zero_grads(trainer, setting):
+    if setting.startswith("zero"):
+        trainer.model_wrapped.optimizer.zero_grad()
+    else:
+        trainer.model_wrapped.zero_grad(set_to_none=True)
+
+
+def _step(trainer, setting, batch):
+    """(loss, metrics, full gradients) of one forward/backward through the wrapped model."""
+    model = trainer.model_wrapped
+    model.train()
+    _zero_grads(trainer, setting)
+    trainer._metrics["train"].clear()
+    trainer._total_train_tokens = 0
+    loss = trainer.compute_loss(model, batch)
+    if setting.startswith("zero"):
+        model.backward(loss)  # the engine's backward: accelerator.backward would also step
+    else:
+        loss.backward()
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    return loss.detach(), metrics, _full_grads(trainer, setting)
+
+
+def _same(stock, fused, what):
+    import test_integrations_trl as T
+
+    try:
+        T.assert_same_step(stock, fused)
+    except AssertionError as e:
+        raise AssertionError(f"{what}: {e}") from e
+
+
+# -------------------------------------------------------------------------------------------- checks
+
+LOSS_CASES = {
+    "sigmoid": {},
+    "ipo": dict(loss_types=["ipo"], beta=0.5),
+    "rpo_sigmoid_sft": dict(loss_types=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
+    "wpo": dict(use_weighting=True),
+    "robust_smoothing_ld_alpha": dict(loss_types=["robust"], label_smoothing=0.1, ld_alpha=0.5),
+}
+
+
+def check_loss_family_with_a_reference_model(rank, world, setting, tmp):
+    import test_integrations_trl as T
+
+    _log("start")
+    stock = _build(T.DPOTrainer, setting, tmp + "s", use_weighting=True)
+    _log("built stock")
+    _wrap(stock)
+    _log("wrapped stock")
+    fused = _wrap(_build(T.FusedDPOTrainer, setting, tmp + "f", use_weighting=True))
+    _log("fused ready")
+    batch = _rank_batch(stock, rank)
+    for case, options in LOSS_CASES.items():
+        for trainer in (stock, fused):
+            T.set_options(trainer, **options)
+        _same(_step(stock, setting, batch), _step(fused, setting, batch), case)
+        _log(case)
+
+
+def _dispatch():
+    import test_integrations_trl as T  # noqa: F401
+
+
+if __name__ == "__main__":  # python tests/test_trl_distributed.py SETTING CHECK...
+    import tempfile
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    with tempfile.TemporaryDirectory() as d:
+        _spawn(sys.argv[1], *sys.argv[2:], tmp=d)
