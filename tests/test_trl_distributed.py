@@ -54,6 +54,9 @@ def _patch_accelerate_fsdp_on_cpu():
             self.distributed_type = DistributedType.FSDP
             self.fsdp_plugin = fsdp_plugin
             PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            # FSDP1 compares its compute device (torch.cpu.current_device(): "cpu") with accelerate's device_id
+            # (a "cpu:<index>" device on CPU ranks) and refuses the difference; they are the same device
+            self.device = PartialState._shared_state["device"] = torch.device("cpu")
 
     AcceleratorState.__init__ = __init__
     AcceleratorState._dpo_kernels_cpu_fsdp = True
@@ -65,6 +68,12 @@ def _entry(rank, world, port, setting, checks, tmp):
     torch.set_num_threads(1)
     if setting.startswith("fsdp"):
         _patch_accelerate_fsdp_on_cpu()
+    else:
+        import deepspeed.comm.torch
+
+        # DeepSpeed's CPU shared-memory all-reduce is a C++ extension built on first use (minutes where no
+        # build is cached); gloo does the same collectives
+        deepspeed.comm.torch.build_shm_op = lambda: None
     for name in checks:
         start = time.perf_counter()
         try:
@@ -95,13 +104,14 @@ def _setting_args(setting):
         version = 2 if setting == "fsdp2" else 1
         fsdp_config = {"version": version}  # auto-wrap: the model's _no_split_modules (its decoder layers)
         if version == 1:
-            fsdp_config["use_orig_params"] = setting == "fsdp1_orig"
+            # sync_module_states asks accelerate for a GPU-like device; every rank builds the same model anyway
+            fsdp_config.update(use_orig_params=setting == "fsdp1_orig", sync_module_states=False)
         return dict(fsdp="full_shard auto_wrap", fsdp_config=fsdp_config)
     stage = {"zero2": 2, "zero3": 3}[setting]
     return dict(deepspeed={
         "zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
-        "bf16": {"enabled": False}, "fp16": {"enabled": False},
+        "bf16": {"enabled": False}, "fp16": {"enabled": False}, "zero_allow_untested_optimizer": True,
     })  # fmt: skip
 
 
@@ -162,10 +172,20 @@ def _full_grads(trainer, setting):
         return {n: safe_get_full_grad(p).detach().clone() for n, p in named}
     if setting == "fsdp2":
         return {n: p.grad.full_tensor().detach().clone() for n, p in named}
+    # FSDP1: each unit's flat parameter holds this rank's shard of the unit's (padded) flat gradient; the
+    # stock and the fused model have the same units, so the gathered flat gradients compare one to one
+    import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    with FSDP.summon_full_params(model, with_grads=True):
-        return {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    grads = {}
+    for i, unit in enumerate(FSDP.fsdp_modules(model)):
+        flat = unit._handle.flat_param if unit._handle is not None else None
+        if flat is None or flat.grad is None:
+            continue
+        shards = [torch.empty_like(flat.grad) for _ in range(dist.get_world_size())]
+        dist.all_gather(shards, flat.grad.contiguous())
+        grads[f"unit{i}"] = torch.cat(shards)
+    return grads
 
 
 def _zero_grads(trainer, setting):

@@ -21,6 +21,7 @@ package.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import types
@@ -61,14 +62,18 @@ class TokenLogps(NamedTuple):
     mask: torch.Tensor
 
 
-class HiddenStatesOutput(dict):
+class HiddenStatesOutput(collections.OrderedDict):
     """What the patched forward returns when called with ``dpo_kernels_hidden_states=True`` (or
     ``dpo_kernels_token_logps=...``): the backbone's ``last_hidden_state``, when router logits were
     requested the MoE ``aux_loss``, and with ``dpo_kernels_token_logps`` the fused head's ``tokens``
-    (:class:`TokenLogps`); a plain dict subclass with attribute access, so that distributed wrappers can
-    walk it."""
+    (:class:`TokenLogps`) and its ``vocab_size`` (the head's rows, read where the weight is whole). An
+    ``OrderedDict`` with attribute access (None for a missing key), so that distributed wrappers can walk it
+    and rebuild it as its own class (FSDP1 does ``type(out)()``, then sets the items)."""
 
-    __getattr__ = dict.get
+    def __getattr__(self, name):
+        if name.startswith("__"):  # no dataclass / pickling protocol: FSDP1 probes __dataclass_fields__
+            raise AttributeError(name)
+        return self.get(name)
 
 
 # ------------------------------------------------------------------------------------- the LM head
