@@ -8,6 +8,7 @@ loss, every logged metric and the full (gathered) gradient of every trainable pa
 Then one real optimizer step through ``train()``.
 """
 
+import contextlib
 import os
 import socket
 import sys
@@ -115,7 +116,24 @@ def _setting_args(setting):
     })  # fmt: skip
 
 
-def _build(cls, setting, tmp, *, ref=True, model_fn="llama", peft=False, **overrides):
+def _shared_dataset(directory):
+    """The test dataset from files in ``directory``, which every rank reads: TRL's precompute writes the
+    reference log-probs on the main process to a cache file next to the dataset's files, which the other
+    ranks then read (an in-memory dataset would put it in a per-process temporary directory)."""
+    import datasets
+    import test_integrations_trl as T
+
+    path = os.path.join(directory, "dataset")
+    if os.environ["RANK"] == "0" and not os.path.exists(path):
+        T.make_dataset().save_to_disk(path + ".tmp")
+        os.rename(path + ".tmp", path)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return datasets.load_from_disk(path)
+
+
+def _build(cls, setting, tmp, *, ref=True, model_fn="llama", peft=False, dataset=None, **overrides):
     import test_integrations_trl as T
 
     kwargs = dict(_setting_args(setting), **overrides)
@@ -135,7 +153,7 @@ def _build(cls, setting, tmp, *, ref=True, model_fn="llama", peft=False, **overr
     unset_hf_deepspeed_config()
     model, ref_model = fn(0), fn(1) if ref else None
     return cls(
-        model=model, ref_model=ref_model, args=T.config(tmp, **kwargs), train_dataset=T.make_dataset(),
+        model=model, ref_model=ref_model, args=T.config(tmp, **kwargs), train_dataset=dataset or T.make_dataset(),
         processing_class=T.make_tokenizer(), **trainer_kwargs,
     )  # fmt: skip
 
@@ -195,27 +213,83 @@ def _zero_grads(trainer, setting):
         trainer.model_wrapped.zero_grad(set_to_none=True)
 
 
+@contextlib.contextmanager
+def _head_traffic(trainer, setting):
+    """What the LM head costs beyond the loss: under FSDP2 the elements all-gathered by FSDP and by
+    ``DTensor.full_tensor`` calls (an all-gather of its own); under ZeRO-3 the tensors autograd
+    saved that still hold the head's full (V, H) storage once the forward is over."""
+    record = {"all_gathers": 0, "elements": 0, "full_tensor": 0, "saved_heads": None}
+    if setting == "fsdp2":
+        from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group
+        from torch.distributed.tensor import DTensor
+
+        all_gather, full_tensor = group.foreach_all_gather, DTensor.full_tensor
+
+        def counting_all_gather(fsdp_params, *args, **kwargs):
+            record["all_gathers"] += 1
+            record["elements"] += sum(p.sharded_param.numel() for p in fsdp_params)
+            return all_gather(fsdp_params, *args, **kwargs)
+
+        def counting_full_tensor(self, *args, **kwargs):
+            record["full_tensor"] += 1
+            record["elements"] += self.to_local().numel()
+            return full_tensor(self, *args, **kwargs)
+
+        group.foreach_all_gather, DTensor.full_tensor = counting_all_gather, counting_full_tensor
+        try:
+            yield record
+        finally:
+            group.foreach_all_gather, DTensor.full_tensor = all_gather, full_tensor
+    elif setting == "zero3":
+        head = trainer.accelerator.unwrap_model(trainer.model_wrapped).get_output_embeddings().weight
+        shape = tuple(head.ds_shape)
+        saved = []
+
+        def pack(t):
+            saved.append(t)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield record
+        record["saved_heads"] = [t for t in saved if tuple(t.shape) == shape and t.untyped_storage().nbytes() > 0]
+        record["head_numel"] = head.numel()
+    else:
+        yield record
+
+
 def _step(trainer, setting, batch):
-    """(loss, metrics, full gradients) of one forward/backward through the wrapped model."""
+    """(loss, metrics, full gradients) of one forward/backward through the wrapped model, and the LM head's
+    traffic (:func:`_head_traffic`) in it."""
     model = trainer.model_wrapped
     model.train()
     _zero_grads(trainer, setting)
     trainer._metrics["train"].clear()
     trainer._total_train_tokens = 0
-    loss = trainer.compute_loss(model, batch)
+    with _head_traffic(trainer, setting) as traffic:
+        loss = trainer.compute_loss(model, batch)
     if setting.startswith("zero"):
         model.backward(loss)  # the engine's backward: accelerator.backward would also step
     else:
         loss.backward()
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    return loss.detach(), metrics, _full_grads(trainer, setting)
+    return (loss.detach(), metrics, _full_grads(trainer, setting)), traffic
 
 
 def _same(stock, fused, what):
     import test_integrations_trl as T
 
+    (step_s, traffic_s), (step_f, traffic_f) = stock, fused
     try:
-        T.assert_same_step(stock, fused)
+        T.assert_same_step(step_s, step_f)
+        # FSDP2: the fused head reads the weight where FSDP unsharded it (the root's forward, or the head's own
+        # unit when it is one, as with PEFT), never by an all-gather of its own (stock TRL calls full_tensor()
+        # on a head in a unit of its own, once per pass)
+        assert traffic_f["full_tensor"] == 0
+        elements = [t["elements"] for t in (traffic_s, traffic_f)]
+        assert elements[1] <= elements[0], f"elements all-gathered in the forward, stock vs fused: {elements}"
+        # ZeRO-3: the head gathered for the fused call is released after it, and autograd kept no copy
+        if traffic_f["saved_heads"] is not None:
+            assert traffic_f["saved_heads"] == [] and traffic_f["head_numel"] == 0, traffic_f
     except AssertionError as e:
         raise AssertionError(f"{what}: {e}") from e
 
@@ -231,17 +305,21 @@ LOSS_CASES = {
 }
 
 
-def check_loss_family_with_a_reference_model(rank, world, setting, tmp):
+def _pair(setting, tmp, **kwargs):
     import test_integrations_trl as T
 
-    _log("start")
-    stock = _build(T.DPOTrainer, setting, tmp + "s", use_weighting=True)
-    _log("built stock")
-    _wrap(stock)
-    _log("wrapped stock")
-    fused = _wrap(_build(T.FusedDPOTrainer, setting, tmp + "f", use_weighting=True))
-    _log("fused ready")
+    stock = _wrap(_build(T.DPOTrainer, setting, tmp + "s", **kwargs))
+    fused = _wrap(_build(T.FusedDPOTrainer, setting, tmp + "f", **kwargs))
+    return stock, fused
+
+
+def check_loss_family_with_a_reference_model(rank, world, setting, tmp):
+    """A separate reference model (prepared by TRL for the setting), several loss types, WPO, RPO, LD-DPO."""
+    import test_integrations_trl as T
+
+    stock, fused = _pair(setting, tmp, use_weighting=True)  # the stock trainer computes WPO's statistics
     batch = _rank_batch(stock, rank)
+    assert fused.ref_model is not None
     for case, options in LOSS_CASES.items():
         for trainer in (stock, fused):
             T.set_options(trainer, **options)
@@ -249,8 +327,68 @@ def check_loss_family_with_a_reference_model(rank, world, setting, tmp):
         _log(case)
 
 
-def _dispatch():
-    import test_integrations_trl as T  # noqa: F401
+def check_peft_base_as_reference(rank, world, setting, tmp):
+    """LoRA adapters trained, the base model (adapter disabled) as the reference."""
+    import test_integrations_trl as T
+
+    stock, fused = _pair(setting, tmp, ref=False, peft=True)
+    assert fused.ref_model is None
+    batch = _rank_batch(stock, rank)
+    for case in ("sigmoid", "ipo"):
+        for trainer in (stock, fused):
+            T.set_options(trainer, **LOSS_CASES[case])
+        step_s, step_f = _step(stock, setting, batch), _step(fused, setting, batch)
+        assert step_s[0][1]["rewards/margins"] != 0  # the adapter (random B) moves the policy off the base
+        _same(step_s, step_f, f"peft {case}")
+
+
+def _full_params(trainer, setting):
+    model = trainer.model_wrapped
+    if setting == "zero3":
+        import deepspeed
+
+        params = list(model.module.named_parameters())
+        with deepspeed.zero.GatheredParameters([p for _, p in params]):
+            return {n: p.detach().clone() for n, p in params}
+    if setting == "fsdp2":
+        return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    if setting.startswith("fsdp"):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with FSDP.summon_full_params(model):
+            return {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for n, p in model.named_parameters()}
+    return {n: p.detach().clone() for n, p in trainer.accelerator.unwrap_model(model).named_parameters()}
+
+
+def check_precomputed_reference_and_train(rank, world, setting, tmp):
+    """Reference log-probs precomputed (by the reference model under FSDP, where TRL needs one, else by the
+    policy's inference engine), then one SGD step through ``train()``: the same logs and parameters."""
+    import test_integrations_trl as T
+
+    kw = dict(ref=setting.startswith("fsdp"), precompute_ref_log_probs=True, max_steps=1, optim="sgd",
+              learning_rate=0.5, per_device_train_batch_size=2, dataset=_shared_dataset(os.path.dirname(tmp)))  # fmt: skip
+    stock = _build(T.DPOTrainer, setting, tmp + "s", **kw)
+    fused = _build(T.FusedDPOTrainer, setting, tmp + "f", **kw)
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        torch.testing.assert_close(torch.tensor(fused.train_dataset[column]), torch.tensor(stock.train_dataset[column]),
+                                   rtol=RTOL, atol=ATOL)  # fmt: skip
+    with torch.no_grad():
+        initial = dict(T.llama(0).named_parameters())
+    updates = []
+    for trainer in (stock, fused):
+        trainer.train()
+        updates.append({n: p - initial[n] for n, p in _full_params(trainer, setting).items()})
+    logs_s, logs_f = ([h for h in t.state.log_history if "loss" in h] for t in (stock, fused))
+    assert len(logs_s) == len(logs_f) == 1 and logs_f[0].keys() == logs_s[0].keys()
+    for name, value in logs_s[0].items():
+        assert logs_f[0][name] == pytest.approx(value, rel=RTOL, abs=ATOL), name
+    assert updates[0].keys() == updates[1].keys() == initial.keys()
+    eps = torch.finfo(torch.float32).eps
+    for name, u in updates[0].items():
+        # the parameter's own rounding (a few ulps of it) bounds what the subtraction can tell apart
+        atol = 4 * eps * initial[name].abs().max().item() + ATOL * u.abs().max().item()
+        torch.testing.assert_close(updates[1][name], u, rtol=RTOL, atol=atol, msg=name)
+    assert any(u.abs().max() > 0 for u in updates[0].values())
 
 
 if __name__ == "__main__":  # python tests/test_trl_distributed.py SETTING CHECK...
