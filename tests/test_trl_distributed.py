@@ -70,11 +70,11 @@ def _entry(rank, world, port, setting, checks, tmp):
     if setting.startswith("fsdp"):
         _patch_accelerate_fsdp_on_cpu()
     else:
-        import deepspeed.comm.torch
+        import deepspeed.comm.torch  # noqa: F401  (deepspeed.comm.torch is the torch module: reach it by name)
 
         # DeepSpeed's CPU shared-memory all-reduce is a C++ extension built on first use (minutes where no
         # build is cached); gloo does the same collectives
-        deepspeed.comm.torch.build_shm_op = lambda: None
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     for name in checks:
         start = time.perf_counter()
         try:
@@ -216,9 +216,10 @@ def _zero_grads(trainer, setting):
 @contextlib.contextmanager
 def _head_traffic(trainer, setting):
     """What the LM head costs beyond the loss: under FSDP2 the elements all-gathered by FSDP and by
-    ``DTensor.full_tensor`` calls (an all-gather of its own); under ZeRO-3 the tensors autograd
-    saved that still hold the head's full (V, H) storage once the forward is over."""
-    record = {"all_gathers": 0, "elements": 0, "full_tensor": 0, "saved_heads": None}
+    ``DTensor.full_tensor`` calls (an all-gather of its own); under ZeRO-3 the head's shape and its
+    parameter's size once the forward is over (0: released), for :func:`_step` to look for (V, H) tensors
+    among those autograd saved."""
+    record = {"all_gathers": 0, "elements": 0, "full_tensor": 0}
     if setting == "fsdp2":
         from torch.distributed.fsdp._fully_shard import _fsdp_param_group as group
         from torch.distributed.tensor import DTensor
@@ -242,19 +243,29 @@ def _head_traffic(trainer, setting):
             group.foreach_all_gather, DTensor.full_tensor = all_gather, full_tensor
     elif setting == "zero3":
         head = trainer.accelerator.unwrap_model(trainer.model_wrapped).get_output_embeddings().weight
-        shape = tuple(head.ds_shape)
-        saved = []
-
-        def pack(t):
-            saved.append(t)
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            yield record
-        record["saved_heads"] = [t for t in saved if tuple(t.shape) == shape and t.untyped_storage().nbytes() > 0]
-        record["head_numel"] = head.numel()
+        yield record
+        record["head_shape"], record["head_numel"] = tuple(head.ds_shape), head.numel()
     else:
         yield record
+
+
+def _saved_tensors(loss):
+    """The tensors autograd holds for the backward of ``loss``: every node's saved tensors."""
+    found, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        values = [getattr(node, name, None) for name in dir(node) if name.startswith("_saved_")]
+        try:
+            values += list(getattr(node, "saved_tensors", ()))  # autograd.Function (and custom op) nodes
+        except RuntimeError:
+            pass
+        for v in values:
+            found += [t for t in (v if isinstance(v, (tuple, list)) else [v]) if isinstance(t, torch.Tensor)]
+        stack += [n for n, _ in node.next_functions]
+    return found
 
 
 def _step(trainer, setting, batch):
@@ -267,6 +278,8 @@ def _step(trainer, setting, batch):
     trainer._total_train_tokens = 0
     with _head_traffic(trainer, setting) as traffic:
         loss = trainer.compute_loss(model, batch)
+    if "head_shape" in traffic:
+        traffic["saved_heads"] = [t for t in _saved_tensors(loss) if tuple(t.shape) == traffic["head_shape"]]
     if setting.startswith("zero"):
         model.backward(loss)  # the engine's backward: accelerator.backward would also step
     else:
@@ -288,8 +301,9 @@ def _same(stock, fused, what):
         elements = [t["elements"] for t in (traffic_s, traffic_f)]
         assert elements[1] <= elements[0], f"elements all-gathered in the forward, stock vs fused: {elements}"
         # ZeRO-3: the head gathered for the fused call is released after it, and autograd kept no copy
-        if traffic_f["saved_heads"] is not None:
-            assert traffic_f["saved_heads"] == [] and traffic_f["head_numel"] == 0, traffic_f
+        if "head_shape" in traffic_f:
+            assert traffic_f["head_numel"] == 0 and traffic_f["saved_heads"] == [], traffic_f
+            assert traffic_s["head_numel"] == 0
     except AssertionError as e:
         raise AssertionError(f"{what}: {e}") from e
 
@@ -389,6 +403,22 @@ def check_precomputed_reference_and_train(rank, world, setting, tmp):
         atol = 4 * eps * initial[name].abs().max().item() + ATOL * u.abs().max().item()
         torch.testing.assert_close(updates[1][name], u, rtol=RTOL, atol=atol, msg=name)
     assert any(u.abs().max() > 0 for u in updates[0].values())
+
+
+# --------------------------------------------------------------------------------------------- tests
+
+CHECKS = ("check_loss_family_with_a_reference_model", "check_peft_base_as_reference",
+          "check_precomputed_reference_and_train")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["fsdp2", pytest.param("fsdp1", marks=pytest.mark.slow), pytest.param("zero2", marks=pytest.mark.slow), "zero3"],
+)
+def test_fused_trainer_equals_stock(setting, tmp_path):
+    if setting.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    _spawn(setting, *CHECKS, tmp=tmp_path)
 
 
 if __name__ == "__main__":  # python tests/test_trl_distributed.py SETTING CHECK...

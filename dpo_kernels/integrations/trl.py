@@ -18,9 +18,14 @@ base with its adapter disabled or TRL's "ref" adapter, or precomputed ``ref_chos
 ``DPOConfig`` options. The metrics go into ``self._metrics[mode]`` under the names and with the values
 the stock trainer logs.
 
+Distributed: DDP, FSDP2, FSDP1 and DeepSpeed ZeRO-1/2/3 as the stock trainer runs them. The fused head
+runs inside the model's forward (where FSDP has the root unit's head unsharded) as the LM head module's
+own forward, so that ZeRO-3's hooks on the head gather its weight for the call and release it after
+(see ``docs/distributed.md``).
+
 Supported TRL: ``>=1.16.0,<1.17.0`` (:data:`SUPPORTED_TRL`), checked at construction; set
 ``DPO_KERNELS_ANY_TRL=1`` to try another version at your own risk. Refused at construction, naming the
-option: ``use_liger_kernel``, FSDP, DeepSpeed ZeRO-3, vision-language models / image datasets.
+option: ``use_liger_kernel``, vision-language models / image datasets.
 """
 
 from __future__ import annotations
