@@ -108,12 +108,25 @@ def _setting_args(setting):
             # sync_module_states asks accelerate for a GPU-like device; every rank builds the same model anyway
             fsdp_config.update(use_orig_params=setting == "fsdp1_orig", sync_module_states=False)
         return dict(fsdp="full_shard auto_wrap", fsdp_config=fsdp_config)
-    stage = {"zero2": 2, "zero3": 3}[setting]
+    zero = {"stage": {"zero2": 2, "zero3": 3}[setting]}
+    if setting == "zero3":
+        # Release every parameter as soon as its module is done (the defaults keep small parameters, and
+        # those reused soon, gathered): what is left gathered after the forward is then ours to answer for
+        zero.update(stage3_param_persistence_threshold=0, stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
     return dict(deepspeed={
-        "zero_optimization": {"stage": stage}, "train_micro_batch_size_per_gpu": "auto",
+        "zero_optimization": zero, "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto", "train_batch_size": "auto", "gradient_clipping": "auto",
         "bf16": {"enabled": False}, "fp16": {"enabled": False}, "zero_allow_untested_optimizer": True,
     })  # fmt: skip
+
+
+def _whole(model_fn, seed):
+    """A model with whole parameters, for the Trainer's DeepSpeed set-up to partition: a ZeRO-3 DPOConfig
+    alive from an earlier build would make transformers build it under zero.Init instead."""
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    return model_fn(seed)
 
 
 def _shared_dataset(directory):
@@ -146,12 +159,7 @@ def _build(cls, setting, tmp, *, ref=True, model_fn="llama", peft=False, dataset
             task_type="CAUSAL_LM",
         )  # fmt: skip
     fn = getattr(T, model_fn)
-    # Whole models for both trainers, partitioned by the Trainer's DeepSpeed set-up: a DPOConfig alive from an
-    # earlier build would make transformers build them under zero.Init (with a world size of 1 at that point).
-    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    model, ref_model = fn(0), fn(1) if ref else None
+    model, ref_model = _whole(fn, 0), _whole(fn, 1) if ref else None
     return cls(
         model=model, ref_model=ref_model, args=T.config(tmp, **kwargs), train_dataset=dataset or T.make_dataset(),
         processing_class=T.make_tokenizer(), **trainer_kwargs,
@@ -381,13 +389,13 @@ def check_precomputed_reference_and_train(rank, world, setting, tmp):
 
     kw = dict(ref=setting.startswith("fsdp"), precompute_ref_log_probs=True, max_steps=1, optim="sgd",
               learning_rate=0.5, per_device_train_batch_size=2, dataset=_shared_dataset(os.path.dirname(tmp)))  # fmt: skip
+    with torch.no_grad():
+        initial = dict(_whole(T.llama, 0).named_parameters())
     stock = _build(T.DPOTrainer, setting, tmp + "s", **kw)
     fused = _build(T.FusedDPOTrainer, setting, tmp + "f", **kw)
     for column in ("ref_chosen_logps", "ref_rejected_logps"):
         torch.testing.assert_close(torch.tensor(fused.train_dataset[column]), torch.tensor(stock.train_dataset[column]),
                                    rtol=RTOL, atol=ATOL)  # fmt: skip
-    with torch.no_grad():
-        initial = dict(T.llama(0).named_parameters())
     updates = []
     for trainer in (stock, fused):
         trainer.train()
