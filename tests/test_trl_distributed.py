@@ -388,7 +388,8 @@ def check_precomputed_reference_and_train(rank, world, setting, tmp):
     import test_integrations_trl as T
 
     kw = dict(ref=setting.startswith("fsdp"), precompute_ref_log_probs=True, max_steps=1, optim="sgd",
-              learning_rate=0.5, per_device_train_batch_size=2, dataset=_shared_dataset(os.path.dirname(tmp)))  # fmt: skip
+              learning_rate=0.5, per_device_train_batch_size=2)  # fmt: skip
+    kw["dataset"] = _shared_dataset(os.path.dirname(tmp))
     with torch.no_grad():
         initial = dict(_whole(T.llama, 0).named_parameters())
     stock = _build(T.DPOTrainer, setting, tmp + "s", **kw)

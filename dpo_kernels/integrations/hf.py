@@ -189,7 +189,7 @@ def install_hidden_forward(model) -> None:
             hidden_scored = hidden[:, -labels.shape[1] :]  # prompt learning prepends virtual tokens
             tokens, vocab_size = _fused_head_call(self, hidden_scored, labels, options)
             return HiddenStatesOutput(last_hidden_state=hidden, aux_loss=aux_loss, tokens=tokens, vocab_size=vocab_size)
-        return HiddenStatesOutput(last_hidden_state=hidden, aux_loss=aux_loss, tokens=None)
+        return HiddenStatesOutput(last_hidden_state=hidden, aux_loss=aux_loss)
 
     base.forward = types.MethodType(forward, base)
     setattr(base, _PATCHED, True)
@@ -204,7 +204,9 @@ def _fused_head_call(base, hidden, labels, options):
     recomputes the logits from the saved weight) and reduce-scatter its gradient into the partition; an FSDP
     unit on the head unshards it the same way. Without such wrappers the call is a plain function call.
     """
-    module = base.get_output_embeddings()
+    module = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not isinstance(module, torch.nn.Module):
+        lm_head_of(base)  # raises, naming what is missing
     had_own_forward = "forward" in module.__dict__
     previous = module.__dict__.get("forward")
 
