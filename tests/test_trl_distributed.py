@@ -1,11 +1,12 @@
 """FusedDPOTrainer under FSDP2, FSDP1 and DeepSpeed ZeRO-2/3, against TRL's stock DPOTrainer under the same
 setting, on 2 CPU ranks with gloo.
 
-One spawn per setting (spawning and building the trainers take most of the time): each rank builds a stock
-and a fused trainer on the same tiny models, lets the Trainer wrap them (``_prepare_for_training``: FSDP's
-sharding, DeepSpeed's engine), and for several loss configurations compares, on the same per-rank batch, the
-loss, every logged metric and the full (gathered) gradient of every trainable parameter (fp32, rtol 1e-5).
-Then one real optimizer step through ``train()``.
+One spawn of 2 processes runs the settings one after the other (spawning, importing and building the first
+trainers take most of the time). Under each, each rank builds a stock and a fused trainer on the same tiny
+models, lets the Trainer wrap them (``_prepare_for_training``: FSDP's sharding, DeepSpeed's engine), and for
+several loss configurations compares, on the same per-rank batch, the loss, every logged metric and the full
+(gathered) gradient of every trainable parameter (fp32, rtol 1e-5); then one real optimizer step through
+``train()``. The LM head's cost is checked on the way: FSDP2 all-gathers, ZeRO-3's release of the head.
 """
 
 import contextlib
@@ -63,10 +64,31 @@ def _patch_accelerate_fsdp_on_cpu():
     AcceleratorState._dpo_kernels_cpu_fsdp = True
 
 
-def _entry(rank, world, port, setting, checks, tmp):
+def _fresh_state():
+    """Forget the accelerate / DeepSpeed set-up of the previous setting (the process group stays)."""
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    unset_hf_deepspeed_config()
+
+
+def _entry(rank, world, port, settings, checks, tmp):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TQDM_DISABLE="1")  # fmt: skip
     torch.set_num_threads(1)
+    for setting in settings.split(","):
+        _fresh_state()
+        _run_setting(rank, world, setting, checks, os.path.join(tmp, setting))
+    # Success: leave without the interpreter's teardown (gloo, DeepSpeed and library threads can abort it
+    # after all output); failures above raise normally so that mp.spawn reports them.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _run_setting(rank, world, setting, checks, tmp):
     if setting.startswith("fsdp"):
         _patch_accelerate_fsdp_on_cpu()
     else:
@@ -83,17 +105,13 @@ def _entry(rank, world, port, setting, checks, tmp):
             raise AssertionError(f"[rank {rank}/{world}] {setting} {name}: {traceback.format_exc()}") from e
         if os.environ.get("DPO_KERNELS_TEST_TIMING") and rank == 0:
             print(f"{setting} {name}: {time.perf_counter() - start:.2f} s", file=sys.stderr)
-    # Success: leave without the interpreter's teardown (gloo, DeepSpeed and library threads can abort it
-    # after all output); failures above raise normally so that mp.spawn reports them.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
-def _spawn(setting, *checks, tmp):
+def _spawn(settings, *checks, tmp):
+    """Run ``checks`` under each of the comma-separated ``settings`` in turn, in one pair of processes."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_entry, args=(WORLD, _free_port(), setting, checks, str(tmp)), nprocs=WORLD, join=True)
+    mp.spawn(_entry, args=(WORLD, _free_port(), settings, checks, str(tmp)), nprocs=WORLD, join=True)
 
 
 # ---------------------------------------------------------------------------------- settings and models
@@ -420,17 +438,19 @@ CHECKS = ("check_loss_family_with_a_reference_model", "check_peft_base_as_refere
           "check_precomputed_reference_and_train")  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "setting",
-    ["fsdp2", pytest.param("fsdp1", marks=pytest.mark.slow), pytest.param("zero2", marks=pytest.mark.slow), "zero3"],
-)
-def test_fused_trainer_equals_stock(setting, tmp_path):
-    if setting.startswith("zero"):
-        pytest.importorskip("deepspeed")
-    _spawn(setting, *CHECKS, tmp=tmp_path)
+def test_fused_trainer_equals_stock_under_fsdp_and_zero(tmp_path):
+    """FSDP2, FSDP1 (use_orig_params False and True) and, with DeepSpeed installed, ZeRO-2 and ZeRO-3, one
+    after the other in the same two processes (the imports and the first trainers cost more than a setting's
+    checks)."""
+    import importlib.util
+
+    settings = ["fsdp2", "fsdp1", "fsdp1_orig"]
+    if importlib.util.find_spec("deepspeed") is not None:
+        settings += ["zero2", "zero3"]
+    _spawn(",".join(settings), *CHECKS, tmp=tmp_path)
 
 
-if __name__ == "__main__":  # python tests/test_trl_distributed.py SETTING CHECK...
+if __name__ == "__main__":  # python tests/test_trl_distributed.py fsdp2,fsdp1,zero2,zero3 CHECK...
     import tempfile
 
     sys.path.insert(0, os.path.dirname(__file__))
