@@ -69,6 +69,8 @@ def _fresh_state():
     from accelerate.state import AcceleratorState, GradientState
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    for name in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):  # set by TrainingArguments
+        os.environ.pop(name, None)
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
     unset_hf_deepspeed_config()
@@ -382,6 +384,23 @@ def check_peft_base_as_reference(rank, world, setting, tmp):
         _same(step_s, step_f, f"peft {case}")
 
 
+def check_tied_embeddings(rank, world, setting, tmp):
+    """GPT-2: the head's weight is the input embeddings' (one parameter, two modules). FSDP2 and ZeRO-3 only,
+    the settings where the head is read in a unit shared with the embeddings / gathered through a module
+    that does not own the parameter alone."""
+    import test_integrations_trl as T
+
+    if setting not in ("fsdp2", "zero3"):
+        return
+
+    stock, fused = _pair(setting, tmp, model_fn="gpt2")
+    batch = _rank_batch(stock, rank)
+    for case in ("sigmoid", "ipo"):
+        for trainer in (stock, fused):
+            T.set_options(trainer, **LOSS_CASES[case])
+        _same(_step(stock, setting, batch), _step(fused, setting, batch), f"gpt2 {case}")
+
+
 def _full_params(trainer, setting):
     model = trainer.model_wrapped
     if setting == "zero3":
@@ -435,7 +454,7 @@ def check_precomputed_reference_and_train(rank, world, setting, tmp):
 # --------------------------------------------------------------------------------------------- tests
 
 CHECKS = ("check_loss_family_with_a_reference_model", "check_peft_base_as_reference",
-          "check_precomputed_reference_and_train")  # fmt: skip
+          "check_precomputed_reference_and_train", "check_tied_embeddings")  # fmt: skip
 
 
 def test_fused_trainer_equals_stock_under_fsdp_and_zero(tmp_path):
