@@ -21,6 +21,7 @@ package.
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 import types
@@ -61,14 +62,18 @@ class TokenLogps(NamedTuple):
     mask: torch.Tensor
 
 
-class HiddenStatesOutput(dict):
+class HiddenStatesOutput(collections.OrderedDict):
     """What the patched forward returns when called with ``dpo_kernels_hidden_states=True`` (or
     ``dpo_kernels_token_logps=...``): the backbone's ``last_hidden_state``, when router logits were
     requested the MoE ``aux_loss``, and with ``dpo_kernels_token_logps`` the fused head's ``tokens``
-    (:class:`TokenLogps`); a plain dict subclass with attribute access, so that distributed wrappers can
-    walk it."""
+    (:class:`TokenLogps`) and its ``vocab_size`` (the head's rows, read where the weight is whole). An
+    ``OrderedDict`` with attribute access (None for a missing key), so that distributed wrappers can walk it
+    and rebuild it as its own class (FSDP1 does ``type(out)()``, then sets the items)."""
 
-    __getattr__ = dict.get
+    def __getattr__(self, name):
+        if name.startswith("__"):  # no dataclass / pickling protocol: FSDP1 probes __dataclass_fields__
+            raise AttributeError(name)
+        return self.get(name)
 
 
 # ------------------------------------------------------------------------------------- the LM head
@@ -182,11 +187,43 @@ def install_hidden_forward(model) -> None:
             options = dict(token_options)
             labels = options.pop("labels")
             hidden_scored = hidden[:, -labels.shape[1] :]  # prompt learning prepends virtual tokens
-            tokens = token_logps_from_hidden(hidden_scored, lm_head_of(self), labels, **options)
-        return HiddenStatesOutput(last_hidden_state=hidden, aux_loss=aux_loss, tokens=tokens)
+            tokens, vocab_size = _fused_head_call(self, hidden_scored, labels, options)
+            return HiddenStatesOutput(last_hidden_state=hidden, aux_loss=aux_loss, tokens=tokens, vocab_size=vocab_size)
+        return HiddenStatesOutput(last_hidden_state=hidden, aux_loss=aux_loss)
 
     base.forward = types.MethodType(forward, base)
     setattr(base, _PATCHED, True)
+
+
+def _fused_head_call(base, hidden, labels, options):
+    """(TokenLogps, V) of the fused head on ``hidden``, run as the LM head module's own forward.
+
+    Wrappers that manage a module's parameters around its forward see the head used as ``lm_head(hidden)``
+    would use it: DeepSpeed ZeRO-3's hooks on ``lm_head`` gather its partitioned weight for the call and
+    release it after, register the backward hooks that gather it again for the op's backward (which
+    recomputes the logits from the saved weight) and reduce-scatter its gradient into the partition; an FSDP
+    unit on the head unshards it the same way. Without such wrappers the call is a plain function call.
+    """
+    module = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if not isinstance(module, torch.nn.Module):
+        lm_head_of(base)  # raises, naming what is missing
+    had_own_forward = "forward" in module.__dict__
+    previous = module.__dict__.get("forward")
+
+    def fused_forward(_module, hidden, labels):
+        head = lm_head_of(base)  # read here, where the weight is whole
+        tokens = token_logps_from_hidden(hidden, head, labels, **options)
+        return (*tokens, head.weight.shape[0])
+
+    module.forward = types.MethodType(fused_forward, module)
+    try:
+        *tokens, vocab_size = module(hidden, labels)
+    finally:
+        if had_own_forward:
+            module.forward = previous
+        else:
+            del module.forward
+    return TokenLogps(*tokens), vocab_size
 
 
 def _load_balancing_loss(text_config, router_logits, attention_mask):

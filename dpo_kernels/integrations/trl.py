@@ -18,9 +18,14 @@ base with its adapter disabled or TRL's "ref" adapter, or precomputed ``ref_chos
 ``DPOConfig`` options. The metrics go into ``self._metrics[mode]`` under the names and with the values
 the stock trainer logs.
 
+Distributed: DDP, FSDP2, FSDP1 and DeepSpeed ZeRO-1/2/3 as the stock trainer runs them. The fused head
+runs inside the model's forward (where FSDP has the root unit's head unsharded) as the LM head module's
+own forward, so that ZeRO-3's hooks on the head gather its weight for the call and release it after
+(see ``docs/distributed.md``).
+
 Supported TRL: ``>=1.16.0,<1.17.0`` (:data:`SUPPORTED_TRL`), checked at construction; set
 ``DPO_KERNELS_ANY_TRL=1`` to try another version at your own risk. Refused at construction, naming the
-option: ``use_liger_kernel``, FSDP, DeepSpeed ZeRO-3, vision-language models / image datasets.
+option: ``use_liger_kernel``, vision-language models / image datasets.
 """
 
 from __future__ import annotations
@@ -83,11 +88,6 @@ def _unsupported(args) -> list[str]:
     found = []
     if getattr(args, "use_liger_kernel", False):
         found.append("use_liger_kernel=True (Liger patches the model; the LM head is already fused here)")
-    if getattr(args, "fsdp", None):
-        found.append("FSDP (fsdp=...): the LM head would be read sharded")
-    plugin = getattr(args, "deepspeed_plugin", None)
-    if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
-        found.append("DeepSpeed ZeRO-3: the LM head would be read partitioned")
     return found
 
 
@@ -108,8 +108,6 @@ class _FusedLoss:
         self._dpo_kernels_backend = backend
         self._dpo_kernels_memory_budget = memory_budget
         found = _unsupported(self.args)
-        if getattr(self, "is_fsdp_enabled", False) and not any(f.startswith("FSDP") for f in found):
-            found.append("FSDP: the LM head would be read sharded")
         if getattr(self, "_is_vlm", False) or getattr(self, "_is_vision_dataset", False):
             found.append("vision-language models and image datasets (untested with the backbone call)")
         _raise_unsupported(found)
@@ -188,14 +186,15 @@ class _FusedLoss:
     # ---------------------------------------------------------------------------------- per-token pass
 
     def _dpo_kernels_tokens(self, model, model_kwargs, labels, *, with_stats: bool, pk=None):
-        """(TokenLogps, aux_loss) of ``model`` on the batch: backbone through every wrapper, fused head;
-        for a packed batch (``pk``) laid out one sequence per row."""
+        """(TokenLogps, aux_loss, V) of ``model`` on the batch: backbone through every wrapper, fused head;
+        for a packed batch (``pk``) laid out one sequence per row. V (the head's rows) comes from inside
+        the forward: outside it a ZeRO-3 or FSDP1 weight is a shard."""
         hf.install_hidden_forward(model)  # idempotent; the precompute may run before configure
         options = dict(labels=labels, with_stats=with_stats, backend=self._dpo_kernels_backend,
                        memory_budget=self._dpo_kernels_memory_budget,
                        cu_seqlens=None if pk is None else pk.cu_seqlens)  # fmt: skip
         out = model(**model_kwargs, **{hf.TOKENS_FLAG: options})  # the head runs inside the model's forward
-        return out.tokens, out.aux_loss
+        return out.tokens, out.aux_loss, out.vocab_size
 
     def _dpo_kernels_ref_context(self):
         """The PEFT base (adapter disabled) or TRL's "ref" adapter, when there is no reference model."""
@@ -215,7 +214,7 @@ class _FusedLoss:
         model = self.model if use_base else self.ref_model
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             with context:
-                tokens, _ = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=False, pk=pk)
+                tokens = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=False, pk=pk)[0]
         return preference.reduce_sequences(tokens.logps, tokens.mask, average=False, ld_alpha=self.ld_alpha)
 
     def compute_ref_log_probs(self, model, inputs):
@@ -236,7 +235,7 @@ class _FusedLoss:
             context,
             self.accelerator.autocast(),
         ):
-            tokens, _ = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=False, pk=pk)
+            tokens = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=False, pk=pk)[0]
         ref = preference.reduce_sequences(tokens.logps, tokens.mask, average=False, ld_alpha=self.ld_alpha)
         return ref.chunk(2, dim=0)
 
@@ -252,7 +251,7 @@ class _FusedLoss:
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
 
         pk = self._dpo_kernels_packing(inputs)
-        tokens, aux_loss = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=True, pk=pk)
+        tokens, aux_loss, vocab_size = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=True, pk=pk)
         if self.precompute_ref_logps:
             ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(tokens.logps.device)
         else:
@@ -262,8 +261,7 @@ class _FusedLoss:
         # tokens when the prompt is empty)
         loss, metrics = preference.dpo_from_tokens(
             tokens.logps, tokens.mask, ref, stats=tokens.stats, lse=tokens.lse,
-            vocab_size=hf.lm_head_of(model).weight.shape[0],
-            norm_lengths=packing.layout(completion_mask.to(tokens.mask.device), pk).sum(-1),
+            vocab_size=vocab_size, norm_lengths=packing.layout(completion_mask.to(tokens.mask.device), pk).sum(-1),
             **self._dpo_kernels_loss_options(),
         )  # fmt: skip
 
