@@ -51,8 +51,8 @@ def test_the_packed_forward_keeps_the_sequences_apart(tmp_path, model):
     pk = fused._dpo_kernels_packing(batch)
     model_kwargs = {k: batch[k] for k in ("input_ids", "position_ids")}
     with torch.no_grad():
-        tokens, _ = fused._dpo_kernels_tokens(fused.model, dict(model_kwargs, use_cache=False), labels, with_stats=False,
-                                              pk=pk)  # fmt: skip
+        tokens = fused._dpo_kernels_tokens(fused.model, dict(model_kwargs, use_cache=False), labels, with_stats=False,
+                                           pk=pk)[0]  # fmt: skip
         for s, (start, end) in enumerate(zip(pk.bounds[:-1], pk.bounds[1:])):
             alone = hf.token_logps_from_model(
                 fused.model, batch["input_ids"][:, start:end], None, labels[:, start:end]
