@@ -184,10 +184,6 @@ class LinearVariant:
 
     @property
     def stages(self):
-        if self.kernel == "fused_linear_logps_bwd_dz_kernel":
-            from .linear import DZ_MAX_STAGES
-
-            return min(self.config.num_stages, DZ_MAX_STAGES)
         return self.config.num_stages
 
     @property

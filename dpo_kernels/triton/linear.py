@@ -372,9 +372,6 @@ def fused_linear_logps_bwd_dz_kernel(
     row_mask = r < M - row0
     col_mask = c < VC - col0
     rows = (row0 + r).to(tl.int64)
-    labels = tl.load(labels_ptr + rows * stride_y, mask=row_mask, other=-1).to(tl.int64)
-    g = tl.load(grad_ptr + rows * stride_g, mask=row_mask, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     h_base = hidden_ptr + tl.cast(row0, tl.int64) * stride_hm
     w_base = weight_ptr + tl.cast(col0, tl.int64) * stride_wv
     z, t = _logits_tile(
@@ -382,6 +379,11 @@ def fused_linear_logps_bwd_dz_kernel(
         row_mask, col_mask, H, logit_scale, softcap, temperature,
         HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_H, UPCAST_DOT,
     )  # fmt: skip
+    # the row vectors only after the H loop: loaded before it, they (and their masks) stay live across the
+    # pipelined loop, which took bf16/fp16 sm_80 builds with bias and softcap over 128 registers (the AOT check)
+    labels = tl.load(labels_ptr + rows * stride_y, mask=row_mask, other=-1).to(tl.int64)
+    g = tl.load(grad_ptr + rows * stride_g, mask=row_mask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     dacc, keep = _dlogits_tile(
         z, t, _label_column(labels, chunk_start + col0, BLOCK_V), row_mask, g, lse,
         logit_scale, temperature, filter_eps, HAS_SOFTCAP, BLOCK_V,
@@ -431,9 +433,6 @@ GROUP_M = 16  # row blocks per program group of the backward's dz kernel (its L2
 # bytes, 0.5 GiB there) the backward's scratch stays under 2 GiB. ``memory_budget`` sets it: more means
 # fewer, larger GEMMs (fewer launches), less means less memory; the FLOPs and bytes barely change.
 DZ_CHUNK_BYTES = 1 << 30
-# The dz kernel holds the softmax-gradient tile beside the logits tile: with 3 stages its bf16/fp16 sm_80
-# build takes an 8-byte stack frame (the AOT check), with 2 none.
-DZ_MAX_STAGES = 2
 
 
 def launch_config(dtype: torch.dtype, aligned: bool = True, with_stats: bool = False) -> LinearConfig:
@@ -657,7 +656,7 @@ def fused_linear_logps_bwd(grad, hidden, weight, bias, labels, lse, logit_scale=
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
                 BLOCK_M=cfg.BLOCK_M, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H, GROUP_M=GROUP_M,
                 UPCAST_DOT=_interpreting() and hidden.dtype == torch.bfloat16,
-                num_warps=cfg.num_warps, num_stages=min(cfg.num_stages, DZ_MAX_STAGES),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )  # fmt: skip
             torch.mm(dz.T, hidden, out=d_weight[c0 : c0 + cols])
             _add_product(d_hidden, dz, weight[c0 : c0 + cols])
