@@ -392,7 +392,7 @@ def fused_linear_logps_bwd_dz_kernel(
         HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_H, UPCAST_DOT,
     )  # fmt: skip
     # the row vectors only after the H loop: loaded before it, they (and their masks) stay live across the
-    # pipelined loop, which took bf16/fp16 sm_80 builds with bias and softcap over 128 registers (the AOT check)
+    # pipelined loop, and the bf16/fp16 sm_80 builds with bias and softcap spilled (an 8-byte stack frame)
     labels = tl.load(labels_ptr + rows * stride_y, mask=row_mask, other=-1).to(tl.int64)
     g = tl.load(grad_ptr + rows * stride_g, mask=row_mask, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
