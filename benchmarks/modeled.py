@@ -139,7 +139,8 @@ def bytes_per_token(v: int, h: int, e: int = 2) -> list[dict]:
         # matmul writes the logits, the two backward GEMMs read their gradient; plus the eager reference
         {"kernel": "lm_head: naive (cuBLAS + eager reference)", "logits_io": 42 * v + 3 * e * v,
          "gemm_stream": 2 * stream_w + stream_h, "other": 2 * e * h, "flops": 6 * v * h},
-        # fwd reads hidden; backward: fp32 d_hidden slab written + read, d_hidden written
+        # fwd reads hidden; backward: the fp32 d_hidden accumulator written + read (once per dz chunk, one
+        # chunk here), d_hidden written
         # backward: dz written once in bf16 and read by the two cuBLAS products and the d_bias sum
         {"kernel": "lm_head: dpo_kernels fused-linear (Triton + cuBLAS)", "logits_io": 4 * e * v,
          "gemm_stream": 2 * stream_w + stream_h, "other": e * h + 8 * h + e * h, "flops": 8 * v * h},

@@ -1,6 +1,12 @@
 """Fused LM head + log-probs against ``hidden @ weight.T`` + the reference: values, gradients w.r.t.
 hidden, weight and bias, the logit transform, chunking, the DPO loss, torch.library contract, errors."""
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -8,6 +14,7 @@ from conftest import assert_fp32_close, assert_low_precision_grad, make_batch
 from dpo_kernels import fused_linear_dpo_loss, fused_linear_sequence_logps, reference
 from dpo_kernels.portable import linear as portable_linear
 
+ROOT = Path(__file__).resolve().parents[1]
 LINEAR_BACKENDS = ["torch", "triton"]
 TRANSFORMS = {
     "plain": dict(),
@@ -215,8 +222,53 @@ def bad_cases():
     }
 
 
-@pytest.mark.parametrize("case", list(bad_cases()))
+# Checked on the host only on the CPU; on CUDA see test_label_range_on_cuda_is_a_device_side_assert.
+CPU_ONLY_CASES = {"label_range": "on CUDA a bad label is a device-side assert, not a ValueError (no host sync)"}
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.cpu_only(CPU_ONLY_CASES[c])) if c in CPU_ONLY_CASES else c
+             for c in bad_cases()],
+)  # fmt: skip
 def test_bad_input(case):
     kwargs, error, message = bad_cases()[case]
     with pytest.raises(error, match=message):
         fused_linear_dpo_loss(**kwargs)
+
+
+LABEL_RANGE_ON_CUDA = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from dpo_kernels import fused_linear_dpo_loss
+
+    backend = sys.argv[1]
+    h = torch.randn(4, 5, 8, device="cuda")
+    w = torch.randn(50, 8, device="cuda")
+    y = torch.randint(0, 50, (4, 5), device="cuda")
+    fused_linear_dpo_loss(h, w, y, backend=backend)[0].item()
+    print("good labels: ok", flush=True)
+    y[0, 3] = 50  # a scored position (after the shift)
+    fused_linear_dpo_loss(h, w, y, backend=backend)
+    torch.cuda.synchronize()
+    print("bad label: no error", flush=True)
+    """
+)
+
+
+@pytest.mark.cuda_only
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+def test_label_range_on_cuda_is_a_device_side_assert(backend):
+    """The CUDA twin of the label_range case: the check reads no flag on the host (no sync, capturable),
+    so a label outside [0, V) stops the stream with a device-side assert at the next synchronization.
+    That leaves the process's CUDA context unusable, hence the subprocess."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", LABEL_RANGE_ON_CUDA, backend], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert "good labels: ok" in result.stdout, result.stderr[-3000:]
+    assert "bad label: no error" not in result.stdout
+    assert result.returncode != 0
+    assert "device-side assert" in result.stderr, result.stderr[-3000:]

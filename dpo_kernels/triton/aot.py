@@ -15,8 +15,10 @@ with every combination of bias and softcap for H, row strides and pointers divis
 ("aligned"), and without / with both for neither ("unaligned"); the forward and merge kernels also
 WITH_STATS (the per-token statistics), named "... stats ...". Their checks: no spills, shared
 memory within the architecture's per-block limit, bf16/fp16 products on tensor cores (mma.sync /
-wgmma in the PTX), and 16-byte global loads (plain or cp.async) when aligned; the "vec" column
-reads "mma" / "fma" for how they multiply.
+wgmma in the PTX; HMMA on sm_80, HGMMA on sm_90 in the SASS when aligned), fp32 products off them
+(IEEE fp32, no TF32), a CTA barrier in the kernels that reduce across warps, and 16-byte global loads
+(plain or cp.async) when aligned; the "vec" column reads "mma" / "fma" for how they multiply. The
+"CTA/SM" column is the occupancy the registers, threads and shared memory allow.
 """
 
 import argparse
@@ -184,10 +186,6 @@ class LinearVariant:
 
     @property
     def stages(self):
-        if self.kernel == "fused_linear_logps_bwd_dz_kernel":
-            from .linear import DZ_MAX_STAGES
-
-            return min(self.config.num_stages, DZ_MAX_STAGES)
         return self.config.num_stages
 
     @property

@@ -15,8 +15,9 @@ cuBLAS GEMMs consume it (d_weight rows of the chunk written once, d_hidden accum
 
 fp32 inputs multiply in IEEE fp32 (FMA, no TF32: the exact path); bf16/fp16 inputs go to tensor cores
 with fp32 accumulation, and the backward rounds dz to the input dtype before the second product, as a
-bf16 autograd graph would. The bases of row blocks, V tiles and scratch slabs are int64 (M·H and V·H
-pass 2^31 at real sizes); offsets inside a tile (r · stride_hm, c · stride_wv) are int32.
+bf16 autograd graph would. The bases of row blocks, V tiles, the forward's per-split partials and the
+rows of dz are int64 (M·H and V·H pass 2^31 at real sizes, M·VC with a large memory budget); offsets
+inside a tile (r · stride_hm, c · stride_wv) are int32.
 
 The interpreter (TRITON_INTERPRET=1) runs these same kernels; it multiplies bf16 ``tl.dot`` operands as
 their raw uint16 bit patterns (triton-lang/triton#11584), so under it the launchers set UPCAST_DOT and
@@ -181,7 +182,13 @@ def fused_linear_logps_fwd_kernel(
     + sum e · (z − m_new) (the shift of s1's reference point from m_old to m_new), s2 ← α² · s2 + sum e²
     with e = exp(z − m_new), sum z, and the first argmax: the tile's first column holding its max,
     taken only when that max is strictly above every earlier tile's (the earliest maximum wins).
-    Masked columns (≥ V) count in none of them. Without it the kernel is the plain one."""
+    Masked columns (≥ V) count in none of them. Without it the kernel is the plain one.
+
+    Per program: 2 · BLOCK_M · BLOCK_V · H FLOPs per V tile (padded to whole tiles); the row block's h
+    (BLOCK_M · H elements) read once per V tile, each W tile (BLOCK_V · H) once, and 3 fp32 per row stored
+    (7 with stats). Per launch, with b bytes per hidden element: M · H · b · cdiv(V, BLOCK_V) + V · H · b
+    · cdiv(M, BLOCK_M) bytes read without a cache (the L2 serves most h re-reads: ``forward_splits``),
+    12 · M · SPLITS stored (``benchmarks.modeled.triton_linear_counts``)."""
     # splits fastest: the programs in flight share few row blocks, whose h rows (re-read for every V
     # tile) then stay in L2; every split's W tiles are shared by those row blocks
     n_splits = tl.cdiv(V, v_per_split)
@@ -268,7 +275,9 @@ def fused_linear_logps_merge_kernel(
     """lse = m + log(sum_s s_s · exp(m_s − m)), m = max_s m_s; logp = sum_s zl_s − lse.
 
     The splits are merged in a fixed order, so the result does not depend on scheduling. A label
-    outside [0, V) gives NaN instead of a wrong log-prob.
+    outside [0, V) gives NaN instead of a wrong log-prob. Reads 16 · M · SPLITS bytes (m twice, s,
+    z[label]; 16 more per split with stats) and the labels, writes 8 · M (+ 16 · M with stats); no FLOPs
+    to speak of.
 
     WITH_STATS, with α_s = exp(m_s − m): s1 = sum_s α_s · (s1_s + (m_s − m) · s_s), s2 = sum_s α_s² · s2_s,
     sum z = sum_s sz_s, argmax = the split's argmax with the larger max (the smaller index on equal
@@ -349,7 +358,10 @@ def fused_linear_logps_bwd_dz_kernel(
 ):
     """dz[rows, cols] = dacc of _dlogits_tile, rounded to the inputs' dtype: one (BLOCK_M, BLOCK_V) tile
     per program, its logits recomputed from h and W (2 · BLOCK_M · BLOCK_V · H FLOPs, the tile's h rows
-    and W rows read once, the tile stored once: 2 bytes per bf16 logit).
+    and W rows read once, its labels, g and lse (16 bytes per row), the tile stored once: 2 bytes per
+    bf16 logit). Per chunk of VC columns, with b bytes per hidden element: (16 + H · b) · M · cdiv(VC,
+    BLOCK_V) + VC · H · b · cdiv(M, BLOCK_M) bytes read without a cache, M · VC · b stored
+    (``benchmarks.modeled.triton_linear_counts``).
 
     The two gradient products that consume dz run on cuBLAS (``fused_linear_logps_bwd``). Programs are
     ordered in groups of GROUP_M row blocks (the matmul tutorial's swizzle): the programs in flight
@@ -372,9 +384,6 @@ def fused_linear_logps_bwd_dz_kernel(
     row_mask = r < M - row0
     col_mask = c < VC - col0
     rows = (row0 + r).to(tl.int64)
-    labels = tl.load(labels_ptr + rows * stride_y, mask=row_mask, other=-1).to(tl.int64)
-    g = tl.load(grad_ptr + rows * stride_g, mask=row_mask, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     h_base = hidden_ptr + tl.cast(row0, tl.int64) * stride_hm
     w_base = weight_ptr + tl.cast(col0, tl.int64) * stride_wv
     z, t = _logits_tile(
@@ -382,6 +391,11 @@ def fused_linear_logps_bwd_dz_kernel(
         row_mask, col_mask, H, logit_scale, softcap, temperature,
         HAS_BIAS, HAS_SOFTCAP, BLOCK_M, BLOCK_V, BLOCK_H, UPCAST_DOT,
     )  # fmt: skip
+    # the row vectors only after the H loop: loaded before it, they (and their masks) stay live across the
+    # pipelined loop, and the bf16/fp16 sm_80 builds with bias and softcap spilled (an 8-byte stack frame)
+    labels = tl.load(labels_ptr + rows * stride_y, mask=row_mask, other=-1).to(tl.int64)
+    g = tl.load(grad_ptr + rows * stride_g, mask=row_mask, other=0.0)
+    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
     dacc, keep = _dlogits_tile(
         z, t, _label_column(labels, chunk_start + col0, BLOCK_V), row_mask, g, lse,
         logit_scale, temperature, filter_eps, HAS_SOFTCAP, BLOCK_V,
@@ -402,14 +416,14 @@ class LinearConfig(NamedTuple):
     num_stages: int
 
 
-# bf16/fp16: 64 x 128 logits tiles over 64-wide slices of H on tensor cores (mma.sync on sm_80, wgmma
-# on sm_90), 3-stage cp.async pipeline; 8 warps keep the fp32 tile, its softmax temporaries, the
-# backward's dz operand and its 64 x 64 update tile in registers without spilling (the AOT check).
-# Rows that are not 16-byte aligned load element by element, which costs an address register per
-# element: they take 32-wide slices and 2 stages. fp32 multiplies in IEEE fp32 on FMA units: 64 x 64
-# tiles over 16-wide slices, unpipelined (with 2 stages ptxas spills some variants). The interpreter
-# tests run these same kernels, mostly at smaller blocks (``config``) so that every dimension spans
-# several tiles.
+# The forward and the backward's dz kernel share these (both form the same logits tiles). bf16/fp16:
+# 64 x 128 logits tiles over 64-wide slices of H on tensor cores (mma.sync on sm_80, wgmma on sm_90),
+# 3-stage cp.async pipeline; 8 warps keep the fp32 tile and its softmax temporaries (the forward's online
+# log-sum-exp, the dz kernel's softmax gradient) in registers without spilling (the AOT check). Rows that
+# are not 16-byte aligned load element by element, which costs an address register per element: they
+# take 32-wide slices and 2 stages. fp32 multiplies in IEEE fp32 on FMA units: 64 x 64 tiles over
+# 16-wide slices, unpipelined. The interpreter tests run these same kernels, mostly at smaller blocks
+# (``config``) so that every dimension spans several tiles.
 LAUNCH_CONFIGS = {  # (dtype, aligned) -> config
     (torch.float32, True): LinearConfig(64, 64, 16, 8, 1),
     (torch.float32, False): LinearConfig(64, 64, 16, 8, 1),
@@ -429,11 +443,10 @@ GROUP_M = 16  # row blocks per program group of the backward's dz kernel (its L2
 # The backward's dz chunk buffer: (M, VC) in the inputs' dtype, VC a multiple of BLOCK_V. The default
 # 1 GiB holds 16384 vocabulary columns of 32768 bf16 rows; with the fp32 d_hidden accumulator (M x H x 4
 # bytes, 0.5 GiB there) the backward's scratch stays under 2 GiB. ``memory_budget`` sets it: more means
-# fewer, larger GEMMs (fewer launches), less means less memory; the FLOPs and bytes barely change.
+# fewer, larger GEMMs (fewer launches), less means less memory. The FLOPs do not change; each chunk
+# re-reads hidden twice (the dz kernel, d_weight) and the fp32 d_hidden accumulator once, writing it
+# back: 12 · M · H bytes per chunk in bf16.
 DZ_CHUNK_BYTES = 1 << 30
-# The dz kernel holds the softmax-gradient tile beside the logits tile: with 3 stages its bf16/fp16 sm_80
-# build takes an 8-byte stack frame (the AOT check), with 2 none.
-DZ_MAX_STAGES = 2
 
 
 def launch_config(dtype: torch.dtype, aligned: bool = True, with_stats: bool = False) -> LinearConfig:
@@ -489,7 +502,7 @@ def _vocab_splits(V: int, block_v: int, splits: int) -> tuple[int, int]:
 
 def dz_chunk_columns(M: int, V: int, itemsize: int, block_v: int, chunk_bytes: int) -> int:
     """Vocabulary columns per backward chunk: the (M, VC) dz buffer within chunk_bytes, VC a multiple of
-    BLOCK_V (at least one tile) and at most V rounded up to one."""
+    BLOCK_V (at least one tile) and at most V rounded up to a whole tile."""
     cols = chunk_bytes // max(1, M * itemsize) // block_v * block_v
     return max(block_v, min(cols, triton.cdiv(V, block_v) * block_v))
 
@@ -657,7 +670,7 @@ def fused_linear_logps_bwd(grad, hidden, weight, bias, labels, lse, logit_scale=
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
                 BLOCK_M=cfg.BLOCK_M, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H, GROUP_M=GROUP_M,
                 UPCAST_DOT=_interpreting() and hidden.dtype == torch.bfloat16,
-                num_warps=cfg.num_warps, num_stages=min(cfg.num_stages, DZ_MAX_STAGES),
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )  # fmt: skip
             torch.mm(dz.T, hidden, out=d_weight[c0 : c0 + cols])
             _add_product(d_hidden, dz, weight[c0 : c0 + cols])
