@@ -75,7 +75,8 @@ def env_facts() -> dict:
         "torch_cuda": torch.version.cuda,
         "cpu_cores": os.cpu_count(),
         "packages": {d: _version(d) for d in ("triton", "transformers", "accelerate", "peft", "numpy", "pytest",
-                                              "trl", "datasets", "liger-kernel", "cut-cross-entropy")},
+                                              "trl", "datasets", "liger-kernel", "cut-cross-entropy", "pyarrow", "fsspec",
+                                              "huggingface-hub", "pytest-xdist", "pytest-timeout")},
         "nvidia_smi": _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,"
                             "temperature.gpu,power.draw", "--format=csv,noheader"]),
         "nvcc": _run(["nvcc", "--version"]).splitlines()[-1:],
