@@ -36,7 +36,8 @@ from benchmarks import report
 
 GiB = 2**30
 # The steps of gpu_check.sh, in order; the report names each one with its status.
-STEPS = ("env", "peers", "build", "tests", "ceilings", "bench-logits", "bench-lm_head", "report")
+STEPS = ("env", "peers", "build", "tests", "ceilings", "bench-logits", "bench-lm_head", "bench-peers", "report")
+BENCH_STEPS = ("bench-logits", "bench-lm_head", "bench-peers")
 REAL_SCALE = dict(n=8, t=4096, v=128256, h=4096, dtype="bf16")
 FILES = ("report.md", "results.csv", "results.json", "env.log", "build.log", "tests.log", "tests.xml", "bench.log")
 
@@ -216,12 +217,14 @@ def _ms(s):
 
 
 def bench_rows(work: str, ceil) -> list[dict]:
-    rows = []
-    for workload in ("logits", "lm_head"):
-        data = _read_json(os.path.join(work, f"bench-{workload}", "results.json"))
+    rows, seen = [], set()
+    for step in BENCH_STEPS:
+        data = _read_json(os.path.join(work, step, "results.json"))
         for r in (data or {}).get("results", []):
-            if r.get("kind") == "skipped" or r.get("sweep"):
+            # The reference runs in every step (each checks against it): its first timing stands.
+            if r.get("kind") == "skipped" or r.get("sweep") or (r["case_label"], r["provider"]) in seen:
                 continue
+            seen.add((r["case_label"], r["provider"]))
             if ceil and r.get("time"):
                 f = floors(r["case"], ceil)
                 r["floor_s"] = {k: f[k] for k in ("fwd", "bwd", "total")}
@@ -273,11 +276,11 @@ def write_report(work: str, out: str, dry_run: bool) -> str:
         md += sorted({f"- {r['case']['workload']} floor: {r['floor_basis']}" for r in rows if r.get("floor_basis")})
     else:
         md.append("no benchmark results (see bench.log)")
-    for workload in ("logits", "lm_head"):
-        data = _read_json(os.path.join(work, f"bench-{workload}", "results.json"))
+    for step in BENCH_STEPS:
+        data = _read_json(os.path.join(work, step, "results.json"))
         if data:
             measured = [r for r in data["results"] if r.get("kind") != "skipped"]
-            md += ["", f"### Harness table: {workload}", "", f"`{data.get('command')}`", "", report.markdown_table(measured)]
+            md += ["", f"### Harness table: {step}", "", f"`{data.get('command')}`", "", report.markdown_table(measured)]
             skipped = sorted({f"{r['provider']} ({r['skipped']})" for r in data["results"] if r.get("kind") == "skipped"})
             if skipped:
                 md += ["", "Not run: " + "; ".join(skipped)]

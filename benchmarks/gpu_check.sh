@@ -18,7 +18,8 @@
 #   ceilings       a 4 GiB device-to-device copy (GB/s) and an 8192³ bf16 matmul (TFLOP/s), once
 #   bench-logits   python -m benchmarks --device cuda at real scale, 2B=8 T=4096 V=128256 bf16: the
 #                  reference, every dpo_kernels backend, the peers that import
-#   bench-lm_head  the same for the LM-head workload, H=4096
+#   bench-lm_head  the same for the LM-head workload, H=4096, all but the peers that torch.compile
+#   bench-peers    those (Liger-Kernel, Cut Cross-Entropy), when they import: their compile is the slowest part
 #   report         report.md, results.csv, results.json: every provider against its floor; a short
 #                  summary table is printed last
 #
@@ -145,7 +146,8 @@ do_build() {
 do_tests() {
   local args=(-q -p no:cacheprovider -rfE --durations=25 -m "not slow" --junitxml="$OUT/tests.xml")
   # pytest-timeout's session time-out ends the run in time to still write the junit xml.
-  if "$PY" -m pytest --help 2>/dev/null | grep -q -- --session-timeout; then
+  if "$PY" -c "import sys; from importlib.metadata import version as v
+sys.exit(tuple(map(int, v('pytest-timeout').split('.')[:2])) < (2, 3))" 2>/dev/null; then
     args+=(--session-timeout=$((STEP_LIMIT - 20)))
   fi
   local files
@@ -173,37 +175,54 @@ do_ceilings() {
   "$PY" -m benchmarks.gpu_check ceilings --work "$WORK" $( ((DRY)) && echo --dry-run)
 }
 
-bench() {  # bench WORKLOAD
-  local shape
+bench() {  # bench STEP WORKLOAD [PROVIDER SET: ours = all but the torch.compile peers, compiled = those]
+  local shape names
   if ((DRY)); then
-    # CPU tensors, the Triton providers under the interpreter; a tiny case, one timed pass.
+    # CPU tensors, the Triton providers under the interpreter; a tiny case, one timed pass, no memory
+    # children (the CPU memory probe is what tests/test_benchmarks.py checks; a GPU one differs anyway).
     export TRITON_INTERPRET=1
-    shape=(--device cpu --n 2 --t 16 --v 64 --h 16 --reps 1 --warmup 0)
+    shape=(--device cpu --n 2 --t 16 --v 64 --h 16 --reps 1 --warmup 0 --no-memory)
   else
     unset TRITON_INTERPRET
     shape=(--device cuda --n 8 --t 4096 --v 128256 --h 4096 --reps 5 --warmup 2)
   fi
-  "$PY" -m benchmarks --workloads "$1" --dtypes bf16 "${shape[@]}" --no-progress --no-plots --no-modeled \
-    --out-dir "$WORK/bench-$1"
+  # The peers that torch.compile at full size take the longest: a step of their own, so that a time-out
+  # there costs nothing of ours. The reference runs in each (the harness checks against it).
+  names=$("$PY" -c "
+import sys, torch
+from benchmarks import providers
+device = torch.device('cpu' if $DRY else 'cuda')
+want = {'ours': False, 'compiled': True}.get('${3:-}')
+print(','.join(p.name for p in providers.registry() if p.workload == '$2' and p.default and p.kind != 'reference'
+               and (want is None or p.compiles == want) and p.available(device) is None))") || exit 1
+  if [ -z "$names" ]; then
+    echo "no ${3:-} $2 provider can run here" | tee "$WORK/$1.detail"
+    exit 99
+  fi
+  echo "providers: $names" | tee "$WORK/$1.detail"
+  "$PY" -m benchmarks --workloads "$2" --providers "$names" --dtypes bf16 "${shape[@]}" --no-progress --no-plots \
+    --no-modeled --out-dir "$WORK/$1"
 }
-do_bench_logits() { bench logits; }
-do_bench_lm_head() { bench lm_head; }
+do_bench_logits() { bench bench-logits logits; }
+do_bench_lm_head() { bench bench-lm_head lm_head ours; }
+do_bench_peers() { bench bench-peers lm_head compiled; }
 
-export -f do_env do_peers do_build do_tests do_ceilings bench do_bench_logits do_bench_lm_head
+export -f do_env do_peers do_build do_tests do_ceilings bench do_bench_logits do_bench_lm_head do_bench_peers
 
 echo "gpu_check: $( ((DRY)) && echo "DRY RUN on the CPU, " )budget ${BUDGET} s, files in $OUT"
 # Seconds per step: the cap, and the reserve kept back for the steps after it (GPU, then dry run). On the GPU
-# about 10 s env, 1-2 min build, 3 min tests, 10 s ceilings, 1-2 min each benchmark: within the 470 s budget.
+# about 10 s env, 1-2 min build, 3 min tests, 10 s ceilings, 1 min or so per benchmark: within 470 s.
 # The dry run's caps are loose (a loaded CPU is slow); its budget (GPU_CHECK_BUDGET) bounds the whole.
-step env "$OUT/env.log" do_env 60 400 120 200
-step peers "$OUT/env.log" do_peers 60 400 30 200
+step env "$OUT/env.log" do_env 45 420 120 200
+step peers "$OUT/env.log" do_peers 45 420 30 200
 # The later steps see the peers (when installed) and the freshly built extension (in the work tree).
 [ -d "$PEERS_DIR" ] && export PYTHONPATH="$PYTHONPATH:$PEERS_DIR"
-step build "$OUT/build.log" do_build 150 260 10 200
-step tests "$OUT/tests.log" do_tests 180 170 240 120
-step ceilings "$OUT/bench.log" do_ceilings 45 140 120 90
-step bench-logits "$OUT/bench.log" do_bench_logits 120 75 240 45
-step bench-lm_head "$OUT/bench.log" do_bench_lm_head 180 10 240 10
+step build "$OUT/build.log" do_build 150 290 10 200
+step tests "$OUT/tests.log" do_tests 170 160 240 120
+step ceilings "$OUT/bench.log" do_ceilings 40 130 120 90
+step bench-logits "$OUT/bench.log" do_bench_logits 120 70 240 45
+step bench-lm_head "$OUT/bench.log" do_bench_lm_head 120 35 240 20
+step bench-peers "$OUT/bench.log" do_bench_peers 150 5 120 5
 
 # The report comes last: its summary table is the end of the output.
 if ! timeout -k 5 60 "$PY" -m benchmarks.gpu_check report --work "$WORK" --out "$OUT" $( ((DRY)) && echo --dry-run); then

@@ -1,6 +1,7 @@
 """benchmarks/gpu_check.sh, the one command for a GPU machine, through its CPU dry run; and its floors."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import gpu_check
 
@@ -58,7 +60,7 @@ def test_a_failing_step_is_reported_and_the_next_still_runs(tmp_path):
     # steps still run, the script still writes its report and exits 1.
     proc = run_script(tmp_path, "--dry-run", PYTHON="false")
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    for name in ("env", "tests", "ceilings", "bench-logits", "bench-lm_head"):
+    for name in ("env", "tests", "ceilings", "bench-logits", "bench-lm_head", "bench-peers"):
         assert f"-- {name}: failed" in proc.stdout, proc.stdout
     assert "the report step failed" in (tmp_path / "report.md").read_text()
 
@@ -75,3 +77,15 @@ def test_floors_count_the_least_traffic_and_flops():
     # Bandwidth-bound when the matmul is thin: then the bytes of hidden and weight set the floor.
     f = gpu_check.floors(dict(case, workload="lm_head", n=2, t=4), ceil)
     assert f["fwd"] == pytest.approx((2 * 4 * 4096 + 128256 * 4096) * 2 / 4e12)
+
+
+def test_error_check_in_slices_matches_the_whole_and_keeps_nan():
+    # At real scale the harness compares 8 GB gradients a slice at a time, in fp64 per slice.
+    from benchmarks import measure
+
+    ref = torch.randn(1000, dtype=torch.bfloat16)
+    x = ref + 1e-2 * torch.randn(1000, dtype=torch.bfloat16)
+    whole = (x.double() - ref.double()).abs().max().item() / ref.double().abs().max().item()
+    assert measure.max_rel_err(x, ref, chunk=7) == whole == measure.max_rel_err(x, ref)
+    x[500] = float("nan")
+    assert math.isnan(measure.max_rel_err(x, ref, chunk=7))
