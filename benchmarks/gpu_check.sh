@@ -12,9 +12,9 @@
 #                  --no-deps --no-build-isolation, TORCH_CUDA_ARCH_LIST=9.0, MAX_JOBS=16); prints its time.
 #                  Dry run: skipped (a CPU-only build takes minutes on 2 cores); the state of the
 #                  extension already built is recorded by the env step
-#   tests          DPO_KERNELS_TEST_DEVICE=cuda pytest on the kernel test files ($GPU_CHECK_TESTS), -m "not
-#                  slow", spread over pytest-xdist workers when it is installed. Dry run: CPU mode,
-#                  tests/test_errors.py
+#   tests          DPO_KERNELS_TEST_DEVICE=cuda pytest on the kernel test files ($GPU_CHECK_TESTS: every
+#                  file but the AOT, harness, trainer and distributed ones), -m "not slow", spread over
+#                  pytest-xdist workers when installed. Dry run: CPU mode, tests/test_errors.py
 #   ceilings       a 4 GiB device-to-device copy (GB/s) and an 8192³ bf16 matmul (TFLOP/s), once
 #   bench-logits   python -m benchmarks --device cuda at real scale, 2B=8 T=4096 V=128256 bf16: the
 #                  reference, every dpo_kernels backend, the peers that import
@@ -37,7 +37,7 @@ DRY=0
 for arg in "$@"; do
   case $arg in
     --dry-run) DRY=1 ;;
-    -h | --help) sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,/^set -u/p' "$0" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $arg (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -95,6 +95,8 @@ step() {
 do_env() {
   echo "uname: $(uname -srm)"
   if command -v nvidia-smi >/dev/null; then nvidia-smi; else echo "nvidia-smi: not found"; fi
+  # Where the build step will look for the toolkit (setup.py: CUDA_HOME, else the real path of nvcc).
+  echo "nvcc: $(command -v nvcc || echo not on PATH); CUDA_HOME=${CUDA_HOME:-unset}; $(ls -d /usr/local/cuda* 2>/dev/null | tr '\n' ' ')"
   "$PY" -m benchmarks.gpu_check env --work "$WORK" $( ((DRY)) && echo --dry-run)
 }
 
@@ -146,7 +148,7 @@ do_build() {
 do_tests() {
   local args=(-q -p no:cacheprovider -rfE --durations=25 -m "not slow" --junitxml="$OUT/tests.xml")
   # pytest-timeout's session time-out ends the run in time to still write the junit xml.
-  if "$PY" -c "import sys; from importlib.metadata import version as v
+  if ((STEP_LIMIT > 60)) && "$PY" -c "import sys; from importlib.metadata import version as v
 sys.exit(tuple(map(int, v('pytest-timeout').split('.')[:2])) < (2, 3))" 2>/dev/null; then
     args+=(--session-timeout=$((STEP_LIMIT - 20)))
   fi
@@ -156,9 +158,10 @@ sys.exit(tuple(map(int, v('pytest-timeout').split('.')[:2])) < (2, 3))" 2>/dev/n
     files=${GPU_CHECK_TESTS:-tests/test_errors.py}
   else
     export DPO_KERNELS_TEST_DEVICE=cuda
-    files=${GPU_CHECK_TESTS:-tests/test_sequence_logps.py tests/test_dpo_loss.py tests/test_fused_linear.py \
-tests/test_triton_linear.py tests/test_fused_linear_stats.py tests/test_stats.py tests/test_losses.py \
-tests/test_dpo_family.py tests/test_compile.py tests/test_errors.py tests/test_native.py tests/test_native_stats.py}
+    # Every kernel test file (new ones included), less those that exercise no GPU code: the AOT compile
+    # check (CPU-bound, proven here), the harness and this script (CPU), the trainer and multi-process runs.
+    files=${GPU_CHECK_TESTS:-tests --ignore=tests/test_aot_compile.py --ignore=tests/test_benchmarks.py \
+--ignore=tests/test_gpu_check.py --ignore=tests/test_integrations_trl.py --ignore=tests/test_distributed.py}
     # Mostly Triton compile time on a fresh machine: spread it over the CPU cores.
     local workers=${GPU_CHECK_XDIST:-8}
     if ((workers > 0)) && "$PY" -c "import xdist" 2>/dev/null; then args+=(-n "$workers"); fi
