@@ -39,6 +39,9 @@ GiB = 2**30
 STEPS = ("env", "peers", "build", "tests", "ceilings", "bench-logits", "bench-lm_head", "bench-peers", "report")
 BENCH_STEPS = ("bench-logits", "bench-lm_head", "bench-peers")
 REAL_SCALE = dict(n=8, t=4096, v=128256, h=4096, dtype="bf16")
+# The versions the env step records: what the checks use, and what the peers' wheels rely on being there.
+PACKAGES = ("triton", "transformers", "accelerate", "peft", "numpy", "pytest", "pytest-xdist", "pytest-timeout",
+            "trl", "datasets", "liger-kernel", "cut-cross-entropy", "pyarrow", "fsspec", "huggingface-hub")
 FILES = ("report.md", "results.csv", "results.json", "env.log", "build.log", "tests.log", "tests.xml", "bench.log")
 
 
@@ -75,9 +78,7 @@ def env_facts() -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cpu_cores": os.cpu_count(),
-        "packages": {d: _version(d) for d in ("triton", "transformers", "accelerate", "peft", "numpy", "pytest",
-                                              "trl", "datasets", "liger-kernel", "cut-cross-entropy", "pyarrow", "fsspec",
-                                              "huggingface-hub", "pytest-xdist", "pytest-timeout")},
+        "packages": {d: _version(d) for d in PACKAGES},
         "nvidia_smi": _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem,"
                             "temperature.gpu,power.draw", "--format=csv,noheader"]),
         "nvcc": _run(["nvcc", "--version"]).splitlines()[-1:],
@@ -126,17 +127,26 @@ def _time(fn, device, warmup=3, reps=10) -> float:
     return statistics.median(samples)
 
 
-def ceilings(device, copy_bytes: int, matmul_n: int) -> dict:
+def _copy_seconds(device, nbytes: int) -> float:
     import torch
 
-    src = torch.empty(copy_bytes // 2, dtype=torch.bfloat16, device=device).normal_()
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    copy_s = _time(lambda: dst.copy_(src), device)
-    del src, dst
-    a = torch.randn(matmul_n, matmul_n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(matmul_n, matmul_n, device=device, dtype=torch.bfloat16)
+    return _time(lambda: dst.copy_(src), device)
+
+
+def _matmul_seconds(device, n: int) -> float:
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     c = torch.empty_like(a)
-    mm_s = _time(lambda: torch.matmul(a, b, out=c), device)
+    return _time(lambda: torch.matmul(a, b, out=c), device)
+
+
+def ceilings(device, copy_bytes: int, matmul_n: int) -> dict:
+    copy_s = _copy_seconds(device, copy_bytes)  # its buffers are freed before the matmul's are made
+    mm_s = _matmul_seconds(device, matmul_n)
     return {
         "device": str(device),
         "copy_bytes": copy_bytes,
@@ -168,7 +178,8 @@ def floors(case: dict, ceil: dict) -> dict:
         operands = (n * t * h + v * h) * itemsize
         fwd = max(2 * scored * h * v / rate, operands / bw)
         bwd = max(4 * scored * h * v / rate, 2 * operands / bw)
-        basis = "FLOPs: 6·S·H·V (naive's products over the S scored tokens), / R; a recomputing fused head does 8·S·H·V"
+        basis = ("FLOPs: 6·S·H·V (naive's products over the S scored tokens), / R; "
+                 "a recomputing fused head does 8·S·H·V")
     return {"fwd": fwd, "bwd": bwd, "total": fwd + bwd, "basis": basis}
 
 
@@ -190,7 +201,8 @@ def _steps(work: str) -> list[dict]:
         with open(os.path.join(work, "steps.tsv")) as f:
             for line in f:
                 name, status, rc, seconds, detail = (line.rstrip("\n").split("\t") + [""] * 5)[:5]
-                rows[name] = {"step": name, "status": status, "rc": rc, "seconds": float(seconds or 0), "detail": detail}
+                rows[name] = {"step": name, "status": status, "rc": rc, "seconds": float(seconds or 0),
+                              "detail": detail}
     except OSError:
         pass
     rows.setdefault("report", {"step": "report", "status": "ok", "rc": "0", "seconds": 0.0, "detail": "this report"})
@@ -240,7 +252,9 @@ def write_report(work: str, out: str, dry_run: bool) -> str:
     steps = _steps(work)
     tests = junit_summary(os.path.join(out, "tests.xml"))
     rows = bench_rows(work, ceil)
-    title = "GPU check" + (" (dry run on the CPU: interpreter, tiny shapes; no figure here is a GPU figure)" if dry_run else "")
+    title = "GPU check"
+    if dry_run:
+        title += " (dry run on the CPU: interpreter, tiny shapes; no figure here is a GPU figure)"
     md = [f"# dpo_kernels {title}", "", f"- date: {env.get('date_utc', '?')}"]
     gpu = env.get("gpu")
     md.append(f"- card: {gpu['name']} (sm {gpu['capability']}, {gpu['multiprocessors']} SMs, "
@@ -253,8 +267,9 @@ def write_report(work: str, out: str, dry_run: bool) -> str:
     md.append("- peers: " + ", ".join(f"{k} {v or 'missing'}" for k, v in peers.items()))
     md.append(f"- native extension: {env.get('native', '?')} (at the env step, before the build step)")
     md += ["", "## Steps", "", "| step | status | s | detail |", "|---|---|---:|---|"]
-    md += [f"| {s['step']} | {s['status']}{' (rc ' + s['rc'] + ')' if s['status'] not in ('ok', 'skipped', 'not run') else ''} "
-           f"| {s['seconds']:.0f} | {s['detail']} |" for s in steps]  # fmt: skip
+    for s in steps:
+        rc = f" (rc {s['rc']})" if s["status"] not in ("ok", "skipped", "not run") else ""
+        md.append(f"| {s['step']} | {s['status']}{rc} | {s['seconds']:.0f} | {s['detail']} |")
     md += ["", "## Tests", ""]
     if tests:
         md.append(f"{tests['passed']} passed, {tests['failures']} failed, {tests['errors']} errors, "
@@ -280,8 +295,9 @@ def write_report(work: str, out: str, dry_run: bool) -> str:
         data = _read_json(os.path.join(work, step, "results.json"))
         if data:
             measured = [r for r in data["results"] if r.get("kind") != "skipped"]
-            md += ["", f"### Harness table: {step}", "", f"`{data.get('command')}`", "", report.markdown_table(measured)]
-            skipped = sorted({f"{r['provider']} ({r['skipped']})" for r in data["results"] if r.get("kind") == "skipped"})
+            md += ["", f"### Harness table: {step}", "", f"`{data.get('command')}`", ""]
+            md.append(report.markdown_table(measured))
+            skipped = sorted({f"{r['provider']} ({r['skipped']})" for r in data["results"] if "skipped" in r})
             if skipped:
                 md += ["", "Not run: " + "; ".join(skipped)]
     text = "\n".join(md) + "\n"

@@ -96,7 +96,8 @@ do_env() {
   echo "uname: $(uname -srm)"
   if command -v nvidia-smi >/dev/null; then nvidia-smi; else echo "nvidia-smi: not found"; fi
   # Where the build step will look for the toolkit (setup.py: CUDA_HOME, else the real path of nvcc).
-  echo "nvcc: $(command -v nvcc || echo not on PATH); CUDA_HOME=${CUDA_HOME:-unset}; $(ls -d /usr/local/cuda* 2>/dev/null | tr '\n' ' ')"
+  echo "nvcc: $(command -v nvcc || echo not on PATH); CUDA_HOME=${CUDA_HOME:-unset}"
+  ls -d /usr/local/cuda* 2>/dev/null
   "$PY" -m benchmarks.gpu_check env --work "$WORK" $( ((DRY)) && echo --dry-run)
 }
 
@@ -228,7 +229,8 @@ step bench-lm_head "$OUT/bench.log" do_bench_lm_head 120 35 240 20
 step bench-peers "$OUT/bench.log" do_bench_peers 150 5 120 5
 
 # The report comes last: its summary table is the end of the output.
-if ! timeout -k 5 60 "$PY" -m benchmarks.gpu_check report --work "$WORK" --out "$OUT" $( ((DRY)) && echo --dry-run); then
+if ! timeout -k 5 60 "$PY" -m benchmarks.gpu_check report --work "$WORK" --out "$OUT" $( ((DRY)) && echo --dry-run)
+then
   STATUS=1
   echo "gpu_check: the report step failed; the steps were:"
   cat "$WORK/steps.tsv"
