@@ -137,6 +137,8 @@ def run_case(case: measure.Case, names, device, args, threads, probe) -> list[di
     good = {n: fn for n, fn in fns.items() if checks[n]["ok"]}
     times = measure.time_all(good, inputs, device, args.reps, args.warmup) if "reference" in good else {}
     del inputs
+    if device.type == "cuda":  # hand the cached blocks back: the memory children share the card
+        torch.cuda.empty_cache()
     kinds = {p.name: p.kind for p in chosen}
     for name in [p.name for p in chosen]:
         row = {

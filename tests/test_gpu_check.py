@@ -1,0 +1,92 @@
+"""benchmarks/gpu_check.sh, the one command for a GPU machine, through its CPU dry run; and its floors."""
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import gpu_check
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def run_script(tmp_path, *args, **env):
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=env.pop("PYTHON", sys.executable), **env)
+    env.pop("DPO_KERNELS_TEST_DEVICE", None)
+    return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+
+
+@pytest.mark.slow
+@pytest.mark.cpu_only("runs the GPU check's CPU dry run")
+def test_dry_run_writes_the_report_of_every_step(tmp_path):
+    # About 2 minutes on an idle 2-core CPU; the budget is raised so that a loaded machine cuts no step.
+    proc = run_script(tmp_path, "--dry-run", GPU_CHECK_BUDGET="1500")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == sorted(gpu_check.FILES)  # eight at most, as the device tool brings back
+    assert all(re.fullmatch(r"[A-Za-z0-9._-]+", name) for name in files)
+    report = (tmp_path / "report.md").read_text()
+    for name in gpu_check.STEPS:
+        assert re.search(rf"^\| {re.escape(name)} \| (ok|skipped) \|", report, re.M), (name, report)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["dry_run"] and [s["step"] for s in data["steps"]] == list(gpu_check.STEPS)
+    assert data["tests"]["passed"] > 0 and data["tests"]["failures"] == data["tests"]["errors"] == 0
+    assert data["ceilings"]["bandwidth_Bps"] > 0 and data["ceilings"]["rate_flops"] > 0
+    rows = data["results"]
+    providers = {(r["case"]["workload"], r["provider"]) for r in rows}
+    expected = [("logits", "reference"), ("logits", "dpo_kernels[triton]"), ("logits", "dpo_kernels[torch]+inplace"),
+                ("lm_head", "reference"), ("lm_head", "dpo_kernels.fused_linear[triton]")]
+    assert set(expected) <= providers, providers
+    for r in rows:  # every provider checked against the reference, timed, and set against its floor
+        assert r["check"]["ok"], r
+        floor = r["floor_s"]["total"]
+        assert floor > 0 and r["x_floor"] == pytest.approx(r["time"]["total"]["median"] / floor)
+    csv_lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert "x_floor" in csv_lines[0] and len(csv_lines) == len(rows) + 1
+    # The summary table comes last, one line per provider.
+    tail = proc.stdout[proc.stdout.index("== gpu_check summary ==") :].splitlines()
+    assert sum(line.startswith(("logits ", "lm_head ")) for line in tail) == len(rows)
+
+
+@pytest.mark.cpu_only("runs the GPU check's CPU dry run")
+def test_a_failing_step_is_reported_and_the_next_still_runs(tmp_path):
+    # Every Python step fails at once (an interpreter that exits 1): each is reported failed, the later
+    # steps still run, the script still writes its report and exits 1.
+    proc = run_script(tmp_path, "--dry-run", PYTHON="false")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    for name in ("env", "tests", "ceilings", "bench-logits", "bench-lm_head", "bench-peers"):
+        assert f"-- {name}: failed" in proc.stdout, proc.stdout
+    assert "the report step failed" in (tmp_path / "report.md").read_text()
+
+
+def test_floors_count_the_least_traffic_and_flops():
+    ceil = {"bandwidth_Bps": 4e12, "rate_flops": 8e14}
+    case = dict(workload="logits", dtype="bf16", n=8, t=4096, v=128256, h=4096, prompt_frac=0.25)
+    logits_bytes = 8 * 4096 * 128256 * 2
+    f = gpu_check.floors(case, ceil)
+    assert f["fwd"] == pytest.approx(logits_bytes / 4e12) and f["bwd"] == pytest.approx(2 * logits_bytes / 4e12)
+    f = gpu_check.floors(dict(case, workload="lm_head"), ceil)
+    scored = 8 * (4096 - 1024)
+    assert f["total"] == pytest.approx(6 * scored * 4096 * 128256 / 8e14)
+    # Bandwidth-bound when the matmul is thin: then the bytes of hidden and weight set the floor.
+    f = gpu_check.floors(dict(case, workload="lm_head", n=2, t=4), ceil)
+    assert f["fwd"] == pytest.approx((2 * 4 * 4096 + 128256 * 4096) * 2 / 4e12)
+
+
+def test_error_check_in_slices_matches_the_whole_and_keeps_nan():
+    # At real scale the harness compares 8 GB gradients a slice at a time, in fp64 per slice.
+    from benchmarks import measure
+
+    ref = torch.randn(1000, dtype=torch.bfloat16)
+    x = ref + 1e-2 * torch.randn(1000, dtype=torch.bfloat16)
+    whole = (x.double() - ref.double()).abs().max().item() / ref.double().abs().max().item()
+    assert measure.max_rel_err(x, ref, chunk=7) == whole == measure.max_rel_err(x, ref)
+    x[500] = float("nan")
+    assert math.isnan(measure.max_rel_err(x, ref, chunk=7))
