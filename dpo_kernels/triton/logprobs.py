@@ -16,7 +16,7 @@ def token_logps_fwd_kernel(
     logits_ptr,  # (N, T, V) fp32 | bf16 | fp16, strides (stride_ln, stride_lt, stride_lv)
     labels_ptr,  # (N, T) int32 | int64, strides (stride_yn, stride_yt)
     logp_ptr,  # (N, T_OUT) fp32, contiguous: log_softmax(logits[n, t])[labels[n, t + shift]]
-    lse_ptr,  # (N, T_OUT) fp32, contiguous: logsumexp(logits[n, t]), saved for the backward
+    lse_ptr,  # (N, T_OUT, 2) fp32, contiguous: (m, log s) of logits[n, t], saved for the backward
     stats_ptr,  # (N, T_OUT, 4) fp32, contiguous, with WITH_STATS (columns of reference.STATS); else unused
     T_OUT,
     V,
@@ -30,10 +30,17 @@ def token_logps_fwd_kernel(
     BLOCK_V: tl.constexpr,
     WITH_STATS: tl.constexpr,
 ):
-    """logp = x[label] - lse(x), lse(x) = m + log(sum_v exp(x_v - m)), online over V tiles.
+    """logp = (x[label] - m) - log s, m = max_v x_v, s = sum_v exp(x_v - m), online over V tiles.
+
+    The log-sum-exp m + log s is stored as its two parts, never rounded to one fp32 value: the backward
+    forms exp((x - m) - log s) as the reference's log_softmax does, where exp(x - fl(m + log s)) would
+    carry the rounding of the sum (|lse| · 2^-24, 6e-5 relative at logits of size 1000).
 
     Rows whose label is ``ignore_index`` write zeros and never read their logits. A label outside
     [0, V) writes NaN instead of reading out of bounds (the Python side rejects it first).
+    Special values come out as in the reference: a NaN or +inf logit makes s NaN (exp(NaN), exp(inf -
+    inf)), so log s, the log-prob and the backward's whole row are NaN; an all -inf row has m = -inf and
+    s = 0, so x[label] - m is NaN.
 
     With ``WITH_STATS`` the same tile loop also keeps, rescaled with the running max m like the sum
     s = sum_v exp(x_v - m):
@@ -43,7 +50,9 @@ def token_logps_fwd_kernel(
       s2 = sum_v exp(2 (x_v - m)), so lse2 = log sum_v exp(2 x_v) = 2 m + log(s2);
       top-1 without an argmax: the label is the first index of the maximum iff x_label equals the
         running max m and the first v with x_v == x_label is the label (exact on the stored values).
-    Logits at -inf (banned tokens) add -inf to sum_x and nothing to s1 or s2.
+    Logits at -inf (banned tokens) add -inf to sum_x and nothing to s1 or s2. A row with a NaN or +inf
+    logit (s is NaN) is read once more for the reference's top-1 and lse2, which ``torch.argmax`` and
+    ``torch.logsumexp`` give as: NaN ranks above every value; lse2 is NaN with a NaN, else +inf.
     """
     row = tl.program_id(0)
     n = (row // T_OUT).to(tl.int64)
@@ -51,7 +60,8 @@ def token_logps_fwd_kernel(
     label = tl.load(labels_ptr + n * stride_yn + (t + shift) * stride_yt).to(tl.int64)
     if label == ignore_index:
         tl.store(logp_ptr + row, 0.0)
-        tl.store(lse_ptr + row, 0.0)
+        tl.store(lse_ptr + row.to(tl.int64) * 2, 0.0)
+        tl.store(lse_ptr + row.to(tl.int64) * 2 + 1, 0.0)
         if WITH_STATS:
             stats_row = stats_ptr + row.to(tl.int64) * 4
             tl.store(stats_row + 0, 0.0)
@@ -99,19 +109,29 @@ def token_logps_fwd_kernel(
                 s = s * tl.exp(m - pivot) + tl.sum(tl.exp(x - pivot), axis=0)
                 m = m_new
                 x_label += tl.sum(tl.where(offs == label, x, 0.0), axis=0)
-        lse = m + tl.log(s)
+        log_s = tl.log(s)
         in_range = (label >= 0) & (label < V)
-        tl.store(logp_ptr + row, tl.where(in_range, x_label - lse, float("nan")))
-        tl.store(lse_ptr + row, lse)
+        tl.store(logp_ptr + row, tl.where(in_range, (x_label - m) - log_s, float("nan")))
+        tl.store(lse_ptr + row.to(tl.int64) * 2, m)
+        tl.store(lse_ptr + row.to(tl.int64) * 2 + 1, log_s)
         if WITH_STATS:
-            stats_row = stats_ptr + row.to(tl.int64) * 4
-            tl.store(stats_row + 0, sum_x)
-            tl.store(stats_row + 1, tl.log(s) - s1 / s)
             # The label is the first index of the maximum iff its logit is the (exact) running max
             # and no earlier logit equals it.
             top1 = in_range & (m == x_label) & (first_tie == label)
+            lse2 = 2.0 * m + tl.log(s2)
+            if s != s:  # a NaN or +inf logit: rare, so found by a second read rather than in the loop
+                first_nan = V
+                for start in range(0, V, BLOCK_V):
+                    offs = start + cols
+                    x = tl.load(row_ptr + offs.to(tl.int64) * stride_lv, mask=offs < V, other=0.0)
+                    first_nan = tl.minimum(first_nan, tl.min(tl.where(x != x, offs, V), axis=0))
+                top1 = tl.where(first_nan < V, first_nan == label, top1)
+                lse2 = tl.where(first_nan < V, float("nan"), float("inf"))
+            stats_row = stats_ptr + row.to(tl.int64) * 4
+            tl.store(stats_row + 0, sum_x)
+            tl.store(stats_row + 1, log_s - s1 / s)
             tl.store(stats_row + 2, tl.where(top1, 1.0, 0.0))
-            tl.store(stats_row + 3, 2.0 * m + tl.log(s2))
+            tl.store(stats_row + 3, lse2)
 
 
 @triton.jit
@@ -120,7 +140,7 @@ def token_logps_bwd_kernel(
     logits_ptr,  # (N, T, V) fp32 | bf16 | fp16, strides (stride_ln, stride_lt, stride_lv)
     labels_ptr,  # (N, T) int32 | int64, strides (stride_yn, stride_yt)
     grad_tok_ptr,  # (N, T_OUT) fp32, strides (stride_dn, stride_dt); 0-strides of an expand are fine
-    lse_ptr,  # (N, T_OUT) fp32, contiguous, from the forward
+    lse_ptr,  # (N, T_OUT, 2) fp32, contiguous, from the forward: (m, log s) per row
     T,
     T_OUT,
     V,
@@ -138,7 +158,8 @@ def token_logps_bwd_kernel(
     shift,
     BLOCK_V: tl.constexpr,
 ):
-    """grad_logits[n, t, v] = g[n, t] * (onehot(label)_v - exp(x_v - lse)): one read, one write per logit.
+    """grad_logits[n, t, v] = g[n, t] * (onehot(label)_v - exp((x_v - m) - log s)): one read, one write per
+    logit, the softmax formed as the reference's log_softmax backward forms it (m and log s kept apart).
 
     Masked rows and the unscored last row (with a shift) are written as zeros without reading the
     logits. Each program reads a tile before writing it, so the gradient may overwrite the logits.
@@ -158,12 +179,13 @@ def token_logps_bwd_kernel(
             tl.store(out_ptr + offs.to(tl.int64) * stride_gv, zeros, mask=offs < V)
     else:
         g = tl.load(grad_tok_ptr + n * stride_dn + t * stride_dt)
-        lse = tl.load(lse_ptr + n * T_OUT + t)
+        m = tl.load(lse_ptr + (n * T_OUT + t) * 2)
+        log_s = tl.load(lse_ptr + (n * T_OUT + t) * 2 + 1)
         row_ptr = logits_ptr + n * stride_ln + t * stride_lt
         for start in range(0, V, BLOCK_V):
             offs = start + cols
             x = tl.load(row_ptr + offs.to(tl.int64) * stride_lv, mask=offs < V, other=0.0)
-            gp = g * tl.exp(x.to(tl.float32) - lse)
+            gp = g * tl.exp((x.to(tl.float32) - m) - log_s)
             grad = tl.where(offs == label, g - gp, -gp)
             tl.store(out_ptr + offs.to(tl.int64) * stride_gv, grad.to(grad_logits_ptr.dtype.element_ty), mask=offs < V)
 
@@ -182,12 +204,13 @@ def launch_config(V: int) -> tuple[int, int]:
 
 
 def token_logps_fwd(logits, labels, ignore_index: int, shift: bool, with_stats: bool = False):
-    """(logp, lse, stats): logp and lse (N, T - shift) fp32; stats (N, T - shift, 4) fp32 with
-    ``with_stats`` (columns of reference.STATS, from the same pass over the logits), else (N, T - shift, 0)."""
+    """(logp, lse, stats): logp (N, T - shift) fp32; lse (N, T - shift, 2) fp32, the log-sum-exp as
+    (row max, log of the sum); stats (N, T - shift, 4) fp32 with ``with_stats`` (columns of
+    reference.STATS, from the same pass over the logits), else (N, T - shift, 0)."""
     N, T, V = logits.shape
     t_out = max(T - int(shift), 0)
     logp = torch.empty((N, t_out), dtype=torch.float32, device=logits.device)
-    lse = torch.empty((N, t_out), dtype=torch.float32, device=logits.device)
+    lse = torch.empty((N, t_out, 2), dtype=torch.float32, device=logits.device)
     stats = torch.empty((N, t_out, 4 if with_stats else 0), dtype=torch.float32, device=logits.device)
     if N * t_out == 0:
         return logp, lse, stats
