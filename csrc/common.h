@@ -56,9 +56,13 @@ inline void check_backward(const at::Tensor& grad_logp, const at::Tensor& logits
   const int64_t t_out = std::max<int64_t>(logits.size(1) - (shift ? 1 : 0), 0);
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   for (const auto* t : {&grad_logp, &lse}) {
-    const char* name = t == &lse ? "lse" : "grad_logp";
-    TORCH_CHECK_VALUE(t->dim() == 2 && t->size(0) == logits.size(0) && t->size(1) == t_out, name,
-                      " must have shape (N, T - shift) = (", logits.size(0), ", ", t_out, "), got ", t->sizes());
+    const bool is_lse = t == &lse;
+    const char* name = is_lse ? "lse" : "grad_logp";
+    // lse: the forward's (m, log s) per row, kept apart so the backward forms exp((x - m) - log s).
+    TORCH_CHECK_VALUE(t->dim() == (is_lse ? 3 : 2) && t->size(0) == logits.size(0) && t->size(1) == t_out &&
+                          (!is_lse || t->size(2) == 2),
+                      name, is_lse ? " must have shape (N, T - shift, 2) = (" : " must have shape (N, T - shift) = (",
+                      logits.size(0), ", ", t_out, is_lse ? ", 2), got " : "), got ", t->sizes());
     TORCH_CHECK_TYPE(t->scalar_type() == acc, name, " must be ", acc, ", got ", t->scalar_type());
     TORCH_CHECK_VALUE(t->device() == logits.device(), name, " is on ", t->device(), " but logits is on ",
                       logits.device());

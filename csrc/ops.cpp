@@ -6,7 +6,8 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(dpo_kernels, m) {
-  // -> (logp, lse, stats): logp and lse (N, T - shift), fp32 (fp64 for fp64 logits); zeros on unscored
+  // -> (logp, lse, stats): logp (N, T - shift), fp32 (fp64 for fp64 logits), and lse (N, T - shift, 2) in
+  // that dtype, the log-sum-exp as (row max m, log sum_v exp(z_v - m)) for the backward; zeros on unscored
   // rows. stats, in the same dtype, is (N, T - shift, 4) with with_stats (the columns of
   // dpo_kernels.reference.STATS: sum_logits, entropy, top1, lse2; computed in the same pass over the
   // logits, zeros on unscored rows), else an empty (N, T - shift, 0).

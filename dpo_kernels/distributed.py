@@ -375,35 +375,37 @@ class _VocabParallelLogits(torch.autograd.Function):
         acc = _acc(logits.dtype)
         local, scored, owned = _localize(labels, vocab_start, V_r, ignore_index, shift, T_out)
         if V_r > 0:
-            _, lse_r = _token_logps_op(logits, local, ignore_index, shift, backend)
+            _, parts_r = _token_logps_op(logits, local, ignore_index, shift, backend)  # (m_r, log s_r)
+            lse_r = ops.lse_value(parts_r)
             lab = local[:, int(shift) : int(shift) + T_out]
             picked = logits[:, :T_out].gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1).to(acc)
             label_logit = torch.where(owned, picked, torch.zeros((), dtype=acc, device=logits.device))
         else:
             lse_r = torch.full((N, T_out), -math.inf, dtype=acc, device=logits.device)
+            parts_r = None  # the backward never calls a kernel on an empty slice
             label_logit = torch.zeros((N, T_out), dtype=acc, device=logits.device)
         logp, lse = _combine(lse_r, label_logit, owned, scored, group, acc)
-        ctx.save_for_backward(logits, local, lse, torch.where(scored, lse_r, lse), scored, owned)
+        ctx.save_for_backward(logits, local, lse, torch.where(scored, lse_r, lse), parts_r, scored, owned)
         ctx.args = (ignore_index, shift, backend)
         ctx.mark_non_differentiable(lse)
         return logp, lse
 
     @staticmethod
     def backward(ctx, grad_logp, grad_lse):
-        logits, local, lse, lse_r, scored, owned = ctx.saved_tensors
+        logits, local, lse, lse_r, parts_r, scored, owned = ctx.saved_tensors
         ignore_index, shift, backend = ctx.args
         if grad_logp is None or not ctx.needs_input_grad[0]:
             return (None,) * 7
         g = grad_logp.to(lse.dtype)
         if logits.shape[-1] == 0:
             return torch.zeros_like(logits), *(None,) * 6
-        # The kernels give g'·(onehot − exp(z − lse')) with lse' the lse they are handed (the portable
-        # one recomputes the local softmax, whatever it is handed). With lse' = lse_r and g' = g·w_r,
+        # The kernels give g'·(onehot − exp(z − lse')) with lse' the lse they are handed, here the rank's own
+        # two-part lse_r (the portable one recomputes the local softmax, whatever it is handed). With g' = g·w_r,
         # w_r = exp(lse_r − lse), that is g·(w_r·onehot − exp(z − lse)) on every backend: the global
         # softmax term is exact, and only the picked element (the label, or the stand-in where the rank
         # does not own the label) needs its one-hot term rewritten, which is done exactly, from z, in fp32.
         w = torch.where(scored, torch.exp(lse_r - lse), torch.zeros_like(lse))
-        grad = torch.ops.dpo_kernels.token_logps_backward(g * w, logits, local, lse_r, ignore_index, shift, backend)
+        grad = torch.ops.dpo_kernels.token_logps_backward(g * w, logits, local, parts_r, ignore_index, shift, backend)
         n, t = scored.nonzero(as_tuple=True)
         if n.numel():
             c = local[n, t + int(shift)]

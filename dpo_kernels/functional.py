@@ -160,7 +160,8 @@ def fused_dpo_loss(
             ref_tokens = packing.layout(ref_tokens, pk)
             ref = preference.reduce_sequences(ref_tokens, mask, average=average, ld_alpha=ld_alpha)
     return preference.dpo_from_tokens(
-        token_logp, mask, ref, stats=stats if with_stats else None, lse=lse, vocab_size=policy_logits.shape[-1],
+        token_logp, mask, ref, stats=stats if with_stats else None, lse=ops.lse_value(lse),
+        vocab_size=policy_logits.shape[-1],
         beta=beta, loss_type=loss_type, average=average, ld_alpha=ld_alpha, use_weighting=use_weighting,
         **loss_options,
     )  # fmt: skip

@@ -51,7 +51,7 @@ def _register_fakes() -> None:
         stats_shape = (*shape, N_STATS if with_stats else 0)
         return (
             logits.new_empty(shape, dtype=dtype),
-            logits.new_empty(shape, dtype=dtype),
+            logits.new_empty((*shape, 2), dtype=dtype),  # the lse as (row max, log of the sum)
             logits.new_empty(stats_shape, dtype=dtype),
         )
 

@@ -4,10 +4,13 @@ Three custom ops, each with a fake implementation so torch.compile and FakeTenso
 without running a kernel:
 
 - ``dpo_kernels::token_logps(logits, labels, ignore_index, shift, backend, inplace_backward, with_stats)``
-  -> (logp, lse, stats): logp and lse (N, T - shift) fp32 (fp64 for fp64 logits), logp differentiable
-  w.r.t. logits; stats (N, T - shift, 4) in the same dtype with ``with_stats`` (the columns of
-  ``reference.STATS``, computed in the same pass over the logits), else an empty (N, T - shift, 0).
-  The stats are not differentiable.
+  -> (logp, lse, stats): logp (N, T - shift) fp32 (fp64 for fp64 logits), differentiable w.r.t. logits;
+  lse (N, T - shift, 2) in the same dtype, the log-sum-exp in two parts (c, log Σ_v exp(z_v − c)), c the
+  row max on the native and Triton kernels, which the backward consumes as exp((z − c) − log s): one
+  rounded fp32 lse would cost exp(z − lse) |lse|·2^-24 of relative error (``lse_value`` sums the parts);
+  stats (N, T - shift, 4) in that dtype with ``with_stats`` (the columns of ``reference.STATS``, computed
+  in the same pass over the logits), else an empty (N, T - shift, 0). lse and stats are not
+  differentiable.
 - ``dpo_kernels::token_logps_backward`` -> a fresh gradient of the logits' shape and dtype.
 - ``dpo_kernels::token_logps_backward_`` writes that gradient into the logits' own storage.
 
@@ -116,6 +119,11 @@ def _out_shape(logits: torch.Tensor, shift: bool):
 N_STATS = 4
 
 
+def lse_value(lse: torch.Tensor) -> torch.Tensor:
+    """(N, T - shift) log-sum-exp from the two-part (N, T - shift, 2) ``lse`` of ``token_logps``."""
+    return lse[..., 0] + lse[..., 1]
+
+
 def _out_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
@@ -140,7 +148,7 @@ def _(logits, labels, ignore_index, shift, backend, inplace_backward, with_stats
     stats_shape = (*shape, N_STATS if with_stats else 0)
     return (
         logits.new_empty(shape, dtype=dtype),
-        logits.new_empty(shape, dtype=dtype),
+        logits.new_empty((*shape, 2), dtype=dtype),
         logits.new_empty(stats_shape, dtype=dtype),
     )
 

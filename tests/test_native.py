@@ -101,8 +101,10 @@ def test_native_ops_opcheck_and_cpp_errors():
         torch.ops.dpo_kernels.native_token_logps(logits[0], labels, -100, True)
     with pytest.raises(TypeError, match="labels must be int64 or int32"):
         torch.ops.dpo_kernels.native_token_logps(logits, labels.float(), -100, True)
-    with pytest.raises(ValueError, match=r"lse must have shape \(N, T - shift\)"):
+    with pytest.raises(ValueError, match=r"lse must have shape \(N, T - shift, 2\)"):
         torch.ops.dpo_kernels.native_token_logps_backward(grad, logits, labels, lse[:, :-1], -100, True)
+    with pytest.raises(ValueError, match=r"lse must have shape \(N, T - shift, 2\)"):  # one rounded lse
+        torch.ops.dpo_kernels.native_token_logps_backward(grad, logits, labels, lse.sum(-1), -100, True)
 
 
 def test_auto_on_cuda_tensors_prefers_triton_then_the_native_cuda_kernels(monkeypatch):

@@ -87,8 +87,7 @@ def check(logits, labels, ignore_index=-100, shift=True):
     # The same s summed in the same order: bitwise equal with and without the statistics.
     torch.testing.assert_close(logp, plain_logp, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(lse, plain_lse, rtol=0, atol=0, equal_nan=True)
-    for out in (logp2, lse2):
-        assert out.shape == plain_logp.shape
+    assert logp2.shape == plain_logp.shape and lse2.shape == (*plain_logp.shape, 2)  # lse: (m, log s)
     assert_stats_close(stats, logits, labels, ignore_index, shift)
     return stats
 

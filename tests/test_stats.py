@@ -12,7 +12,7 @@ import torch
 
 import dpo_kernels  # noqa: F401  (registers the ops)
 from conftest import BACKENDS, DTYPES, assert_fp32_close, make_batch
-from dpo_kernels import reference
+from dpo_kernels import ops, reference
 from test_sequence_logps import LAYOUTS
 
 SUM, ENTROPY, TOP1, LSE2 = range(4)
@@ -278,7 +278,7 @@ def test_compile_fullgraph_with_stats(backend):
         metrics = {  # TRL's token metrics, and WPO's log Σ p² = lse2 − 2·lse
             "entropy": stats[..., ENTROPY].sum() / mask.sum(),
             "accuracy": stats[..., TOP1].sum() / mask.sum(),
-            "log_sum_sq": torch.where(mask, stats[..., LSE2] - 2 * lse, 0.0).sum(),
+            "log_sum_sq": torch.where(mask, stats[..., LSE2] - 2 * ops.lse_value(lse), 0.0).sum(),
         }
         return -logp.sum(), metrics
 

@@ -57,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logps(const at::Tensor& log
   const auto options = logits.options().dtype(output_dtype(logits));
   // Zeros: unscored rows are never visited by the kernel.
   at::Tensor logp = at::zeros({logits.size(0), t_out}, options);
-  at::Tensor lse = at::zeros({logits.size(0), t_out}, options);
+  at::Tensor lse = at::zeros({logits.size(0), t_out, 2}, options);  // (m, log s) per row
   at::Tensor stats = at::zeros({logits.size(0), t_out, with_stats ? kNumStats : 0}, options);
   kernels().fwd(logits, labels, logp, lse, stats, ignore_index, shift, with_stats);
   return {logp, lse, stats};

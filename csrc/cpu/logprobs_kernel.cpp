@@ -2,8 +2,18 @@
 // that capability's flags and -DCPU_CAPABILITY=<name>, so at::vec::Vectorized is the real vector type
 // in each copy; logprobs.cpp picks the copy the running CPU supports (as ATen's own kernels do).
 //
-//   forward   logp[n, t] = x[label] - lse(x),  lse(x) = m + log(sum_v exp(x_v - m)),  x = logits[n, t]
-//   backward  grad[n, t, v] = g[n, t] * ((v == label) - exp(x_v - lse[n, t]))
+//   forward   logp[n, t] = (x[label] - m) - log s,  m = max_v x_v,  s = sum_v exp(x_v - m),  x = logits[n, t]
+//             lse[n, t] = (m, log s): kept apart, never rounded to one fp32 m + log s
+//   backward  grad[n, t, v] = g[n, t] * ((v == label) - exp((x_v - m) - log s))
+//
+// The softmax is formed as the reference's log_softmax forms it: exp(x - fl(m + log s)) would carry the
+// rounding of the sum, |lse| * 2^-24 relative (6e-5 at logits of size 1000).
+//
+// Special values as in the reference: a NaN or +inf logit makes the row's log s NaN (the reference's
+// x - max is NaN or inf - inf), so its log-prob and whole gradient row are NaN; an all -inf row has
+// m = -inf, so x[label] - m and its gradient are NaN. The max propagates NaN (max_nan), and rows
+// whose m is not finite are finished here rather than through the vectorized exp, whose polynomial
+// need not propagate NaN.
 //
 // With stats (template flag kStats, only when the caller asks), the same pass over the row also keeps,
 // rescaled with s whenever the running max m moves (e_v = exp(x_v - m)):
@@ -44,6 +54,37 @@ using fVec = Vectorized<float>;
 // logits are read from memory once while the max and the sum each get a vectorized pass.
 constexpr int64_t kTile = 4096;
 
+// max that returns a NaN argument (std::max(a, NaN) returns a).
+template <typename T>
+inline T max_nan(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
+// The two parts (m, log s) of a row's log-sum-exp, from its max m and s = sum_v exp(x_v - m) (s = 0 for
+// an all -inf row: log s = -inf). A NaN or +inf max (or a NaN s) gives log s = NaN, as in the reference.
+template <typename acc_t>
+struct LsePair {
+  acc_t m, log_s;
+  bool special() const { return !(m < std::numeric_limits<acc_t>::infinity()) || log_s != log_s; }
+};
+
+template <typename acc_t>
+inline LsePair<acc_t> finish_lse(acc_t m, acc_t s) {
+  const bool special = !(m < std::numeric_limits<acc_t>::infinity()) || s != s;
+  return {m, special ? std::numeric_limits<acc_t>::quiet_NaN() : std::log(s)};
+}
+
+// A row with a NaN or +inf logit: the index of its first NaN, V if it has none. Read only for such
+// rows (the reference's argmax ranks NaN above every value, and its logsumexp(2 z) is NaN or +inf).
+template <typename scalar_t, typename acc_t>
+int64_t first_nan(const scalar_t* row, int64_t V, int64_t stride) {
+  for (int64_t v = 0; v < V; ++v) {
+    const acc_t z = static_cast<acc_t>(row[v * stride]);
+    if (z != z) return v;
+  }
+  return V;
+}
+
 // Loads fVec::size() values starting at p as fp32. 16-bit types are converted in pairs of vectors by
 // the caller; this is the fp32 case and the scalar fallback for the tail.
 template <typename scalar_t>
@@ -70,7 +111,7 @@ inline float tile_max(const float* x, int64_t n) {
     for (; i + fVec::size() <= n; i += fVec::size()) vm = at::vec::maximum(vm, fVec::loadu(x + i));
     m = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, vm);
   }
-  for (; i < n; ++i) m = std::max(m, x[i]);
+  for (; i < n; ++i) m = max_nan(m, x[i]);
   return m;
 }
 
@@ -102,13 +143,21 @@ struct RowStats {
   }
 
   // Writes (sum_logits, entropy, top1, lse2) given the row's m (finite, or -inf for an all -inf row)
-  // and s.
-  void store(acc_t* out, acc_t m, acc_t s, bool in_range) const {
+  // and s. For a row with a NaN or +inf logit (lse.special()), nan_at is the index of its first NaN
+  // (V: none), from first_nan: the reference's top-1 is then that NaN, its entropy NaN, its lse2 NaN
+  // (a NaN) or +inf.
+  void store(acc_t* out, acc_t m, acc_t s, bool in_range, const LsePair<acc_t>& lse, int64_t label, int64_t nan_at,
+             int64_t V) const {
     const acc_t ref = std::isinf(m) ? acc_t(0) : m;
     out[0] = sum;
     out[1] = std::log(s) - s1 / s;
     out[2] = in_range && violations == 0 ? acc_t(1) : acc_t(0);
     out[3] = 2 * ref + std::log(s2);
+    if (lse.special()) {
+      out[1] = std::numeric_limits<acc_t>::quiet_NaN();
+      if (nan_at < V) out[2] = label == nan_at ? acc_t(1) : acc_t(0);
+      out[3] = nan_at < V ? std::numeric_limits<acc_t>::quiet_NaN() : std::numeric_limits<acc_t>::infinity();
+    }
   }
 };
 
@@ -128,7 +177,7 @@ inline float tile_max_stats(const float* x, int64_t n, int64_t y, float zy, RowS
     vviol += v.ge(vzy);
   }
   for (; i < split; ++i) {
-    m = std::max(m, x[i]);
+    m = max_nan(m, x[i]);
     sum += x[i];
     viol += x[i] >= zy;
   }
@@ -139,12 +188,12 @@ inline float tile_max_stats(const float* x, int64_t n, int64_t y, float zy, RowS
     vviol += v.gt(vzy);
   }
   for (; i < n; ++i) {
-    m = std::max(m, x[i]);
+    m = max_nan(m, x[i]);
     sum += x[i];
     viol += x[i] > zy;
   }
   const auto add = [](fVec& a, fVec& b) { return a + b; };
-  m = std::max(m, at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, vm));
+  m = max_nan(m, at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, vm));
   st.sum += sum + at::vec::vec_reduce_all<float>(add, vsum);
   st.violations += viol + static_cast<int64_t>(at::vec::vec_reduce_all<float>(add, vviol));
   return m;
@@ -181,8 +230,8 @@ inline float tile_sum_exp_stats(const float* x, int64_t n, float m, float& s1, f
 // Online log-sum-exp of a contiguous row over fp32 tiles: one read of the row from memory. With
 // kStats, also the row's statistics (label y, its logit zy), from the same tiles.
 template <bool kStats, typename scalar_t>
-float row_lse_contiguous(const scalar_t* row, int64_t V, float* tile, RowStats<float>* st = nullptr,
-                         int64_t y = 0, float zy = 0.f, float* m_out = nullptr, float* s_out = nullptr) {
+LsePair<float> row_lse_contiguous(const scalar_t* row, int64_t V, float* tile, RowStats<float>* st = nullptr,
+                                  int64_t y = 0, float zy = 0.f, float* m_out = nullptr, float* s_out = nullptr) {
   float m = -std::numeric_limits<float>::infinity();
   float s = 0.f;
   for (int64_t start = 0; start < V; start += kTile) {
@@ -195,9 +244,9 @@ float row_lse_contiguous(const scalar_t* row, int64_t V, float* tile, RowStats<f
     }
     float m_new;
     if constexpr (kStats) {
-      m_new = std::max(m, tile_max_stats(x, n, y - start, zy, *st));  // sums and counts -inf tiles too
+      m_new = max_nan(m, tile_max_stats(x, n, y - start, zy, *st));  // sums and counts -inf tiles too
     } else {
-      m_new = std::max(m, tile_max(x, n));
+      m_new = max_nan(m, tile_max(x, n));
     }
     if (m_new == -std::numeric_limits<float>::infinity()) continue;  // nothing but -inf so far
     if constexpr (kStats) {
@@ -212,50 +261,53 @@ float row_lse_contiguous(const scalar_t* row, int64_t V, float* tile, RowStats<f
     *m_out = m;
     *s_out = s;
   }
-  return m + std::log(s);
+  return finish_lse(m, s);
 }
 
-// grad = -g * exp(x - lse) over a contiguous row, stored in the logits' dtype; the caller fixes the
-// label's element. In place when out == row: every element is read before it is written.
+// grad = -g * exp((x - m) - log s) over a contiguous row (finite m and log s), stored in the logits'
+// dtype; the caller fixes the label's element. In place when out == row: every element is read before
+// it is written.
 template <typename scalar_t>
-void row_grad_contiguous(const scalar_t* row, scalar_t* out, int64_t V, float lse, float g) {
-  const fVec vlse(lse), vneg_g(-g);
+void row_grad_contiguous(const scalar_t* row, scalar_t* out, int64_t V, LsePair<float> lse, float g) {
+  const fVec vm(lse.m), vlog_s(lse.log_s), vneg_g(-g);
   int64_t i = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
     for (; i + fVec::size() <= V; i += fVec::size())
-      ((fVec::loadu(row + i) - vlse).exp_u20() * vneg_g).store(out + i);
+      (((fVec::loadu(row + i) - vm) - vlog_s).exp_u20() * vneg_g).store(out + i);
   } else {
     using sVec = Vectorized<scalar_t>;
     for (; i + sVec::size() <= V; i += sVec::size()) {
       auto [lo, hi] = at::vec::convert_to_float<scalar_t>(sVec::loadu(row + i));
-      lo = (lo - vlse).exp_u20() * vneg_g;
-      hi = (hi - vlse).exp_u20() * vneg_g;
+      lo = ((lo - vm) - vlog_s).exp_u20() * vneg_g;
+      hi = ((hi - vm) - vlog_s).exp_u20() * vneg_g;
       at::vec::convert_from_float<scalar_t>(lo, hi).store(out + i);
     }
   }
-  for (; i < V; ++i) out[i] = static_cast<scalar_t>(-g * std::exp(static_cast<float>(row[i]) - lse));
+  for (; i < V; ++i) out[i] = static_cast<scalar_t>(-g * std::exp((static_cast<float>(row[i]) - lse.m) - lse.log_s));
 }
 
 // Any vocabulary stride, and fp64: plain scalar loops in the accumulation type.
 template <typename scalar_t, typename acc_t>
-acc_t row_lse_strided(const scalar_t* row, int64_t V, int64_t stride) {
+LsePair<acc_t> row_lse_strided(const scalar_t* row, int64_t V, int64_t stride) {
   acc_t m = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t v = 0; v < V; ++v) m = std::max(m, static_cast<acc_t>(row[v * stride]));
+  for (int64_t v = 0; v < V; ++v) m = max_nan(m, static_cast<acc_t>(row[v * stride]));
+  const acc_t ref = m == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : m;  // all -inf: s = 0, not NaN
   acc_t s = 0;
-  for (int64_t v = 0; v < V; ++v) s += std::exp(static_cast<acc_t>(row[v * stride]) - m);
-  return m + std::log(s);
+  for (int64_t v = 0; v < V; ++v) s += std::exp(static_cast<acc_t>(row[v * stride]) - ref);
+  return finish_lse(m, s);
 }
 
 // row_lse_strided with the statistics: the same two passes, the first also summing and counting.
 // Returns the lse; the stats go to out (4 values).
 template <typename scalar_t, typename acc_t>
-acc_t row_lse_stats_strided(const scalar_t* row, int64_t V, int64_t stride, int64_t y, bool in_range, acc_t* out) {
+LsePair<acc_t> row_lse_stats_strided(const scalar_t* row, int64_t V, int64_t stride, int64_t y, bool in_range,
+                                     acc_t* out) {
   const acc_t zy = in_range ? static_cast<acc_t>(row[y * stride]) : acc_t(0);
   RowStats<acc_t> st;
   acc_t m = -std::numeric_limits<acc_t>::infinity();
   for (int64_t v = 0; v < V; ++v) {
     const acc_t z = static_cast<acc_t>(row[v * stride]);
-    m = std::max(m, z);
+    m = max_nan(m, z);
     st.sum += z;
     st.violations += v < y ? z >= zy : z > zy;
   }
@@ -268,15 +320,17 @@ acc_t row_lse_stats_strided(const scalar_t* row, int64_t V, int64_t stride, int6
     st.s1 += e * std::max(d, std::numeric_limits<acc_t>::lowest());
     st.s2 += e * e;
   }
-  st.store(out, m, s, in_range);
-  return ref + std::log(s);
+  const LsePair<acc_t> lse = finish_lse(m, s);
+  st.store(out, m, s, in_range, lse, y, lse.special() ? first_nan<scalar_t, acc_t>(row, V, stride) : V, V);
+  return lse;
 }
 
 template <typename scalar_t, typename acc_t>
 void row_grad_strided(const scalar_t* row, int64_t row_stride, scalar_t* out, int64_t out_stride, int64_t V,
-                      acc_t lse, acc_t g) {
+                      LsePair<acc_t> lse, acc_t g) {
   for (int64_t v = 0; v < V; ++v)
-    out[v * out_stride] = static_cast<scalar_t>(-g * std::exp(static_cast<acc_t>(row[v * row_stride]) - lse));
+    out[v * out_stride] =
+        static_cast<scalar_t>(-g * std::exp((static_cast<acc_t>(row[v * row_stride]) - lse.m) - lse.log_s));
 }
 
 template <typename scalar_t>
@@ -323,7 +377,7 @@ void forward(const RowGeometry& g, const at::Tensor& logits, const at::Tensor& l
       const int64_t label = static_cast<int64_t>(y[n * g.labels_n + (t + g.shift) * g.labels_t]);
       const bool in_range = label >= 0 && label < g.V;
       const int64_t out = n * g.T_out + t;
-      acc_t row_lse;
+      LsePair<acc_t> row_lse;
       if constexpr (kStats) {
         acc_t* row_stats = out_stats + out * 4;
         bool done = false;
@@ -333,7 +387,8 @@ void forward(const RowGeometry& g, const at::Tensor& logits, const at::Tensor& l
             float m, s;
             const float zy = in_range ? static_cast<float>(row[label]) : 0.f;
             row_lse = row_lse_contiguous<true>(row, g.V, tile.data(), &st, label, zy, &m, &s);
-            st.store(row_stats, m, s, in_range);
+            const int64_t nan_at = row_lse.special() ? first_nan<scalar_t, float>(row, g.V, 1) : g.V;
+            st.store(row_stats, m, s, in_range, row_lse, label, nan_at, g.V);
             done = true;
           }
         }
@@ -344,8 +399,9 @@ void forward(const RowGeometry& g, const at::Tensor& logits, const at::Tensor& l
       } else {
         row_lse = row_lse_strided<scalar_t, acc_t>(row, g.V, g.logits_v);
       }
-      out_lse[out] = row_lse;
-      out_logp[out] = in_range ? static_cast<acc_t>(row[label * g.logits_v]) - row_lse
+      out_lse[2 * out] = row_lse.m;
+      out_lse[2 * out + 1] = row_lse.log_s;
+      out_logp[out] = in_range ? (static_cast<acc_t>(row[label * g.logits_v]) - row_lse.m) - row_lse.log_s
                                : std::numeric_limits<acc_t>::quiet_NaN();
     }
   });
@@ -383,10 +439,15 @@ void backward(const RowGeometry& g, const at::Tensor& grad_logp, const at::Tenso
       scalar_t* o = grad + n * o_n + t * o_t;
       const int64_t label = static_cast<int64_t>(y[n * g.labels_n + (t + g.shift) * g.labels_t]);
       const acc_t gt = g_tok[n * g_n + t * g_t];
-      const acc_t l = row_lse[n * g.T_out + t];
+      const LsePair<acc_t> l = {row_lse[2 * (n * g.T_out + t)], row_lse[2 * (n * g.T_out + t) + 1]};
+      if (!std::isfinite(l.m) || l.log_s != l.log_s) {  // a NaN, +inf or all -inf row: NaN, as the reference
+        for (int64_t v = 0; v < g.V; ++v) o[v * o_v] = static_cast<scalar_t>(std::numeric_limits<acc_t>::quiet_NaN());
+        continue;
+      }
       // Read before the row is overwritten (in place), and formed in fp32 to avoid a double rounding.
       const bool in_range = label >= 0 && label < g.V;
-      const acc_t label_grad = in_range ? gt - gt * std::exp(static_cast<acc_t>(row[label * g.logits_v]) - l) : 0;
+      const acc_t label_grad =
+          in_range ? gt - gt * std::exp((static_cast<acc_t>(row[label * g.logits_v]) - l.m) - l.log_s) : 0;
       if constexpr (kVectorized<scalar_t>) {
         if (contiguous) {
           row_grad_contiguous(row, o, g.V, l, gt);

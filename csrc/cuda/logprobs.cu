@@ -1,6 +1,8 @@
 // CUDA fallback of the log-prob ops, for GPUs or stacks where the Triton kernels cannot run. Same
 // semantics as dpo_kernels/triton/logprobs.py (see ../common.h): per-token log-probs of the labels,
-// the log-sum-exp saved for the backward, and the one-pass gradient w.r.t. the logits.
+// the log-sum-exp saved for the backward as its two parts (m, log s), and the one-pass gradient
+// w.r.t. the logits, exp((x - m) - log s) as the reference's log_softmax forms it (one rounded fp32
+// m + log s would cost |lse| * 2^-24 relative error in every softmax value).
 //
 // One 256-thread block streams one logits row. A unit-stride row is read in 128-bit packs starting at
 // its first 16-byte boundary, so rows of any length and offset (odd vocabularies such as 50257 or
@@ -111,8 +113,13 @@ struct LogSumExp {
     return other;
   }
 
-  // log(sum_i exp(x_i)); -inf for an all -inf row (log 0).
-  __device__ __forceinline__ acc value() const { return ref(m) + log_acc(s); }
+  // log s of the two parts (m, log s) of log(sum_i exp(x_i)): -inf for an all -inf row (log 0, and m is
+  // -inf), NaN where a logit is NaN (s) or +inf (the reference's inf - inf; here ref(inf) = 0 left s = inf).
+  __device__ __forceinline__ acc log_sum() const {
+    return m == std::numeric_limits<acc>::infinity() ? std::numeric_limits<acc>::quiet_NaN() : log_acc(s);
+  }
+  // Whether this (partial) state saw a NaN or +inf logit.
+  __device__ __forceinline__ bool special() const { return isnan(s) || m == std::numeric_limits<acc>::infinity(); }
 };
 
 // LogSumExp plus the row statistics of the forward with_stats, kept around the same reference ref(m)
@@ -210,15 +217,34 @@ struct LogSumExpStats {
     return o;
   }
 
-  __device__ __forceinline__ acc value() const { return ref(m) + log_acc(s); }
+  __device__ __forceinline__ acc log_sum() const {
+    return m == std::numeric_limits<acc>::infinity() ? std::numeric_limits<acc>::quiet_NaN() : log_acc(s);
+  }
+  __device__ __forceinline__ bool special() const { return isnan(s) || m == std::numeric_limits<acc>::infinity(); }
 
-  // (sum_logits, entropy, top1, lse2) of the whole row, into out[0..3].
-  __device__ __forceinline__ void store(acc* out, bool in_range) const {
+  // (sum_logits, entropy, top1, lse2) of the whole row, into out[0..3]. A row with a NaN or +inf logit
+  // (special) gets the reference's values: nan_at is its first NaN (V: none), which torch.argmax ranks
+  // above every value; its entropy is NaN, its lse2 NaN (a NaN) or +inf.
+  __device__ __forceinline__ void store(acc* out, bool in_range, bool special, int64_t label, int64_t nan_at,
+                                        int64_t V) const {
     const acc log_s = log_acc(s);
     out[0] = sum;
-    out[1] = log_s - s1 / s;
-    out[2] = in_range && violations == 0 ? acc(1) : acc(0);
-    out[3] = 2 * ref(m) + log_acc(s2);
+    out[1] = special ? std::numeric_limits<acc>::quiet_NaN() : log_s - s1 / s;
+    bool top1 = in_range && violations == 0;
+    if (special && nan_at < V) top1 = label == nan_at;
+    out[2] = top1 ? acc(1) : acc(0);
+    out[3] = !special ? 2 * ref(m) + log_acc(s2)
+             : nan_at < V ? std::numeric_limits<acc>::quiet_NaN()
+                          : std::numeric_limits<acc>::infinity();
+  }
+};
+
+// The smallest index seen: the block's first NaN of a row (see LogSumExpStats::store).
+struct MinIndex {
+  int64_t v;
+  __device__ __forceinline__ void merge(const MinIndex& o) { v = min(v, o.v); }
+  __device__ __forceinline__ MinIndex shfl_xor(int offset) const {
+    return {static_cast<int64_t>(__shfl_xor_sync(0xffffffffu, static_cast<long long>(v), offset))};
   }
 };
 
@@ -232,7 +258,7 @@ __device__ __forceinline__ void warp_reduce(State& state) {
 // The block's combined state, valid in thread 0: butterfly within each warp, then warp 0 merges the
 // kWarps partial states. Warp 0's lanes past kWarps bring the empty state, the identity of merge.
 template <typename State>
-__device__ __forceinline__ State block_reduce(State state) {
+__device__ __forceinline__ State block_reduce(State state, State identity = State()) {
   // Raw storage: a __shared__ State cannot have State's member initializers.
   __shared__ alignas(State) unsigned char storage[kWarps * sizeof(State)];
   State* warp_state = reinterpret_cast<State*>(storage);
@@ -241,7 +267,7 @@ __device__ __forceinline__ State block_reduce(State state) {
   warp_reduce(state);
   if (lane == 0) warp_state[warp] = state;
   __syncthreads();
-  State block;
+  State block = identity;
   if (warp == 0) {
     if (lane < kWarps) block = warp_state[lane];
     warp_reduce(block);
@@ -319,7 +345,7 @@ __device__ __forceinline__ int before_label(int64_t y, int64_t v0) {
 }
 
 // Row r = n * T_out + t of the outputs, x = logits[n, t, :], y = labels[n, t + shift]:
-//   lse[r] = log sum_v exp(x_v) (online: running max and rescaled sum),  logp[r] = x_y - lse[r].
+//   lse[r] = (m, log s): m = max_v x_v, s = sum_v exp(x_v - m) (online),  logp[r] = (x_y - m) - log s.
 // y == ignore_index: both are 0 and x is not read. y outside [0, V): logp is NaN, x_y is not read.
 // kStats: also stats[r, 0:4] = (sum_logits, entropy, top1, lse2) from the same loads (LogSumExpStats),
 // zeros where y == ignore_index and top1 = 0 where y is outside [0, V).
@@ -328,7 +354,7 @@ __global__ void __launch_bounds__(kThreads) token_logps_fwd_kernel(
     const scalar_t* __restrict__ logits,  // (N, T, V), strides geo.logits_{n,t,v}; unit vocab stride if VEC > 1
     const index_t* __restrict__ labels,   // (N, T), strides geo.labels_{n,t}
     acc_t<scalar_t>* __restrict__ logp,   // (N, T_out), contiguous
-    acc_t<scalar_t>* __restrict__ lse,    // (N, T_out), contiguous
+    acc_t<scalar_t>* __restrict__ lse,    // (N, T_out, 2), contiguous: (m, log s)
     acc_t<scalar_t>* __restrict__ stats,  // (N, T_out, 4), contiguous; unused unless kStats
     const RowGeometry geo, const int64_t ignore_index) {
   using acc = acc_t<scalar_t>;
@@ -344,7 +370,8 @@ __global__ void __launch_bounds__(kThreads) token_logps_fwd_kernel(
   if (label == ignore_index) {
     if (threadIdx.x == 0) {
       logp[r] = 0;
-      lse[r] = 0;
+      lse[2 * r] = 0;
+      lse[2 * r + 1] = 0;
       if constexpr (kStats) {
 #pragma unroll
         for (int k = 0; k < kNumStats; ++k) stats[r * kNumStats + k] = 0;
@@ -405,20 +432,39 @@ __global__ void __launch_bounds__(kThreads) token_logps_fwd_kernel(
     }
   }
 
+  // A NaN or +inf logit anywhere in the row (rare): the statistics need its first NaN, found by a
+  // second read of the row rather than in the loop. The vote is block-wide, so the branch is uniform.
+  bool special = false;
+  if constexpr (kStats) special = __syncthreads_or(state.special());
   state = block_reduce(state);
+  MinIndex nan_at{V};
+  if constexpr (kStats) {
+    if (special) {
+      for (int64_t v = threadIdx.x; v < V; v += kThreads) {
+        const acc z = static_cast<acc>(row[v * geo.logits_v]);
+        if (z != z) {
+          nan_at.v = v;
+          break;
+        }
+      }
+      nan_at = block_reduce(nan_at, MinIndex{V});
+    }
+  }
   if (threadIdx.x == 0) {
-    const acc row_lse = state.value();
-    logp[r] = in_range ? x_label - row_lse : std::numeric_limits<acc>::quiet_NaN();
-    lse[r] = row_lse;
-    if constexpr (kStats) state.store(stats + r * kNumStats, in_range);
+    const acc log_s = state.log_sum();
+    logp[r] = in_range ? (x_label - state.m) - log_s : std::numeric_limits<acc>::quiet_NaN();
+    lse[2 * r] = state.m;
+    lse[2 * r + 1] = log_s;
+    if constexpr (kStats) state.store(stats + r * kNumStats, in_range, special, label, nan_at.v, V);
   }
 }
 
 // Row r = n * T + t of the gradient (every logits row), x = logits[n, t, :], y = labels[n, t + shift]:
-//   grad[n, t, v] = g * ((v == y) - exp(x_v - lse[n, t])),  g = grad_logp[n, t],
+//   grad[n, t, v] = g * ((v == y) - exp((x_v - m) - log s)),  (m, log s) = lse[n, t],  g = grad_logp[n, t],
 // computed in fp32 (fp64) and rounded once to the logits' dtype. Rows with t >= T_out or
 // y == ignore_index are zeros and x is not read. Each element is read once and written once, by the
-// same thread and read first, so grad may be the logits themselves.
+// same thread and read first, so grad may be the logits themselves. A NaN log s (a NaN or +inf logit)
+// or m = -inf (an all -inf row) makes the whole row NaN, as in the reference.
 template <typename scalar_t, typename index_t, int VEC>
 __global__ void __launch_bounds__(kThreads) token_logps_bwd_kernel(
     scalar_t* grad,          // (N, T, V), strides (grad_n, grad_t, grad_v); may alias logits: no __restrict__
@@ -426,7 +472,7 @@ __global__ void __launch_bounds__(kThreads) token_logps_bwd_kernel(
                              // stride and every logits row starts at grad's row address mod 16 bytes
     const index_t* __restrict__ labels,              // (N, T), strides geo.labels_{n,t}
     const acc_t<scalar_t>* __restrict__ grad_logp,   // (N, T_out), strides (grad_logp_n, grad_logp_t), 0 allowed
-    const acc_t<scalar_t>* __restrict__ lse,         // (N, T_out), contiguous, from the forward
+    const acc_t<scalar_t>* __restrict__ lse,         // (N, T_out, 2), contiguous, from the forward: (m, log s)
     const RowGeometry geo, const int64_t grad_n, const int64_t grad_t, const int64_t grad_v,
     const int64_t grad_logp_n, const int64_t grad_logp_t, const int64_t ignore_index) {
   using acc = acc_t<scalar_t>;
@@ -452,11 +498,12 @@ __global__ void __launch_bounds__(kThreads) token_logps_bwd_kernel(
   }
 
   const acc g = grad_logp[n * grad_logp_n + t * grad_logp_t];
-  const acc row_lse = lse[n * geo.T_out + t];
+  const acc row_m = lse[2 * (n * geo.T_out + t)];
+  const acc row_log_s = lse[2 * (n * geo.T_out + t) + 1];
   const scalar_t* row = logits + n * geo.logits_n + t * geo.logits_t;
   // g - g·p at the label and -g·p elsewhere, as the Triton kernel rounds it.
   auto grad_of = [&](scalar_t x, int64_t v) -> scalar_t {
-    const acc gp = g * exp_acc(static_cast<acc>(x) - row_lse);
+    const acc gp = g * exp_acc((static_cast<acc>(x) - row_m) - row_log_s);
     return static_cast<scalar_t>(v == label ? g - gp : -gp);
   };
 
@@ -573,7 +620,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logps_fwd(const at::Tensor&
   const RowGeometry geo = row_geometry(logits, labels, shift);
   const auto options = logits.options().dtype(output_dtype(logits));
   at::Tensor logp = at::empty({geo.N, geo.T_out}, options);
-  at::Tensor lse = at::empty({geo.N, geo.T_out}, options);
+  at::Tensor lse = at::empty({geo.N, geo.T_out, 2}, options);
   at::Tensor stats = at::empty({geo.N, geo.T_out, with_stats ? kNumStats : 0}, options);
   const int64_t rows = geo.N * geo.T_out;
   if (rows == 0) return {logp, lse, stats};

@@ -9,7 +9,8 @@
 
 namespace dpo_kernels::cuda {
 
-// -> (logp, lse, stats): logp and lse new contiguous (N, T - shift) tensors of output_dtype(logits);
+// -> (logp, lse, stats): logp a new contiguous (N, T - shift) tensor of output_dtype(logits), lse
+// (N, T - shift, 2) of that dtype (row max, log of the sum of exp(z - max));
 // stats (N, T - shift, 4) of the same dtype with with_stats, else (N, T - shift, 0).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logps_fwd(const at::Tensor& logits, const at::Tensor& labels,
                                                                int64_t ignore_index, bool shift, bool with_stats);

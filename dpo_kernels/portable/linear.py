@@ -95,13 +95,15 @@ def fused_linear_logps_fwd(
         m_old = m[rows]
         chunk_max = z.amax(dim=1)
         m_new = torch.maximum(m_old, chunk_max)
-        pivot = torch.where(torch.isinf(m_new), 0.0, m_new)  # rows of -inf so far: exp(-inf) = 0, not NaN
+        # Rows of -inf so far shift by 0: exp(-inf) = 0, not exp(-inf - -inf) = NaN. A +inf max shifts by
+        # itself, so that its exp(inf - inf) makes s NaN, as the reference's log_softmax is NaN there.
+        pivot = torch.where(m_new == float("-inf"), 0.0, m_new)
         alpha = torch.exp(m_old - pivot)
         if with_stats:
             sum_z[rows] += z.sum(dim=1)
             # argmax: the first index of the chunk's max (offset by the chunk start), taken only when
             # that max beats every earlier chunk's, so that ties resolve to the earliest index
-            better = chunk_max > m_old
+            better = (chunk_max > m_old) | (chunk_max.isnan() & ~m_old.isnan())  # argmax ranks NaN first
             argmax[rows] = torch.where(better, z.argmax(dim=1) + vocab.start, argmax[rows])
             d = z.sub_(pivot.unsqueeze(1))  # z − m', in place: z is not needed any more
             e = d.exp()
@@ -112,11 +114,13 @@ def fused_linear_logps_fwd(
         else:
             s[rows] = s[rows] * alpha + z.sub_(pivot.unsqueeze(1)).exp_().sum(dim=1)
         m[rows] = m_new
-    lse = torch.where(torch.isinf(m), m, m + s.log())
+    lse = torch.where(m == float("-inf"), m, m + s.log())  # an all -inf row: -inf, its log-prob NaN
     stats = None
     if with_stats:
         top1 = (argmax == labels).to(acc)
-        stats = torch.stack([sum_z, s.log() - s1 / s, top1, 2 * m + s2.log()], dim=1)
+        # A max that is not finite is lse2 itself, as torch.logsumexp gives it (NaN, +inf, -inf).
+        lse2 = torch.where(m.isfinite(), 2 * m + s2.log(), m)
+        stats = torch.stack([sum_z, s.log() - s1 / s, top1, lse2], dim=1)
     return label_logit - lse, lse, stats
 
 

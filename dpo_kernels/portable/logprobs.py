@@ -79,19 +79,23 @@ def _gather_chunks(mask: torch.Tensor, V: int):
 def token_logps_fwd(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, shift: bool, with_stats: bool = False
 ):
-    """logp[n, t] = log_softmax(logits[n, t])[label] and lse[n, t] = logits[n, t, label] − logp[n, t];
-    with ``with_stats`` also stats[n, t] = the columns of ``reference.STATS`` (else a (N, T_out, 0) tensor).
+    """logp[n, t] = log_softmax(logits[n, t])[label] and the log-sum-exp in the two-part form of the other
+    backends, lse[n, t] = (c, log Σ exp(z − c)), here with c = logits[n, t, label] − logp[n, t] itself and
+    0 (this backend's backward recomputes the softmax and reads no lse); with ``with_stats`` also
+    stats[n, t] = the columns of ``reference.STATS`` (else a (N, T_out, 0) tensor).
 
-    The statistics come from the same chunk: Σ z and the first argmax from the logits, then, with p the
-    softmax written over the log-softmax buffer, lse2 = 2·lse + log Σ p² and the entropy Σ −p·log p
-    (``special.entr``, 0 at p = 0, so banned tokens at −inf add nothing). All in the accumulation dtype.
+    The statistics come from the same chunk: Σ z and the first maximum (``max``, which ranks NaN first
+    as the reference's argmax does) from the logits, then, with p the softmax written over the
+    log-softmax buffer, lse2 = 2·lse + log Σ p² and the entropy Σ −p·log p (``special.entr``, 0 at p = 0,
+    so banned tokens at −inf add nothing). All in the accumulation dtype. Where the row max is not
+    finite (a NaN or +inf logit, an all −inf row) lse2 is that max, as ``torch.logsumexp`` gives it.
     """
     N, T, V = logits.shape
     T_out = max(T - int(shift), 0)
     acc = _acc_dtype(logits.dtype)
     scored, target = _scored(labels, ignore_index, shift, T)
     logp = logits.new_zeros((N, T), dtype=acc)
-    lse = logits.new_zeros((N, T), dtype=acc)
+    lse = logits.new_zeros((N, T, 2), dtype=acc)
     stats = logits.new_zeros((N, T, 4 if with_stats else 0), dtype=acc)
     buffer = logits.new_empty((min(_chunk_rows(V), N * T), V), dtype=acc)
 
@@ -100,18 +104,22 @@ def token_logps_fwd(
         log_probs = torch.log_softmax(x, dim=-1, dtype=acc, out=buffer[: x.shape[0]])
         row_logp = log_probs.gather(1, y.unsqueeze(1)).squeeze(1)
         row_lse = x_label - row_logp
+        parts = torch.stack([row_lse, torch.zeros_like(row_lse)], dim=-1)
         if not with_stats:
-            return row_logp, row_lse
+            return row_logp, parts
         sum_logits = x.sum(-1, dtype=acc)
-        top1 = (x.argmax(-1) == y).to(acc)  # argmax returns the first index of the maximum
+        row_max, first_max = x.max(-1)  # the first index of the maximum, a NaN's if there is one
+        top1 = (first_max == y).to(acc)
         p = log_probs.exp_()
         lse2 = 2 * row_lse + torch.linalg.vecdot(p, p).log()
+        row_max = row_max.to(acc)
+        lse2 = torch.where(row_max.isfinite(), lse2, row_max)
         entropy = torch.special.entr(p, out=p).sum(-1)
-        return row_logp, row_lse, torch.stack([sum_logits, entropy, top1, lse2], dim=-1)
+        return row_logp, parts, torch.stack([sum_logits, entropy, top1, lse2], dim=-1)
 
     rows = _row_view(logits)
     if rows is not None:
-        flat_logp, flat_lse, flat_target = logp.view(-1), lse.view(-1), target.view(-1)
+        flat_logp, flat_lse, flat_target = logp.view(-1), lse.view(N * T, 2), target.view(-1)
         flat_stats = stats.view(N * T, stats.shape[-1])
         for a, b in _chunks(scored, V):
             flat_logp[a:b], flat_lse[a:b], *rest = score(rows[a:b], flat_target[a:b])

@@ -8,7 +8,9 @@ Triton's JIT would make (vocabulary stride 1 folded to a constant;
 16-byte divisible pointers and strides, as for V = 32000 or 128256; odd strides, as for V = 50257; a
 strided vocabulary), down to cubin for each architecture. Prints registers, shared memory and local
 memory per variant, and exits non-zero on a compile error, on register spills (local memory), or on
-an aligned variant whose logits loads are not vectorized. Must run without TRITON_INTERPRET.
+an aligned or odd-stride variant whose logits loads (the backward: also its gradient stores) are not
+128-bit vectors (the kernels peel each row's head to a 16-byte boundary). Must run without
+TRITON_INTERPRET.
 
 The fused LM-head kernels (dpo_kernels.triton.linear) are compiled per dtype at their launch config,
 with every combination of bias and softcap for H, row strides and pointers divisible by 16
@@ -51,12 +53,24 @@ KERNEL_POINTERS = {  # pointer argument -> element type ("X" logits dtype, "Y" l
         "grad_tok_ptr": "fp32",
         "lse_ptr": "fp32",
     },
+    "token_logps_special_stats_kernel": {
+        "logits_ptr": "X",
+        "lse_ptr": "fp32",
+        "stats_ptr": "fp32",
+        "labels_ptr": "Y",
+    },
 }
+# Reads 4 bytes per row, and the logits only of rows with a NaN or +inf: no vector loads to check.
+UNVECTORIZED_KERNELS = ("token_logps_special_stats_kernel",)
 VOCAB_STRIDES = ("stride_lv", "stride_gv")
 # Kernels with a WITH_STATS constexpr: each is compiled without and with it.
 STATS_KERNELS = ("token_logps_fwd_kernel",)
-# Divisible by 16 when V is (V = 32000, 128256, ...): the masks and row starts then allow 128-bit loads.
+# Divisible by 16 when V is (V = 32000, 128256, ...); "unaligned" (V = 50257, 32001) leaves them odd.
 ALIGNED_INTS = ("V", "stride_ln", "stride_lt", "stride_gn", "stride_gt")
+# Both must read and write 128-bit vectors: the kernels peel each row's head to a 16-byte boundary (the
+# forward with statistics only where V and the strides are aligned: its peeled form spilled on sm_90).
+VECTORIZED_LAYOUTS = ("aligned", "unaligned")
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass(frozen=True)
@@ -104,12 +118,16 @@ def source(variant: Variant):
     signature, constexprs, attrs = {}, {"BLOCK_V": variant.block}, {}
     if variant.kernel in STATS_KERNELS:
         constexprs["WITH_STATS"] = variant.stats
+    # The launchers' ALIGN (logprobs.row_align): the logits per 16 bytes for odd rows (each row's head is
+    # peeled to a 16-byte boundary), else 1.
+    if "ALIGN" in fn.arg_names:
+        constexprs["ALIGN"] = 16 // ELEMENT_BYTES[variant.dtype] if variant.layout == "unaligned" else 1
     for index, arg in enumerate(fn.arg_names):
         if arg in pointers:
             kind = pointers[arg]
             signature[arg] = "*" + {"X": variant.dtype, "Y": variant.label}.get(kind, kind)
             attrs[(index,)] = [["tt.divisibility", 16]]
-        elif arg in ("BLOCK_V", "WITH_STATS"):
+        elif arg in ("BLOCK_V", "WITH_STATS", "ALIGN"):
             signature[arg] = "constexpr"
         elif arg in VOCAB_STRIDES and variant.layout != "strided_vocab":
             signature[arg] = "constexpr"
@@ -321,6 +339,12 @@ def resource_usage(cubin: bytes) -> dict:
     return {key: int(value) for key, value in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text)}
 
 
+def must_vectorize(variant: Variant) -> bool:
+    if variant.kernel in UNVECTORIZED_KERNELS:
+        return False
+    return variant.layout == "aligned" or (variant.layout in VECTORIZED_LAYOUTS and not variant.stats)
+
+
 def compile_variant(variant: Variant) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -349,8 +373,12 @@ def compile_variant(variant: Variant) -> dict:
         problems += linear_problems(variant, ptx, kernel.metadata.shared, code)
         if variant.kernel != "fused_linear_logps_merge_kernel":
             vector_loads = "mma" if uses_mma(ptx) else "fma"
-    elif variant.layout == "aligned" and not vector_loads:
-        problems.append("aligned variant without vectorized global loads")
+    elif must_vectorize(variant) and not vector_loads:
+        problems.append(f"{variant.layout} variant without vectorized global loads")
+    elif must_vectorize(variant) and variant.kernel == "token_logps_bwd_kernel" and not re.search(
+        r"st\.global(\.\w+)*\.v[248]", ptx
+    ):
+        problems.append(f"{variant.layout} variant without vectorized global stores")
     return {
         "variant": variant,
         "usage": usage,
