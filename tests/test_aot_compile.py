@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.cpu_only("proves the kernels compile for sm_80/sm_90 for want of a GPU")
+
 
 @pytest.mark.slow
 def test_all_kernels_compile_for_sm80_and_sm90(tmp_path):

@@ -38,7 +38,7 @@ CASES = {
 CUDA_CASES = {
     "labels_on_cpu": (lambda p, r, y: (p, r, y.cpu()), ValueError, "labels are on cpu but policy_logits is on cuda"),
     "ref_on_cpu": (lambda p, r, y: (p, r.cpu(), y), ValueError, "ref_logits are on cpu but policy_logits is on cuda"),
-    "ref_logps_on_cpu": (lambda p, r, y: (p, r[:, 0, 0].cpu(), y), ValueError, "ref_logits are on cpu but policy_logits"),
+    "ref_logps_on_cpu": (lambda p, r, y: (p, r[:, 0, 0].cpu(), y), ValueError, "ref_logits are on cpu but policy"),
 }
 
 

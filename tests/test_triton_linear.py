@@ -168,3 +168,16 @@ def test_launch_configs():
             cfg = launch_config(dtype, aligned)
             assert min(cfg.BLOCK_M, cfg.BLOCK_V, cfg.BLOCK_H) >= 16 and cfg.num_warps in (4, 8)
     assert launch_config(torch.bfloat16) == LinearConfig(64, 128, 64, 8, 3)
+
+
+@pytest.mark.cpu_only("the interpreter's launch-config pick (test_gpu.py checks the GPU's: splits > 1)")
+def test_launchers_split_the_vocabulary_once_under_the_interpreter(monkeypatch, device):
+    """CPU tensors have one 'SM': the launchers' default runs V in one split, forward and backward."""
+    from dpo_kernels.triton import linear
+
+    picked = []
+    real = linear._vocab_splits
+    monkeypatch.setattr(linear, "_vocab_splits", lambda *a, **k: picked.append(real(*a, **k)) or picked[-1])
+    hidden, weight, b, labels, grad = make_inputs(5, 16, 300, False, torch.float32, device)
+    run_kernels(hidden, weight, b, labels, grad, SMALL)
+    assert [splits for splits, _ in picked] == [1, 1]
