@@ -171,13 +171,16 @@ def test_launch_configs():
 
 
 @pytest.mark.cpu_only("the interpreter's launch-config pick (test_gpu.py checks the GPU's: splits > 1)")
-def test_launchers_split_the_vocabulary_once_under_the_interpreter(monkeypatch, device):
-    """CPU tensors have one 'SM': the launchers' default runs V in one split, forward and backward."""
+def test_the_forward_splits_under_the_interpreter(monkeypatch, device):
+    """CPU tensors count as one SM without L2 (``_device_shape``): the forward's default is two programs
+    in all, so one row block takes 2 vocabulary splits and several row blocks take 1."""
     from dpo_kernels.triton import linear
 
     picked = []
     real = linear._vocab_splits
     monkeypatch.setattr(linear, "_vocab_splits", lambda *a, **k: picked.append(real(*a, **k)) or picked[-1])
-    hidden, weight, b, labels, grad = make_inputs(5, 16, 300, False, torch.float32, device)
-    run_kernels(hidden, weight, b, labels, grad, SMALL)
-    assert [splits for splits, _ in picked] == [1, 1]
+    for M in (5, 37):  # 1 and 3 row blocks of SMALL.BLOCK_M = 16
+        hidden, weight, b, labels, grad = make_inputs(M, 16, 300, False, torch.float32, device)
+        run_kernels(hidden, weight, b, labels, grad, SMALL)
+    assert linear._device_shape(hidden.device) == (1, 0)
+    assert [splits for splits, _ in picked] == [2, 1]
