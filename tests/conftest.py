@@ -9,8 +9,15 @@ Two modes, picked by ``$DPO_KERNELS_TEST_DEVICE``:
 before any test imports dpo_kernels.triton. Tests take the ``device`` fixture (or ``DEVICE``) for the
 tensors they make; ``@pytest.mark.cpu_only("why")`` and ``@pytest.mark.cuda_only`` mark the tests that
 only make sense in one mode.
+
+In the CUDA mode every kernel entry point (the backends' launchers, see ``KERNEL_ENTRY_POINTS``) refuses
+tensors that are not on the GPU, so a test that forgot the ``device`` fixture fails instead of quietly
+checking the CPU again. ``--collect-only`` works without a GPU in either mode (it lists what the CUDA
+mode would run), and the collection report says how many tests each mode runs.
 """
 
+import functools
+import importlib
 import os
 
 DEVICE = os.environ.get("DPO_KERNELS_TEST_DEVICE", "cpu")
@@ -36,19 +43,73 @@ FP32_RTOL, FP32_ATOL = 1e-5, 1e-6
 LOW_PRECISION_ULPS = 1.0
 
 
+# The launchers every backend's kernels go through (module -> functions), guarded in the CUDA mode.
+KERNEL_ENTRY_POINTS = {
+    "dpo_kernels.triton.logprobs": ("token_logps_fwd", "token_logps_bwd"),
+    "dpo_kernels.triton.linear": ("fused_linear_logps_fwd", "fused_linear_logps_bwd"),
+    "dpo_kernels.portable.logprobs": ("token_logps_fwd", "token_logps_bwd"),
+    "dpo_kernels.portable.linear": ("fused_linear_logps_fwd", "fused_linear_logps_bwd"),
+    "dpo_kernels.native": ("token_logps_fwd", "token_logps_bwd"),
+}
+
+
+def require_device(fn, name, device_type):
+    """``fn`` that raises AssertionError when any tensor argument is not on ``device_type``."""
+
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.device.type != device_type:
+                raise AssertionError(
+                    f"{name} got a tensor on {value.device} in the {device_type.upper()} test mode: "
+                    "the test made it without the device fixture"
+                )
+        return fn(*args, **kwargs)
+
+    guarded.__wrapped_for_device__ = device_type
+    return guarded
+
+
+def _guard_kernel_entry_points(device_type):
+    # Runs before the test modules are imported, so their ``from module import fn`` bind the guard too.
+    for module_name, names in KERNEL_ENTRY_POINTS.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            setattr(module, name, require_device(getattr(module, name), f"{module_name}.{name}", device_type))
+
+
 def pytest_configure(config):
-    if DEVICE == "cuda" and not torch.cuda.is_available():
-        raise pytest.UsageError("DPO_KERNELS_TEST_DEVICE=cuda, but torch sees no CUDA device")
+    if DEVICE == "cuda":
+        if not torch.cuda.is_available() and not config.option.collectonly:
+            raise pytest.UsageError("DPO_KERNELS_TEST_DEVICE=cuda, but torch sees no CUDA device")
+        _guard_kernel_entry_points("cuda")
 
 
 def pytest_collection_modifyitems(config, items):
+    counts = {"cpu_only": 0, "cuda_only": 0}
     for item in items:
         cpu_only = item.get_closest_marker("cpu_only")
+        if cpu_only is not None:
+            counts["cpu_only"] += 1
         if DEVICE != "cpu" and cpu_only is not None:
             why = cpu_only.args[0] if cpu_only.args else "checks the CPU path"
             item.add_marker(pytest.mark.skip(reason=f"CPU mode only: {why}"))
-        if DEVICE != "cuda" and item.get_closest_marker("cuda_only") is not None:
-            item.add_marker(pytest.mark.skip(reason="needs a GPU: run with DPO_KERNELS_TEST_DEVICE=cuda"))
+        if item.get_closest_marker("cuda_only") is not None:
+            counts["cuda_only"] += 1
+            if DEVICE != "cuda":
+                item.add_marker(pytest.mark.skip(reason="needs a GPU: run with DPO_KERNELS_TEST_DEVICE=cuda"))
+    config.stash[MODE_COUNTS] = (len(items), counts["cpu_only"], counts["cuda_only"])
+
+
+MODE_COUNTS = pytest.StashKey[tuple]()
+
+
+def pytest_report_collectionfinish(config, start_path, items):
+    total, cpu_only, cuda_only = config.stash.get(MODE_COUNTS, (len(items), 0, 0))
+    return (
+        f"dpo-kernels test modes: {DEVICE} mode now; of {total} collected, the cpu mode runs {total - cuda_only}, "
+        f"the cuda mode {total - cpu_only} ({cpu_only} cpu_only, {cuda_only} cuda_only)"
+    )
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ ROW = re.compile(
     r"^(?P<name>\S.*?)\s+(?P<regs>\d+)\s+(?P<smem>\d+)\s+(?P<local>\d+)\s+(?P<vec>\S+)\s+(?P<ctas>\d+)\s+[\d.]+$"
 )
 
+pytestmark = pytest.mark.cpu_only("proves the kernels compile for sm_80/sm_90 for want of a GPU")
+
 
 @pytest.mark.slow
 def test_all_kernels_compile_for_sm80_and_sm90(tmp_path):

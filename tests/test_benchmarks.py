@@ -12,6 +12,8 @@ import torch
 
 from benchmarks import measure, modeled, providers, report
 
+pytestmark = pytest.mark.cpu_only("the harness on a tiny CPU config; benchmarks/gpu_check.sh runs it on the GPU")
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_PROVIDERS = "reference,dpo_kernels[torch],dpo_kernels[torch]+inplace,dpo_kernels.fused_linear[torch]"
 

@@ -8,16 +8,16 @@ from conftest import BACKENDS, assert_fp32_close, make_batch
 from dpo_kernels import fused_dpo_loss, reference, sequence_logps
 
 
-def op_samples(backend):
+def op_samples(device):
     logits, labels = make_batch(4, 6, 123)
     yield logits, labels, -100, True
     yield logits.bfloat16(), labels.int(), -100, False
-    yield (torch.randn(6, 4, 507) * 3).transpose(0, 1), make_batch(4, 6, 507)[1], -100, True
+    yield (torch.randn(6, 4, 507) * 3).to(device).transpose(0, 1), make_batch(4, 6, 507)[1], -100, True
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck(backend):
-    for logits, labels, ignore_index, shift in op_samples(backend):
+def test_opcheck(backend, device):
+    for logits, labels, ignore_index, shift in op_samples(device):
         logits.requires_grad_()
         args = (logits, labels, ignore_index, shift, backend, False, False)
         torch.library.opcheck(torch.ops.dpo_kernels.token_logps.default, args)
@@ -37,10 +37,11 @@ def train_step(policy, ref, labels, backend, average):
 
 @pytest.mark.parametrize("ref_mode", ["logits", "logps", "none"])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compile_fullgraph_matches_eager(backend, ref_mode):
+def test_compile_fullgraph_matches_eager(backend, ref_mode, device):
     torch._dynamo.reset()
     policy, labels = make_batch(4, 7, 507)
     ref = {"logits": torch.randn(4, 7, 507), "logps": -torch.rand(4) * 20, "none": None}[ref_mode]
+    ref = ref.to(device) if ref is not None else None
     compiled = torch.compile(fused_dpo_loss, fullgraph=True, backend="aot_eager")
     leaf = policy.clone().requires_grad_()
     loss, metrics = compiled(leaf, ref, labels, beta=0.2, backend=backend, average=ref_mode == "logps")
@@ -55,12 +56,12 @@ def test_compile_fullgraph_matches_eager(backend, ref_mode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compile_inductor_with_lm_head_and_inplace_request(backend):
-    """A model-like graph through the default inductor backend; the in-place request falls back to a
-    fresh gradient under compile and still gives the eager gradient."""
+def test_compile_inductor_with_lm_head_and_inplace_request(backend, device):
+    """A model-like graph through the default inductor backend (C++ code on the CPU, Triton on the GPU);
+    the in-place request falls back to a fresh gradient under compile and still gives the eager gradient."""
     torch._dynamo.reset()
     _, labels = make_batch(4, 6, 123)
-    hidden, weight = torch.randn(4, 6, 16), torch.randn(123, 16)
+    hidden, weight = torch.randn(4, 6, 16).to(device), torch.randn(123, 16).to(device)
 
     def step(h, w):
         logits = h @ w.T
@@ -77,11 +78,11 @@ def test_compile_inductor_with_lm_head_and_inplace_request(backend):
     assert_fp32_close(h.grad, h_eager.grad)
 
 
-def test_gradcheck_fp64_torch_backend():
+def test_gradcheck_fp64_torch_backend(device):
     logits, labels = make_batch(4, 5, 11, dtype=torch.float64, scale=1.0)
     labels[3] = -100
     logits.requires_grad_()
-    ref = torch.randn(4, 5, 11, dtype=torch.float64)
+    ref = torch.randn(4, 5, 11, dtype=torch.float64).to(device)
 
     def fn(x):
         return sequence_logps(x, labels, backend="torch"), sequence_logps(x, labels, backend="torch", average=True)

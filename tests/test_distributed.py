@@ -17,6 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+pytestmark = pytest.mark.cpu_only("gloo process groups on CPU tensors")
+
 RTOL, ATOL = 1e-5, 1e-6
 
 

@@ -73,10 +73,10 @@ def assert_same(actual, expected, grad_rtol=1e-5):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_loss_family_matches_reference(backend, case):
+def test_loss_family_matches_reference(backend, case, device):
     options = CASES[case]
     policy, labels = family_batch()
-    ref = torch.randn(4, 9, 123)
+    ref = torch.randn(4, 9, 123).to(device)
     actual = run(fused_dpo_loss, policy, ref, labels, beta=0.5, backend=backend, **options)
     expected = run(reference.dpo_loss, policy, ref, labels, beta=0.5, **options)
     # discopop's exp(−βΔ) term amplifies the log-probs' fp32 rounding by its own magnitude.
@@ -86,12 +86,12 @@ def test_loss_family_matches_reference(backend, case):
 
 
 @pytest.mark.parametrize("case", ["sigmoid", "ipo", "mpo", "wpo", "ld_dpo"])
-def test_fused_linear_loss_family_matches_reference(case):
+def test_fused_linear_loss_family_matches_reference(case, device):
     options = CASES[case]
-    hidden = torch.randn(4, 9, 24)
-    weight = torch.randn(123, 24) / 24**0.5
+    hidden = torch.randn(4, 9, 24).to(device)
+    weight = (torch.randn(123, 24) / 24**0.5).to(device)
     _, labels = family_batch()
-    ref_logps = -torch.rand(4) * 30
+    ref_logps = (-torch.rand(4) * 30).to(device)
 
     def linear(h, ref, y, **kw):
         return fused_linear_dpo_loss(h, weight, y, ref_logps=ref, **kw)
@@ -161,13 +161,13 @@ def test_bad_options_name_the_argument(options, match):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_listwise_on_fused_log_probs(backend):
+def test_listwise_on_fused_log_probs(backend, device):
     """The README's layout: K responses of a prompt consecutive, (B·K, T, V) -> sequence_logps -> (B, K),
     column 0 ranked best. Equals listwise on the reference's log-probs (loss and logits gradient), and for
     K = 2 the sigmoid loss of fused_dpo_loss on the chosen-first layout."""
     B, K = 2, 3
     logits, labels = make_batch(B * K, 7, 123, scale=1.0)
-    ref_logps = -torch.rand(B, K) * 20
+    ref_logps = (-torch.rand(B, K) * 20).to(device)
 
     def listwise(logps_fn, x):
         loss, _ = losses.listwise_loss(logps_fn(x, labels).view(B, K), ref_logps, beta=0.2)
@@ -185,7 +185,7 @@ def test_listwise_on_fused_log_probs(backend):
     pairs = logits[: 2 * B].clone().requires_grad_()  # K = 2: rows (c0, r0, c1, r1)
     pair_labels, ref2 = labels[: 2 * B], ref_logps[:, :2]
     loss2, _ = losses.listwise_loss(sequence_logps(pairs, pair_labels, backend=backend).view(B, 2), ref2, beta=0.2)
-    order = torch.tensor([0, 2, 1, 3])  # chosen first, then rejected
+    order = torch.tensor([0, 2, 1, 3], device=device)  # chosen first, then rejected
     dpo, _ = fused_dpo_loss(logits[: 2 * B][order], ref2.T.reshape(-1), pair_labels[order], beta=0.2,
                             backend=backend, token_metrics=False)  # fmt: skip
     assert_fp32_close(loss2, dpo)

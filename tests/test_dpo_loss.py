@@ -19,20 +19,20 @@ def loss_and_grad(fn, policy, ref, labels, **kwargs):
     return loss.detach(), metrics, leaf.grad
 
 
-def reference_input(mode, n, t, v, dtype):
+def reference_input(mode, n, t, v, dtype, device):
     if mode == "logits":
-        return (torch.randn(n, t, v) * 3).to(dtype)
+        return (torch.randn(n, t, v) * 3).to(dtype).to(device)
     if mode == "logps":
-        return -torch.rand(n) * 50
+        return (-torch.rand(n) * 50).to(device)
     return None
 
 
 @pytest.mark.parametrize("ref_mode", ["logits", "logps", "none"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference(backend, dtype, ref_mode):
+def test_matches_reference(backend, dtype, ref_mode, device):
     policy, labels = make_batch(4, 9, 507, dtype=dtype)
-    ref = reference_input(ref_mode, 4, 9, 507, dtype)
+    ref = reference_input(ref_mode, 4, 9, 507, dtype, device)
     loss, metrics, grad = loss_and_grad(fused_dpo_loss, policy, ref, labels, beta=0.5, backend=backend)
     ref_loss, ref_metrics, ref_grad = loss_and_grad(reference.dpo_loss, policy, ref, labels, beta=0.5)
     assert_fp32_close(loss, ref_loss)
@@ -49,10 +49,10 @@ def test_matches_reference(backend, dtype, ref_mode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_average_single_pair_and_all_masked_completion(backend):
+def test_average_single_pair_and_all_masked_completion(backend, device):
     policy, labels = make_batch(2, 6, 123)
     labels[1] = -100  # the rejected completion is entirely masked: log-prob 0, no NaN
-    ref = torch.randn(2, 6, 123)
+    ref = torch.randn(2, 6, 123).to(device)
     for average in (False, True):
         loss, metrics, grad = loss_and_grad(fused_dpo_loss, policy, ref, labels, backend=backend, average=average)
         ref_loss, _, ref_grad = loss_and_grad(reference.dpo_loss, policy, ref, labels, average=average)
@@ -62,7 +62,7 @@ def test_average_single_pair_and_all_masked_completion(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_the_lessons_toy_pair(backend):
+def test_the_lessons_toy_pair(backend, device):
     """Seed lesson, layer 1: π_w = −2.30, π_l = −3.00, ref = −2.50 for both, β = 0.1.
 
     The lesson's code gives gap = β·(0.20 + 0.50) = 0.07 and loss = −log σ(0.07) = 0.6588; the output it
@@ -74,9 +74,10 @@ def test_the_lessons_toy_pair(backend):
     p = logps.exp()
     policy = torch.zeros(2, 2, 2, dtype=torch.float64)
     policy[:, 0, 0] = torch.log(p / (1 - p))  # log_softmax([a, 0])[0] = log p
-    labels = torch.tensor([[-100, 0], [-100, 0]])
-    ref = torch.tensor([-2.50, -2.50])
-    loss, metrics, grad = loss_and_grad(fused_dpo_loss, policy.float(), ref, labels, beta=0.1, backend=backend)
+    labels = torch.tensor([[-100, 0], [-100, 0]], device=device)
+    ref = torch.tensor([-2.50, -2.50], device=device)
+    policy = policy.float().to(device)
+    loss, metrics, grad = loss_and_grad(fused_dpo_loss, policy, ref, labels, beta=0.1, backend=backend)
     gap = 0.1 * (0.20 + 0.50)
     assert math.isclose(loss.item(), -math.log(1 / (1 + math.exp(-gap))), rel_tol=1e-5)
     assert round(loss.item(), 4) == 0.6588
@@ -110,10 +111,10 @@ def test_the_lessons_metric_keys_whatever_the_loss(backend, loss_type):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_reference_side_runs_without_autograd_and_saves_nothing(backend):
+def test_reference_side_runs_without_autograd_and_saves_nothing(backend, device):
     policy, labels = make_batch(4, 6, 507)
     policy.requires_grad_()
-    ref = torch.randn(4, 6, 507, requires_grad=True)
+    ref = torch.randn(4, 6, 507).to(device).requires_grad_()
     saved = []
 
     def pack(tensor):

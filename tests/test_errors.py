@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import BACKENDS, make_batch
+from conftest import BACKENDS, DEVICE, make_batch
 from dpo_kernels import fused_dpo_loss, sequence_logps
 
 
@@ -31,8 +31,14 @@ CASES = {
     "ref_vocabulary": (lambda p, r, y: (p, r[..., :-1], y), ValueError, r"policy_logits' shape \(4, 5, 123\) \(2B, T, V\), got \(4, 5, 122\)"),
     "ref_logps_shape": (lambda p, r, y: (p, r[:2, 0, 0], y), ValueError, r"ref_logits as precomputed log-probs must have shape \(4,\)"),
     "ref_integer": (lambda p, r, y: (p, r.long(), y), TypeError, "ref_logits must be floating point"),
-    "labels_on_meta": (lambda p, r, y: (p, r, y.to("meta")), ValueError, "labels are on meta but policy_logits is on cpu"),
-    "ref_on_meta": (lambda p, r, y: (p, r.to("meta"), y), ValueError, "ref_logits are on meta but policy_logits is on cpu"),
+    "labels_on_meta": (lambda p, r, y: (p, r, y.to("meta")), ValueError, f"labels are on meta but policy_logits is on {DEVICE}"),
+    "ref_on_meta": (lambda p, r, y: (p, r.to("meta"), y), ValueError, f"ref_logits are on meta but policy_logits is on {DEVICE}"),
+}
+# Only where the logits are on the GPU: CPU tensors next to them.
+CUDA_CASES = {
+    "labels_on_cpu": (lambda p, r, y: (p, r, y.cpu()), ValueError, "labels are on cpu but policy_logits is on cuda"),
+    "ref_on_cpu": (lambda p, r, y: (p, r.cpu(), y), ValueError, "ref_logits are on cpu but policy_logits is on cuda"),
+    "ref_logps_on_cpu": (lambda p, r, y: (p, r[:, 0, 0].cpu(), y), ValueError, "ref_logits are on cpu but policy"),
 }
 
 
@@ -43,6 +49,33 @@ def test_fused_dpo_loss_rejects(backend, case):
     make_args, error, message = CASES[case]
     with pytest.raises(error, match=message):
         fused_dpo_loss(*make_args(policy, torch.randn_like(policy), labels), backend=backend)
+
+
+@pytest.mark.cuda_only
+@pytest.mark.parametrize("case", CUDA_CASES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cpu_tensors_next_to_cuda_logits_are_named(backend, case):
+    policy, labels = batch()
+    make_args, error, message = CUDA_CASES[case]
+    with pytest.raises(error, match=message):
+        fused_dpo_loss(*make_args(policy, torch.randn_like(policy), labels), backend=backend)
+    if case == "labels_on_cpu":
+        with pytest.raises(error, match="labels are on cpu but logits is on cuda"):
+            sequence_logps(policy, labels.cpu(), backend=backend)
+
+
+@pytest.mark.cuda_only
+def test_fused_linear_names_the_cpu_tensor(device):
+    from dpo_kernels import fused_linear_dpo_loss
+
+    hidden, weight, bias = torch.randn(4, 5, 8, device=device), torch.randn(123, 8, device=device), torch.zeros(123)
+    _, labels = batch()
+    cases = {"weight": "weight is on cpu", "bias": "bias is on cpu", "labels": "labels are on cpu"}
+    for name, message in cases.items():
+        args = dict(policy_hidden=hidden, weight=weight, labels=labels)
+        args[name] = bias if name == "bias" else args[name].cpu()
+        with pytest.raises(ValueError, match=f"{message} but policy_hidden is on cuda"):
+            fused_linear_dpo_loss(**args)
 
 
 @pytest.mark.parametrize("beta", [0, -0.1, float("nan"), float("inf"), "0.1", True])
@@ -61,7 +94,7 @@ def test_unknown_backend_and_environment_override(monkeypatch):
         sequence_logps(logits, labels)
 
 
-def test_environment_selects_the_backend(monkeypatch):
+def test_environment_selects_the_backend(monkeypatch, device):
     from dpo_kernels import native
     from dpo_kernels.triton import logprobs
 
@@ -77,13 +110,14 @@ def test_environment_selects_the_backend(monkeypatch):
     assert calls == ["triton"]
     monkeypatch.delenv("DPO_KERNELS_BACKEND")
     sequence_logps(logits, labels)
-    assert calls == ["triton", "native"]  # "auto" on CPU tensors: the native C++ kernels
+    auto = "native" if device.type == "cpu" else "triton"  # "auto": the native C++ kernels on CPU tensors
+    assert calls == ["triton", auto]
     sequence_logps(logits, labels, backend="torch")
-    assert calls == ["triton", "native"]
+    assert calls == ["triton", auto]
 
 
 def test_triton_needs_cuda_or_the_interpreter(monkeypatch):
-    logits, labels = batch()
+    logits, labels = make_batch(4, 5, 123, device="cpu")  # CPU tensors in either mode
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="backend='triton' runs on CUDA tensors"):
         sequence_logps(logits, labels, backend="triton")
@@ -114,7 +148,7 @@ def test_label_check_ignores_the_unscored_first_position(backend):
         (dict(vocab_start=0), RuntimeError, "initialized torch.distributed process group"),
     ],
 )
-def test_vocabulary_parallel_arguments(kwargs, exc, match):
+def test_vocabulary_parallel_arguments(kwargs, exc, match, device):
     """process_group= / vocab_start= on the public entry points: checked before any collective."""
     from dpo_kernels import fused_linear_dpo_loss
 
@@ -124,4 +158,5 @@ def test_vocabulary_parallel_arguments(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         fused_dpo_loss(policy, None, labels, backend="torch", **kwargs)
     with pytest.raises(exc, match=match):
-        fused_linear_dpo_loss(torch.randn(4, 5, 8), torch.randn(123, 8), labels, backend="torch", **kwargs)
+        hidden, weight = torch.randn(4, 5, 8).to(device), torch.randn(123, 8).to(device)
+        fused_linear_dpo_loss(hidden, weight, labels, backend="torch", **kwargs)

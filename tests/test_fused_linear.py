@@ -24,10 +24,10 @@ TRANSFORMS = {
 }
 
 
-def lm_head(n, t, h, v, dtype, bias):
-    hidden = torch.randn(n, t, h).to(dtype)
-    weight = (torch.randn(v, h) / h**0.5 * 3).to(dtype)
-    return hidden, weight, (torch.randn(v) * 0.5).to(dtype) if bias else None
+def lm_head(n, t, h, v, dtype, bias, device):
+    hidden = torch.randn(n, t, h).to(dtype).to(device)
+    weight = (torch.randn(v, h) / h**0.5 * 3).to(dtype).to(device)
+    return hidden, weight, (torch.randn(v) * 0.5).to(dtype).to(device) if bias else None
 
 
 def run(fn, hidden, weight, bias, labels, upstream, **kwargs):
@@ -51,12 +51,12 @@ def naive(hidden, weight, bias, labels, shift=True, average=False, backend=None,
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", LINEAR_BACKENDS)
-def test_matches_matmul_plus_reference(backend, dtype, bias, transform):
+def test_matches_matmul_plus_reference(backend, dtype, bias, transform, device):
     n, t, h, v = 4, 6, 40, 123
-    hidden, weight, b = lm_head(n, t, h, v, dtype, bias)
+    hidden, weight, b = lm_head(n, t, h, v, dtype, bias, device)
     _, labels = make_batch(n, t, v)
     labels[3] = -100  # an all-masked sequence
-    upstream = torch.randn(n)
+    upstream = torch.randn(n).to(device)
     kwargs = dict(TRANSFORMS[transform], backend=backend)
     out, grads = run(fused, hidden, weight, b, labels, upstream, **kwargs)
     assert out[3] == 0 and (grads[0][3] == 0).all()
@@ -78,7 +78,7 @@ def test_matches_matmul_plus_reference(backend, dtype, bias, transform):
         product = (hidden @ weight.T).float()
         bias32 = b.float() if b is not None else None
         model = reference.sequence_logps(
-            reference.lm_head_logits(product, torch.eye(v), bias32, **TRANSFORMS[transform]), labels
+            reference.lm_head_logits(product, torch.eye(v, device=device), bias32, **TRANSFORMS[transform]), labels
         )
         assert_fp32_close(out, model)
     else:
@@ -89,12 +89,12 @@ def test_matches_matmul_plus_reference(backend, dtype, bias, transform):
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
-def test_portable_bf16_error_is_within_the_reference_error(transform):
+def test_portable_bf16_error_is_within_the_reference_error(transform, device):
     """At a size where rounding errors add up (1 024 tokens): the portable bf16 path, which rounds only its
     matmul's output, is on average at least as close to fp64 as the naive bf16 path. (Per sequence the two
     errors are sums of similar roundings of either sign, so their maxima over a batch trade places.)"""
     n, t, h, v = 16, 64, 64, 1000
-    hidden, weight, b = lm_head(n, t, h, v, torch.bfloat16, True)
+    hidden, weight, b = lm_head(n, t, h, v, torch.bfloat16, True, device)
     _, labels = make_batch(n, t, v)
     kwargs = TRANSFORMS[transform]
     truth = naive(hidden.double(), weight.double(), b.double(), labels, **kwargs)
@@ -105,13 +105,13 @@ def test_portable_bf16_error_is_within_the_reference_error(transform):
 
 @pytest.mark.parametrize("shift", [True, False])
 @pytest.mark.parametrize("average", [False, True])
-def test_chunking_over_rows_and_vocabulary(monkeypatch, shift, average):
+def test_chunking_over_rows_and_vocabulary(monkeypatch, shift, average, device):
     """Chunks far smaller than the problem: online log-sum-exp across vocabulary chunks, ragged last
     chunks in both directions."""
     monkeypatch.setattr(portable_linear, "MAX_VOCAB_CHUNK", 50)
-    hidden, weight, b = lm_head(3, 9, 24, 307, torch.float32, True)
+    hidden, weight, b = lm_head(3, 9, 24, 307, torch.float32, True, device)
     _, labels = make_batch(3, 9, 307)
-    upstream = torch.randn(3)
+    upstream = torch.randn(3).to(device)
     kwargs = dict(shift=shift, average=average, softcap=6.0)
     out, grads = run(fused, hidden, weight, b, labels, upstream, backend="torch", memory_budget=7 * 50 * 4, **kwargs)
     ref_out, ref_grads = run(naive, hidden, weight, b, labels, upstream, **kwargs)
@@ -121,14 +121,14 @@ def test_chunking_over_rows_and_vocabulary(monkeypatch, shift, average):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_backward_row_tiles(monkeypatch, dtype):
+def test_backward_row_tiles(monkeypatch, dtype, device):
     """The portable backward with several row tiles per vocabulary tile (d_weight through its fp32 tile
     accumulator) and ragged tiles both ways."""
     monkeypatch.setattr(portable_linear, "BACKWARD_ROW_TILE", 5)
     n, t, h, v = 4, 6, 40, 123
-    hidden, weight, b = lm_head(n, t, h, v, dtype, True)
+    hidden, weight, b = lm_head(n, t, h, v, dtype, True, device)
     _, labels = make_batch(n, t, v)
-    upstream = torch.randn(n)
+    upstream = torch.randn(n).to(device)
     kwargs = dict(softcap=4.0, logit_scale=1.5)
     out, grads = run(fused, hidden, weight, b, labels, upstream, backend="torch", memory_budget=5 * 50 * 4, **kwargs)
     ref_out, ref_grads = run(naive, hidden, weight, b, labels, upstream, **kwargs)
@@ -141,9 +141,9 @@ def test_backward_row_tiles(monkeypatch, dtype):
         assert_low_precision_grad(grad, ref_grad, truth)
 
 
-def test_gradcheck_fp64():
-    hidden, weight, b = lm_head(2, 4, 6, 11, torch.float64, True)
-    labels = torch.tensor([[-100, 3, 7, 10], [-100, -100, 0, 5]])
+def test_gradcheck_fp64(device):
+    hidden, weight, b = lm_head(2, 4, 6, 11, torch.float64, True, device)
+    labels = torch.tensor([[-100, 3, 7, 10], [-100, -100, 0, 5]], device=device)
     inputs = tuple(t.requires_grad_() for t in (hidden, weight, b))
     fn = lambda h, w, bb: fused_linear_sequence_logps(h, w, labels, bb, softcap=2.0, logit_scale=1.3, backend="torch")  # noqa: E731
     assert torch.autograd.gradcheck(fn, inputs)
@@ -151,11 +151,11 @@ def test_gradcheck_fp64():
 
 @pytest.mark.parametrize("ref_mode", ["hidden", "hidden_own_head", "logps", "none"])
 @pytest.mark.parametrize("backend", LINEAR_BACKENDS)
-def test_dpo_loss_matches_reference(backend, ref_mode):
+def test_dpo_loss_matches_reference(backend, ref_mode, device):
     n, t, h, v = 4, 7, 32, 211
-    hidden, weight, bias = lm_head(n, t, h, v, torch.float32, True)
+    hidden, weight, bias = lm_head(n, t, h, v, torch.float32, True, device)
     _, labels = make_batch(n, t, v)
-    ref_hidden, ref_weight, _ = lm_head(n, t, h, v, torch.float32, False)
+    ref_hidden, ref_weight, _ = lm_head(n, t, h, v, torch.float32, False, device)
     kwargs = dict(beta=0.3, bias=bias, backend=backend)
     ref_logits = None
     if ref_mode == "hidden":
@@ -165,7 +165,7 @@ def test_dpo_loss_matches_reference(backend, ref_mode):
         kwargs.update(ref_hidden=ref_hidden, ref_weight=ref_weight)
         ref_logits = reference.lm_head_logits(ref_hidden, ref_weight)
     elif ref_mode == "logps":
-        kwargs["ref_logps"] = ref_logits = -torch.rand(n) * 30
+        kwargs["ref_logps"] = ref_logits = (-torch.rand(n) * 30).to(device)
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     loss, metrics = fused_linear_dpo_loss(h1, w1, labels, **kwargs)
     loss.backward()
@@ -180,8 +180,8 @@ def test_dpo_loss_matches_reference(backend, ref_mode):
 
 
 @pytest.mark.parametrize("backend", LINEAR_BACKENDS)
-def test_opcheck_and_compile(backend):
-    hidden, weight, bias = lm_head(4, 5, 16, 123, torch.float32, True)
+def test_opcheck_and_compile(backend, device):
+    hidden, weight, bias = lm_head(4, 5, 16, 123, torch.float32, True, device)
     _, labels = make_batch(4, 5, 123)
     args = (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), labels, -100, True, 1.0, 3.0, 1.0, 0, backend, False)
     torch.library.opcheck(torch.ops.dpo_kernels.fused_linear_token_logps.default, args)
@@ -197,9 +197,14 @@ def test_opcheck_and_compile(backend):
     assert_fp32_close(h.grad, h_eager.grad)
 
 
-def bad_cases():
-    h, w, b = lm_head(4, 5, 8, 50, torch.float32, True)
-    _, y = make_batch(4, 5, 50)
+BAD_CASES = ["weight_H", "weight_dtype", "bias_shape", "hidden_2d", "label_range", "softcap", "temperature",
+             "odd_batch", "memory_budget", "two_refs", "ref_logps_shape", "ref_hidden_shape", "ref_hidden_H",
+             "ref_weight_V", "ref_bias_shape", "ref_weight_alone"]  # fmt: skip
+
+
+def bad_cases(device):
+    h, w, b = lm_head(4, 5, 8, 50, torch.float32, True, device)
+    _, y = make_batch(4, 5, 50, device=device)
     y_bad = y.clone()
     y_bad[0, 3] = 50
     return {
@@ -212,8 +217,8 @@ def bad_cases():
         "temperature": (dict(policy_hidden=h, weight=w, labels=y, temperature=0), ValueError, "temperature must be a positive"),
         "odd_batch": (dict(policy_hidden=h[:3], weight=w, labels=y[:3]), ValueError, "policy_hidden must hold 2B sequences"),
         "memory_budget": (dict(policy_hidden=h, weight=w, labels=y, memory_budget=2), ValueError, "memory_budget must be None or a number of bytes"),
-        "two_refs": (dict(policy_hidden=h, weight=w, labels=y, ref_logps=torch.zeros(4), ref_hidden=h), ValueError, "not both"),
-        "ref_logps_shape": (dict(policy_hidden=h, weight=w, labels=y, ref_logps=torch.zeros(3)), ValueError, r"ref_logps must have shape \(4,\)"),
+        "two_refs": (dict(policy_hidden=h, weight=w, labels=y, ref_logps=torch.zeros(4, device=device), ref_hidden=h), ValueError, "not both"),
+        "ref_logps_shape": (dict(policy_hidden=h, weight=w, labels=y, ref_logps=torch.zeros(3, device=device)), ValueError, r"ref_logps must have shape \(4,\)"),
         "ref_hidden_shape": (dict(policy_hidden=h, weight=w, labels=y, ref_hidden=h[:, :-1]), ValueError, r"ref_hidden must have shape \(N, T, H\) with the \(N, T\) of policy_hidden \(4, 5, 8\), got \(4, 4, 8\)"),
         "ref_hidden_H": (dict(policy_hidden=h, weight=w, labels=y, ref_hidden=h[..., :-1]), ValueError, r"weight \(scoring ref_hidden\) must have shape \(V, H\) with H = 7, got \(50, 8\)"),
         "ref_weight_V": (dict(policy_hidden=h, weight=w, labels=y, ref_hidden=h, ref_weight=w[:-1]), ValueError, r"ref_weight must cover the policy's vocabulary: weight has shape \(50, 8\), ref_weight \(49, 8\)"),
@@ -228,10 +233,12 @@ CPU_ONLY_CASES = {"label_range": "on CUDA a bad label is a device-side assert, n
 
 @pytest.mark.parametrize(
     "case", [pytest.param(c, marks=pytest.mark.cpu_only(CPU_ONLY_CASES[c])) if c in CPU_ONLY_CASES else c
-             for c in bad_cases()],
+             for c in BAD_CASES],
 )  # fmt: skip
-def test_bad_input(case):
-    kwargs, error, message = bad_cases()[case]
+def test_bad_input(case, device):
+    cases = bad_cases(device)
+    assert list(cases) == BAD_CASES
+    kwargs, error, message = cases[case]
     with pytest.raises(error, match=message):
         fused_linear_dpo_loss(**kwargs)
 

@@ -46,10 +46,10 @@ def op(hidden, weight, bias, labels, *, shift=True, logit_scale=1.0, softcap=Non
     )  # fmt: skip
 
 
-def lm_head(n, t, h, v, dtype, bias):
-    hidden = torch.randn(n, t, h).to(dtype)
-    weight = (torch.randn(v, h) / h**0.5 * 3).to(dtype)
-    return hidden, weight, (torch.randn(v) * 0.5).to(dtype) if bias else None
+def lm_head(n, t, h, v, dtype, bias, device):
+    hidden = torch.randn(n, t, h).to(dtype).to(device)
+    weight = (torch.randn(v, h) / h**0.5 * 3).to(dtype).to(device)
+    return hidden, weight, (torch.randn(v) * 0.5).to(dtype).to(device) if bias else None
 
 
 def reference_stats(hidden, weight, bias, labels, shift=True, round_product=False, **transform):
@@ -59,7 +59,7 @@ def reference_stats(hidden, weight, bias, labels, shift=True, round_product=Fals
     b = bias.to(up) if bias is not None else None
     if round_product:
         product = (hidden @ weight.T).to(up)
-        eye = torch.eye(product.shape[-1], dtype=up)  # the transform of lm_head_logits on given products
+        eye = torch.eye(product.shape[-1], dtype=up, device=product.device)  # lm_head_logits' transform of products
         z = reference.lm_head_logits(product, eye, b, **transform)
     else:
         z = reference.lm_head_logits(hidden.to(up), weight.to(up), b, **transform)
@@ -70,7 +70,7 @@ def label_argmax(labels, z, shift=True, share=0.5):
     """Labels of which about ``share`` of the scored tokens are the argmax (so top1 is not all zeros)."""
     target = z[:, :-1].argmax(-1) if shift else z.argmax(-1)
     y = labels[:, int(shift) :]
-    pick = (torch.rand(y.shape) < share) & (y != -100)
+    pick = (torch.rand(y.shape) < share).to(y.device) & (y != -100)
     y.copy_(torch.where(pick, target, y))
     return labels
 
@@ -92,10 +92,10 @@ def check(stats, expected):
 @pytest.mark.parametrize("bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_matches_reference(backend, dtype, bias, transform):
+def test_matches_reference(backend, dtype, bias, transform, device):
     """H = 40 and V = 123 are multiples of no block size; sequence 3 is all masked."""
     n, t, h, v = 4, 6, 40, 123
-    hidden, weight, b = lm_head(n, t, h, v, dtype, bias)
+    hidden, weight, b = lm_head(n, t, h, v, dtype, bias, device)
     _, labels = make_batch(n, t, v)
     labels[3] = -100
     kw = TRANSFORMS[transform]
@@ -114,8 +114,8 @@ def test_matches_reference(backend, dtype, bias, transform):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_no_shift(backend):
-    hidden, weight, b = lm_head(3, 5, 24, 77, torch.float32, True)
+def test_no_shift(backend, device):
+    hidden, weight, b = lm_head(3, 5, 24, 77, torch.float32, True, device)
     _, labels = make_batch(3, 5, 77)
     _, z = reference_stats(hidden, weight, b, labels, shift=False, softcap=6.0)
     labels = label_argmax(labels, z, shift=False)
@@ -126,11 +126,11 @@ def test_no_shift(backend):
     check(stats, expected)
 
 
-def test_portable_fp64_and_vocabulary_chunks(monkeypatch):
+def test_portable_fp64_and_vocabulary_chunks(monkeypatch, device):
     """Chunks of at most 50 vocabulary columns and 7 rows: every statistic is folded across chunks."""
     monkeypatch.setattr(portable_linear, "MAX_VOCAB_CHUNK", 50)
     for dtype in (torch.float64, torch.float32):
-        hidden, weight, b = lm_head(3, 9, 24, 307, dtype, True)
+        hidden, weight, b = lm_head(3, 9, 24, 307, dtype, True, device)
         _, labels = make_batch(3, 9, 307)
         _, z = reference_stats(hidden, weight, b, labels, logit_scale=1.5, softcap=6.0)
         labels = label_argmax(labels, z)
@@ -145,15 +145,15 @@ def test_portable_fp64_and_vocabulary_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_triton_vocabulary_splits(dtype):
+def test_triton_vocabulary_splits(dtype, device):
     """Small blocks over M = 37, H = 40, V = 300 (10 V tiles, the last one ragged) in 1, 3 and 5
     vocabulary splits: the merge kernel combines every statistic across splits."""
     M, H, V = 37, 40, 300
-    hidden = torch.randn(M, H).to(dtype)
-    weight = (torch.randn(V, H) / H**0.5 * 3).to(dtype)
-    b = torch.randn(V).to(dtype)
+    hidden = torch.randn(M, H).to(dtype).to(device)
+    weight = (torch.randn(V, H) / H**0.5 * 3).to(dtype).to(device)
+    b = torch.randn(V).to(dtype).to(device)
     z = reference.lm_head_logits(hidden.float(), weight.float(), b.float(), softcap=5.0, temperature=0.9)
-    labels = torch.where(torch.rand(M) < 0.5, z.argmax(-1), torch.randint(0, V, (M,)))
+    labels = torch.where((torch.rand(M) < 0.5).to(device), z.argmax(-1), torch.randint(0, V, (M,)).to(device))
     top2 = z.topk(2, dim=-1).values
     assert (top2[:, 0] - top2[:, 1]).min() > NEAR_TIE
     expected = reference.token_stats(z[None], labels[None], shift=False)[0]
@@ -203,13 +203,14 @@ def tied_rows(M, H, pairs, tied_labels_only=False):
 
 @pytest.mark.parametrize("transform", ["plain", "all"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_ties_triton(dtype, transform):
+def test_ties_triton(dtype, transform, device):
     """Tied maxima in one V tile, in two tiles of one split and in two splits (SMALL: 32-wide tiles,
     3 splits of 4 tiles over V = 300): the first index wins everywhere."""
     M, H, V = 36, 24, 300
     pairs = [(3, 17), (40, 70), (10, 290)]  # same tile; tiles 1 and 2; splits 0 and 2
     weight, bias = tied_head(H, V, pairs)
     hidden, labels, top1 = tied_rows(M, H, pairs)
+    weight, bias, hidden, labels, top1 = (x.to(device) for x in (weight, bias, hidden, labels, top1))
     kw = TRANSFORMS[transform]
     expected = reference.token_stats(reference.lm_head_logits(hidden, weight, bias, **kw)[None], labels[None],
                                      shift=False)[0]  # fmt: skip
@@ -222,7 +223,7 @@ def test_ties_triton(dtype, transform):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_ties_through_the_op(backend, monkeypatch):
+def test_ties_through_the_op(backend, monkeypatch, device):
     """Ties through the op (unshifted: row t's label is scored by hidden row t); on the portable path
     in one vocabulary chunk (64 columns) and across chunks, on Triton in one V tile and across tiles."""
     monkeypatch.setattr(portable_linear, "MAX_VOCAB_CHUNK", 64)
@@ -231,6 +232,7 @@ def test_ties_through_the_op(backend, monkeypatch):
     weight, bias = tied_head(H, V, pairs)
     hidden, labels, top1 = tied_rows(N * T, H, pairs, tied_labels_only=True)
     hidden, labels, top1 = hidden.view(N, T, H).float(), labels.view(N, T), top1.view(N, T)
+    weight, bias, hidden, labels, top1 = (x.to(device) for x in (weight, bias, hidden, labels, top1))
     labels[1, 5] = -100
     chunk = 64 * 8 if backend == "torch" else 0
     _, _, stats = op(hidden, weight.float(), bias.float(), labels, shift=False, softcap=30.0, chunk_elements=chunk,
@@ -243,8 +245,8 @@ def test_ties_through_the_op(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_and_autograd(backend):
-    hidden, weight, bias = lm_head(4, 5, 16, 123, torch.float32, True)
+def test_opcheck_and_autograd(backend, device):
+    hidden, weight, bias = lm_head(4, 5, 16, 123, torch.float32, True, device)
     _, labels = make_batch(4, 5, 123)
     args = (hidden.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(), labels, -100, True, 1.0, 3.0, 1.0,
             0, backend, True)  # fmt: skip
@@ -262,8 +264,8 @@ def test_opcheck_and_autograd(backend):
         assert torch.equal(a, b)
 
 
-def test_compile_with_stats():
-    hidden, weight, bias = lm_head(2, 5, 16, 50, torch.float32, False)
+def test_compile_with_stats(device):
+    hidden, weight, bias = lm_head(2, 5, 16, 50, torch.float32, False, device)
     _, labels = make_batch(2, 5, 50)
     torch._dynamo.reset()
     fn = torch.compile(lambda h, w, y: op(h, w, None, y)[2].sum(-2), fullgraph=True, backend="aot_eager")

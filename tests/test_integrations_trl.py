@@ -25,7 +25,10 @@ from dpo_kernels.integrations.trl import FusedDPOTrainer, apply_fused_dpo, check
 
 transformers.logging.set_verbosity_error()
 datasets.disable_progress_bars()
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.cpu_only("TRL / HF integration on tiny CPU fp32 models"),
+]
 
 VOCAB = 128
 RTOL, ATOL = 1e-5, 1e-6

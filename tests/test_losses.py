@@ -13,6 +13,10 @@ from conftest import FP32_ATOL, FP32_RTOL
 
 from dpo_kernels import losses as L
 
+pytestmark = pytest.mark.cpu_only(
+    "formulas on per-sequence vectors in plain torch; the loss family runs on CUDA tensors in test_dpo_family.py"
+)
+
 B = 6
 FP64_TOL = dict(rtol=1e-10, atol=1e-10)
 

@@ -33,6 +33,7 @@ def test_extension_is_built_and_registered_for_cpu():
     assert native.has_kernel("cpu")
 
 
+@pytest.mark.cpu_only("proves the CUDA kernels by their sm_80/sm_90 code, for want of a GPU (test_gpu.py runs them)")
 def test_cuda_fallback_is_compiled_linked_and_registered():
     """No GPU here: the CUDA kernels are proven by compiling them for sm_80 and sm_90, linking them into
     the extension, and finding the ops' CUDA kernels registered. CI (CI=true) never skips this."""
@@ -53,6 +54,7 @@ def cpu_flags() -> set:
     return set(re.findall(r"^flags\s*:(.*)$", text, re.M)[0].split()) if "flags" in text else set()
 
 
+@pytest.mark.cpu_only("the CPU kernel copies per instruction set")
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 def test_every_cpu_kernel_copy_matches_the_reference(capability):
     """The kernel file is compiled once per instruction set; ATen's ATEN_CPU_CAPABILITY picks the copy."""
@@ -86,13 +88,13 @@ def test_every_cpu_kernel_copy_matches_the_reference(capability):
     assert chosen == capability.upper() and status == "ok"
 
 
-def test_native_ops_opcheck_and_cpp_errors():
+def test_native_ops_opcheck_and_cpp_errors(device):
     logits, labels = make_batch(4, 6, 123)
     args = (logits, labels, -100, True)
     torch.library.opcheck(torch.ops.dpo_kernels.native_token_logps.default, args)
     logp, lse, stats = torch.ops.dpo_kernels.native_token_logps(*args)
     assert stats.shape == (4, 5, 0)  # with_stats defaults to False
-    grad = torch.randn(4, 1).expand(4, 5)  # what the backward of a per-sequence sum passes
+    grad = torch.randn(4, 1).to(device).expand(4, 5)  # what the backward of a per-sequence sum passes
     torch.library.opcheck(torch.ops.dpo_kernels.native_token_logps_backward.default, (grad, logits, labels, lse, -100, True))
     torch.library.opcheck(
         torch.ops.dpo_kernels.native_token_logps_backward_.default, (grad, logits.clone(), labels, lse, -100, True)
@@ -122,6 +124,7 @@ def test_auto_on_cuda_tensors_prefers_triton_then_the_native_cuda_kernels(monkey
             assert ops._resolve("auto", "cuda", torch.bfloat16, False) == "torch"
 
 
+@pytest.mark.cpu_only("'auto' asks for the native kernels on CPU tensors only (Triton serves CUDA tensors)")
 def test_without_the_extension_auto_falls_back_with_one_warning_and_native_refuses(monkeypatch):
     logits, labels = make_batch(2, 5, 123)
     monkeypatch.setattr(native, "load_error", lambda: "ImportError: no module named dpo_kernels._C")
@@ -142,6 +145,7 @@ def run_setup(tmp_path, args, **env):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.cpu_only("the native build policy")
 def test_install_goes_on_without_torch_unless_strict(tmp_path):
     """pip's isolated build has no torch: setup.py must not fail, only leave the extension out."""
     fake = tmp_path / "fake" / "torch"
@@ -156,6 +160,7 @@ def test_install_goes_on_without_torch_unless_strict(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_only("the native build policy")
 def test_failed_compile_is_a_warning_unless_strict(tmp_path):
     build = ["build_ext", "--build-lib", str(tmp_path / "lib"), "--build-temp", str(tmp_path / "tmp")]
     result = run_setup(ROOT, build, CC="false", CXX="false")

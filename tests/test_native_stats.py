@@ -14,6 +14,8 @@ inputs, fp64 arithmetic). Per row, with eps = 2^-23 for fp32 results:
 - top1: exactly equal (comparisons of the stored values).
 fp64 results use eps = 2^-52 and delta = sqrt(V) eps: libm's exp is good to an ulp, and what is left
 is the rounding of the V-term sums, of the kernel and of the fp64 truth alike (~sqrt(V) eps each).
+On CUDA tensors (the CUDA test mode) e^x is ex2.approx of x·log2(e): a few ulps plus |x|·eps for
+x = z - m, which moves log s by about eps·E_p|z - m|, inside the same bounds.
 """
 
 import os
@@ -119,16 +121,16 @@ def test_without_stats_the_outputs_are_unchanged():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_strided_layouts(dtype):
+def test_strided_layouts(dtype, device):
     _, labels = make_batch(3, 5, 507)
-    wide = (torch.randn(3, 5, 520) * 3).to(dtype)
+    wide = (torch.randn(3, 5, 520) * 3).to(dtype).to(device)
     check(wide[..., 3:510], labels)  # unit vocab stride, rows that start off any vector boundary
-    by_vocab = (torch.randn(3, 507, 5) * 3).to(dtype)
+    by_vocab = (torch.randn(3, 507, 5) * 3).to(dtype).to(device)
     check(by_vocab.transpose(1, 2), labels)  # vocab stride 5: the scalar strided path
-    every_other = (torch.randn(3, 10, 507) * 3).to(dtype)
+    every_other = (torch.randn(3, 10, 507) * 3).to(dtype).to(device)
     check(every_other[:, ::2], labels)  # time stride 2 V
     check(every_other[:1, :5].expand(3, 5, 507), labels)  # batch stride 0
-    check((torch.randn(5, 3, 507) * 3).to(dtype).transpose(0, 1), labels)  # batch stride V, time 3 V
+    check((torch.randn(5, 3, 507) * 3).to(dtype).to(device).transpose(0, 1), labels)  # batch stride V, time 3 V
     labels_t = labels.t().contiguous().t()  # strided labels
     check(wide[..., 3:510], labels_t)
 
@@ -171,7 +173,7 @@ def test_minus_infinity_logits(dtype):
 
 @pytest.mark.parametrize("layout", ["contiguous", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
-def test_top1_ties(dtype, layout):
+def test_top1_ties(dtype, layout, device):
     """The label is the top-1 only as the FIRST index of the maximum (argmax's tie rule), wherever the
     equal maxima sit: one vector, neighbouring vectors, two CPU tiles (4096), the scalar tail."""
     v = 5000
@@ -183,6 +185,7 @@ def test_top1_ties(dtype, layout):
     last_max = (logits[0, 9] == logits[0, 9].max()).nonzero().max().item()
     labels = torch.tensor([[1, 5, 4500, 4095, 4999, 13, 9, 0, 0, last_max]])
     labels[0, 8] = logits[0, 8].double().argmax()  # the first of the clamped maxima
+    logits, labels = logits.to(device), labels.to(device)
     if layout == "strided":
         logits = logits.transpose(1, 2).contiguous().transpose(1, 2)
         assert logits.stride(2) == 10
@@ -192,8 +195,8 @@ def test_top1_ties(dtype, layout):
     assert stats[0, :, TOP1].tolist() == expected
 
 
-def test_top1_when_the_label_is_the_first_max():
-    logits = (torch.randn(2, 6, 507) * 3).to(torch.bfloat16)  # bf16: ties among the largest values happen
+def test_top1_when_the_label_is_the_first_max(device):
+    logits = (torch.randn(2, 6, 507) * 3).to(torch.bfloat16).to(device)  # bf16: ties among the largest values happen
     labels = logits.float().argmax(-1)  # shift=False: the label is each row's first max
     stats = check(logits, labels, shift=False)
     assert (stats[..., TOP1] == 1).all()
@@ -202,11 +205,11 @@ def test_top1_when_the_label_is_the_first_max():
     assert torch.equal(stats[..., TOP1], (labels == 0).float())
 
 
-def test_out_of_range_labels_are_not_the_top1():
+def test_out_of_range_labels_are_not_the_top1(device):
     """The native op does not check the label range (the Python op does): logp is NaN, top1 0."""
-    logits = torch.randn(1, 3, 123)
+    logits = torch.randn(1, 3, 123).to(device)
     logits[0, :, 0] = 50.0
-    labels = torch.tensor([[0, 123, -5]])
+    labels = torch.tensor([[0, 123, -5]], device=device)
     logp, lse, stats = native_op(logits, labels, shift=False)
     assert torch.isnan(logp[0, 1:]).all() and stats[0, :, TOP1].tolist() == [1.0, 0.0, 0.0]
     ok = labels.clamp(0, 122)
@@ -214,13 +217,14 @@ def test_out_of_range_labels_are_not_the_top1():
     torch.testing.assert_close(stats[..., [SUM, ENTROPY, LSE2]], want[..., [SUM, ENTROPY, LSE2]], rtol=0, atol=0)
 
 
-def test_offsets_past_2_pow_31():
+def test_offsets_past_2_pow_31(device):
     """A row that starts past 2^31 elements although every stride fits in int32: int64 offsets."""
     n, t, v = 3, 3, 1000
     stride = 2**30 + 12345  # sequence n = 2 starts at 2^31 + 24690 elements
-    storage = torch.empty((n - 1) * stride + t * v, dtype=torch.bfloat16)  # untouched pages stay unallocated
+    # 4.3 GB; on the CPU the untouched pages stay unallocated
+    storage = torch.empty((n - 1) * stride + t * v, dtype=torch.bfloat16, device=device)
     logits = storage.as_strided((n, t, v), (stride, v, 1))
-    dense = (torch.randn(n, t, v) * 3).to(torch.bfloat16)
+    dense = (torch.randn(n, t, v) * 3).to(torch.bfloat16).to(device)
     logits.copy_(dense)
     _, labels = make_batch(n, t, v, prompt=0)
     labels[2, 1] = dense[2, 0].float().argmax()
@@ -231,13 +235,13 @@ def test_offsets_past_2_pow_31():
     assert stats[2, 0, TOP1] == 1
 
 
-def test_opcheck_with_stats():
+def test_opcheck_with_stats(device):
     logits, labels = make_batch(2, 5, 123)
     low, labels32 = make_batch(2, 4, 123, dtype=torch.bfloat16, label_dtype=torch.int32)
     samples = [
         (logits, labels, -100, True, True),
         (low, labels32.masked_fill(labels32 == -100, 0), 0, False, True),
-        ((torch.randn(5, 2, 507) * 3).transpose(0, 1), make_batch(2, 5, 507)[1], -100, True, True),
+        ((torch.randn(5, 2, 507) * 3).to(device).transpose(0, 1), make_batch(2, 5, 507)[1], -100, True, True),
         (logits.double(), labels, -100, False, True),
         (logits, labels, -100, True, False),
     ]
@@ -251,10 +255,11 @@ def check_every_path_of_a_kernel_copy():
             logits, labels = make_batch(3, 7, v, dtype=dtype)
             logits[0, :, : min(v, 4200)] = float("-inf")
             logits[1, :, [3, 60, v - 1]] = 9.0  # ties: in a vector, another vector, the tail
-            labels[1, 1:4] = torch.tensor([3, 60, v - 1])
+            labels[1, 1:4] = torch.tensor([3, 60, v - 1], device=labels.device)
             check(logits, labels)
 
 
+@pytest.mark.cpu_only("the CPU kernel copies per instruction set")
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 def test_every_cpu_kernel_copy_computes_the_stats(capability):
     """The stats loops are vectorized per instruction set: run each compiled copy (the copy this

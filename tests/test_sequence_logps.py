@@ -20,6 +20,7 @@ def logps_and_grad(fn, leaf, labels, upstream, view=lambda x: x, **kwargs):
 
 def check_against_reference(backend, logits, labels, view=lambda x: x, **kwargs):
     upstream = torch.randn(view(logits).shape[0], dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    upstream = upstream.to(logits.device)
     out, grad = logps_and_grad(sequence_logps, logits, labels, upstream, view, backend=backend, **kwargs)
     ref_out, ref_grad = logps_and_grad(reference.sequence_logps, logits, labels, upstream, view, **kwargs)
     assert out.dtype == ref_out.dtype and grad.dtype == logits.dtype
@@ -50,22 +51,23 @@ def test_shift_and_average(backend, average, shift):
 
 @pytest.mark.parametrize("average", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_fully_masked_sequence_is_zero_with_zero_gradient(backend, average):
+def test_fully_masked_sequence_is_zero_with_zero_gradient(backend, average, device):
     logits, labels = make_batch(4, 6, 123)
     labels[1] = -100
     logits[1] = float("nan")  # a masked row's logits are never read
     out, grad = check_against_reference(backend, logits.nan_to_num(), labels, average=average)
     assert out[1] == 0
-    out, grad = logps_and_grad(sequence_logps, logits, labels, torch.ones(4), backend=backend, average=average)
+    out, grad = logps_and_grad(sequence_logps, logits, labels, torch.ones(4, device=device), backend=backend,
+                               average=average)  # fmt: skip
     assert out[1] == 0 and torch.isfinite(out).all()
     assert (grad[1] == 0).all() and torch.isfinite(grad).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_masked_and_unscored_rows_get_exact_zero_gradient(backend):
+def test_masked_and_unscored_rows_get_exact_zero_gradient(backend, device):
     logits, labels = make_batch(2, 6, 123)
-    _, grad = logps_and_grad(sequence_logps, logits, labels, torch.ones(2), backend=backend)
-    scored = torch.zeros(2, 6, dtype=torch.bool)
+    _, grad = logps_and_grad(sequence_logps, logits, labels, torch.ones(2, device=device), backend=backend)
+    scored = torch.zeros(2, 6, dtype=torch.bool, device=device)
     scored[:, :-1] = labels[:, 1:] != -100  # logits row t is scored by label t + 1
     assert (grad[~scored] == 0).all()
     assert (grad[scored].abs().sum(-1) > 0).all()
@@ -83,10 +85,10 @@ LAYOUTS = {
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_logits_and_labels(backend, dtype, layout):
+def test_non_contiguous_logits_and_labels(backend, dtype, layout, device):
     n, t, v = 4, 6, 507
     leaf_shape, view = LAYOUTS[layout]
-    leaf = (torch.randn(leaf_shape(n, t, v)) * 3).to(dtype)
+    leaf = (torch.randn(leaf_shape(n, t, v)) * 3).to(dtype).to(device)
     _, labels = make_batch(n, t, v)
     labels = labels.t().contiguous().t()  # column-major labels
     assert not view(leaf).is_contiguous() and not labels.is_contiguous()
@@ -112,14 +114,14 @@ def lm_head_logps(backend, inplace, hidden, weight, labels, dtype):
     h = hidden.detach().clone().requires_grad_()
     logits = (h @ weight.T).to(dtype)
     out = sequence_logps(logits, labels, backend=backend, inplace_backward=inplace)
-    out.backward(torch.arange(1.0, 1.0 + out.shape[0]))
+    out.backward(torch.arange(1.0, 1.0 + out.shape[0], device=out.device))
     return out.detach(), h.grad, logits
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_inplace_backward_matches_and_reuses_logits_storage(backend, dtype):
-    hidden, weight = torch.randn(4, 6, 16), torch.randn(507, 16)
+def test_inplace_backward_matches_and_reuses_logits_storage(backend, dtype, device):
+    hidden, weight = torch.randn(4, 6, 16).to(device), torch.randn(507, 16).to(device)
     _, labels = make_batch(4, 6, 507)
     out, grad, _ = lm_head_logps(backend, False, hidden, weight, labels, dtype)
     out_inplace, grad_inplace, logits = lm_head_logps(backend, True, hidden, weight, labels, dtype)
@@ -137,8 +139,8 @@ def test_inplace_backward_refuses_a_leaf(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_inplace_backward_detects_other_users_of_the_logits(backend):
-    hidden, weight = torch.randn(2, 4, 8, requires_grad=True), torch.randn(123, 8)
+def test_inplace_backward_detects_other_users_of_the_logits(backend, device):
+    hidden, weight = torch.randn(2, 4, 8).to(device).requires_grad_(), torch.randn(123, 8).to(device)
     _, labels = make_batch(2, 4, 123)
     logits = hidden @ weight.T
     # pow saves the logits for its backward; created first, it runs after the in-place gradient.
@@ -149,14 +151,15 @@ def test_inplace_backward_detects_other_users_of_the_logits(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_offsets_past_2_pow_31(backend):
+def test_offsets_past_2_pow_31(backend, device):
     """A row that starts past 2^31 elements although every stride fits in int32, as in a contiguous
     (N, T, V) batch at real sizes: the kernels must form their offsets in int64."""
     n, t, v = 3, 3, 1000
     stride = 2**30 + 12345  # sequence n = 2 starts at 2^31 + 24690 elements
-    storage = torch.empty((n - 1) * stride + t * v, dtype=torch.bfloat16)  # untouched pages stay unallocated
+    # 4.3 GB; on the CPU the untouched pages stay unallocated
+    storage = torch.empty((n - 1) * stride + t * v, dtype=torch.bfloat16, device=device)
     logits = storage.as_strided((n, t, v), (stride, v, 1))
-    dense = (torch.randn(n, t, v) * 3).to(torch.bfloat16)
+    dense = (torch.randn(n, t, v) * 3).to(torch.bfloat16).to(device)
     logits.copy_(dense)
     _, labels = make_batch(n, t, v, prompt=0)
     out = sequence_logps(logits, labels, backend=backend)

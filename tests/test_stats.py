@@ -109,10 +109,10 @@ def test_no_scored_rows_and_empty_outputs(backend):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_non_contiguous_logits_and_labels(backend, layout):
+def test_non_contiguous_logits_and_labels(backend, layout, device):
     n, t, v = 3, 4, 507
     leaf_shape, view = LAYOUTS[layout]
-    logits = view((torch.randn(leaf_shape(n, t, v)) * 3).to(torch.bfloat16))
+    logits = view((torch.randn(leaf_shape(n, t, v)) * 3).to(torch.bfloat16).to(device))
     _, labels = make_batch(n, t, v)
     labels = labels.t().contiguous().t()  # column-major labels
     assert not logits.is_contiguous() and not labels.is_contiguous()
@@ -147,7 +147,7 @@ def expected_without(logits, labels, banned):
     """reference.token_stats for logits whose columns ``banned`` are -inf (no label among them): the
     reference's entropy is NaN there (0 · -inf), so entropy, top1 and lse2 come from the reference on
     the remaining columns, whose distribution is the same; sum_logits is -inf on every scored row."""
-    keep = torch.ones(logits.shape[-1], dtype=torch.bool)
+    keep = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
     keep[banned] = False
     new_index = keep.cumsum(0) - 1
     mask = labels != -100
@@ -173,7 +173,7 @@ def test_minus_infinity_logits_a_whole_tile_long(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_scattered_minus_infinity_logits(backend):
+def test_scattered_minus_infinity_logits(backend, device):
     """-inf at the first and last columns of the tile and in between; a row that is -inf but for two."""
     logits, labels = make_batch(3, 5, 507, prompt=0)
     banned = torch.cat([torch.tensor([0, 506]), torch.randperm(505)[:60] + 1])
@@ -181,13 +181,13 @@ def test_scattered_minus_infinity_logits(backend):
     allowed = torch.ones(507, dtype=torch.bool)
     allowed[banned] = False
     choices = allowed.nonzero().squeeze(1)
-    labels = choices[torch.randint(0, choices.numel(), labels.shape)]
+    labels = choices[torch.randint(0, choices.numel(), labels.shape)].to(device)
     labels[2, -1] = -100
     logits[1, 2, allowed] = float("-inf")
-    logits[1, 2, choices[:2]] = torch.tensor([1.0, 2.0])
+    logits[1, 2, choices[:2]] = torch.tensor([1.0, 2.0], device=device)
     labels[1, 3] = choices[1]  # the row's maximum
     expected = expected_without(logits, labels, banned)
-    p = torch.tensor([1.0, 2.0]).softmax(0)
+    p = torch.tensor([1.0, 2.0], device=device).softmax(0)
     assert expected[1, 2, ENTROPY].isnan()  # the reference's 0 · -inf again, on the narrowed row
     expected[1, 2, ENTROPY] = -(p * p.log()).sum()
     stats = token_logps(logits, labels, backend)[2]
@@ -197,11 +197,11 @@ def test_scattered_minus_infinity_logits(backend):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_top1_ties(backend, dtype):
+def test_top1_ties(backend, dtype, device):
     """Repeated maxima: top1 only where the label is the FIRST index of the maximum."""
     V = 123
-    logits = torch.randint(-3, 4, (2, 6, V)).to(dtype)  # small integers: ties everywhere, exact in any dtype
-    labels = torch.randint(0, V, (2, 6))
+    logits = torch.randint(-3, 4, (2, 6, V)).to(dtype).to(device)  # small integers: ties everywhere, exact in any dtype
+    labels = torch.randint(0, V, (2, 6)).to(device)
     row = logits[0]
     row[:, 40], row[:, 90] = 9, 9  # two maxima in every row of sequence 0
     labels[0, 1], labels[0, 2], labels[0, 3] = 40, 90, 41  # first max, later max, not a max
@@ -216,23 +216,24 @@ def test_top1_ties(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_top1_ties_across_tiles(backend):
+def test_top1_ties_across_tiles(backend, device):
     """Equal maxima in different Triton tiles (4096 wide) of a 5000-token vocabulary."""
-    logits = torch.randn(1, 4, 5000)
+    logits = torch.randn(1, 4, 5000).to(device)
     logits[0, :, [100, 4500]] = 10.0
-    labels = torch.tensor([[0, 100, 4500, 7]])
+    labels = torch.tensor([[0, 100, 4500, 7]], device=device)
     stats = check(backend, logits, labels)
     assert stats[0, :, TOP1].tolist() == [1.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_offsets_past_2_pow_31(backend):
+def test_offsets_past_2_pow_31(backend, device):
     """Rows starting past 2^31 elements: the label logit is read with int64 offsets."""
     n, t, v = 3, 3, 1000
     stride = 2**30 + 12345
-    storage = torch.empty((n - 1) * stride + t * v, dtype=torch.bfloat16)  # untouched pages stay unallocated
+    # 4.3 GB; on the CPU the untouched pages stay unallocated
+    storage = torch.empty((n - 1) * stride + t * v, dtype=torch.bfloat16, device=device)
     logits = storage.as_strided((n, t, v), (stride, v, 1))
-    dense = (torch.randn(n, t, v) * 3).to(torch.bfloat16)
+    dense = (torch.randn(n, t, v) * 3).to(torch.bfloat16).to(device)
     logits.copy_(dense)
     _, labels = make_batch(n, t, v, prompt=0)
     labels[2, 1] = dense[2, 0].float().argmax()
@@ -242,13 +243,13 @@ def test_offsets_past_2_pow_31(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_opcheck_with_stats(backend):
+def test_opcheck_with_stats(backend, device):
     logits, labels = make_batch(2, 5, 123)
     low, labels32 = make_batch(2, 4, 123, dtype=torch.bfloat16, label_dtype=torch.int32)
     samples = [
         (logits, labels, -100, True),
         (low, labels32.masked_fill(labels32 == -100, 0), 0, False),
-        ((torch.randn(5, 2, 507) * 3).transpose(0, 1), make_batch(2, 5, 507)[1], -100, True),
+        ((torch.randn(5, 2, 507) * 3).to(device).transpose(0, 1), make_batch(2, 5, 507)[1], -100, True),
     ]
     for logits, labels, ignore_index, shift in samples:
         args = (logits.requires_grad_(), labels, ignore_index, shift, backend, False, True)

@@ -40,13 +40,14 @@ CASES = {
 }
 
 
-def make_inputs(M, H, V, bias, dtype, strided=False):
-    """hidden (optionally a row-strided view), weight, bias, labels, upstream grad (an expand if strided)."""
-    hidden = torch.randn(M, H + 8 if strided else H)[:, :H].to(dtype)
-    weight = (torch.randn(V, H) / H**0.5 * 3).to(dtype)
-    b = torch.randn(V).to(dtype) if bias else None
-    labels = torch.randint(0, V, (M,))
-    grad = torch.randn(M)
+def make_inputs(M, H, V, bias, dtype, device, strided=False):
+    """hidden (optionally a row-strided view), weight, bias, labels, upstream grad, made on the CPU and
+    moved to ``device``."""
+    hidden = torch.randn(M, H + 8 if strided else H).to(device)[:, :H].to(dtype)
+    weight = (torch.randn(V, H) / H**0.5 * 3).to(dtype).to(device)
+    b = torch.randn(V).to(dtype).to(device) if bias else None
+    labels = torch.randint(0, V, (M,)).to(device)
+    grad = torch.randn(M).to(device)
     return hidden, weight, b, labels, grad
 
 
@@ -78,14 +79,14 @@ def close(actual, expected):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_matches_fp64_reference(case, dtype):
+def test_matches_fp64_reference(case, dtype, device):
     M, H, V, bias, scale, softcap, temperature, config, fwd_splits, chunk_columns = CASES[case]
     transform = dict(logit_scale=scale, softcap=softcap, temperature=temperature)
     # config None: the real launch config of the dtype, aligned (H = 64) or not (H = 72)
-    hidden, weight, b, labels, grad = make_inputs(M, H, V, bias, dtype, strided=config is not None)
+    hidden, weight, b, labels, grad = make_inputs(M, H, V, bias, dtype, device, strided=config is not None)
     if case == "all-transforms":
-        grad = torch.randn(1).expand(M)  # a stride-0 upstream gradient
-        labels = torch.randint(0, V, (2 * M,))[::2]  # strided labels
+        grad = torch.randn(1).to(device).expand(M)  # a stride-0 upstream gradient
+        labels = torch.randint(0, V, (2 * M,)).to(device)[::2]  # strided labels
     out = run_kernels(hidden, weight, b, labels, grad, config, fwd_splits, chunk_columns, **transform)
     truth = reference_logps(hidden, weight, b, labels, grad, torch.float64, **transform)
 
@@ -111,14 +112,14 @@ def test_matches_fp64_reference(case, dtype):
                 assert_low_precision_grad(actual, ref.to(dtype), expected)
 
 
-def test_gradient_filter():
+def test_gradient_filter(device):
     """filter_eps = 0 keeps every tile; filter_eps > 0 drops tiles of negligible probability, within the
     documented bound: each dropped entry moves a gradient by at most g · p · |logit_scale / T| · |W|."""
     M, H, V, eps, scale, temperature = 32, 16, 300, 1e-3, 1.0, 1.0
-    hidden, weight, _, _, grad = make_inputs(M, H, V, False, torch.float32)
-    b = torch.full((V,), -4.0)
+    hidden, weight, _, _, grad = make_inputs(M, H, V, False, torch.float32, device)
+    b = torch.full((V,), -4.0, device=device)
     b[:20] = 8.0  # a peaked distribution: p < 1e-5 outside the first 20 tokens
-    labels = torch.randint(0, 20, (M,))
+    labels = torch.randint(0, 20, (M,)).to(device)
     transform = dict(logit_scale=scale, softcap=None, temperature=temperature)
     truth = reference_logps(hidden, weight, b, labels, grad, torch.float64, **transform)
 
@@ -139,22 +140,22 @@ def test_gradient_filter():
         assert ((actual.double() - expected).abs() <= bound + ATOL + RTOL * expected.abs()).all()
 
 
-def test_label_out_of_range_gives_nan_and_empty_batch():
-    hidden, weight, b, labels, _ = make_inputs(6, 16, 123, True, torch.float32)
+def test_label_out_of_range_gives_nan_and_empty_batch(device):
+    hidden, weight, b, labels, _ = make_inputs(6, 16, 123, True, torch.float32, device)
     labels[2] = 123
     logp, _, _ = fused_linear_logps_fwd(hidden, weight, b, labels, config=SMALL)
-    assert torch.isnan(logp[2]) and torch.isfinite(logp[torch.arange(6) != 2]).all()
+    assert torch.isnan(logp[2]) and torch.isfinite(logp[torch.arange(6, device=device) != 2]).all()
 
     empty = hidden[:0]
     logp, lse, stats = fused_linear_logps_fwd(empty, weight, b, labels[:0])
     assert logp.shape == lse.shape == (0,) and stats is None
     assert fused_linear_logps_fwd(empty, weight, b, labels[:0], with_stats=True)[2].shape == (0, 4)
-    d_hidden, d_weight, d_bias = fused_linear_logps_bwd(torch.ones(0), empty, weight, b, labels[:0], lse)
+    d_hidden, d_weight, d_bias = fused_linear_logps_bwd(torch.ones(0, device=device), empty, weight, b, labels[:0], lse)
     assert d_hidden.shape == (0, 16) and (d_weight == 0).all() and (d_bias == 0).all()
 
 
-def test_rejects_non_unit_inner_stride_and_mixed_dtypes():
-    hidden, weight, b, labels, _ = make_inputs(6, 16, 123, True, torch.float32)
+def test_rejects_non_unit_inner_stride_and_mixed_dtypes(device):
+    hidden, weight, b, labels, _ = make_inputs(6, 16, 123, True, torch.float32, device)
     with pytest.raises(ValueError, match="unit stride"):
         fused_linear_logps_fwd(hidden.t().contiguous().t(), weight, b, labels)
     with pytest.raises(ValueError, match="share"):
@@ -167,3 +168,19 @@ def test_launch_configs():
             cfg = launch_config(dtype, aligned)
             assert min(cfg.BLOCK_M, cfg.BLOCK_V, cfg.BLOCK_H) >= 16 and cfg.num_warps in (4, 8)
     assert launch_config(torch.bfloat16) == LinearConfig(64, 128, 64, 8, 3)
+
+
+@pytest.mark.cpu_only("the interpreter's launch-config pick (test_gpu.py checks the GPU's: splits > 1)")
+def test_the_forward_splits_under_the_interpreter(monkeypatch, device):
+    """CPU tensors count as one SM without L2 (``_device_shape``): the forward's default is two programs
+    in all, so one row block takes 2 vocabulary splits and several row blocks take 1."""
+    from dpo_kernels.triton import linear
+
+    picked = []
+    real = linear._vocab_splits
+    monkeypatch.setattr(linear, "_vocab_splits", lambda *a, **k: picked.append(real(*a, **k)) or picked[-1])
+    for M in (5, 37):  # 1 and 3 row blocks of SMALL.BLOCK_M = 16
+        hidden, weight, b, labels, grad = make_inputs(M, 16, 300, False, torch.float32, device)
+        run_kernels(hidden, weight, b, labels, grad, SMALL)
+    assert linear._device_shape(hidden.device) == (1, 0)
+    assert [splits for splits, _ in picked] == [2, 1]
