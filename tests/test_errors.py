@@ -42,7 +42,15 @@ CUDA_CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
+# On CUDA a bad label is a device-side assert (no host sync), which leaves the process's CUDA context
+# unusable: test_fused_linear.py checks it in a subprocess.
+ASSERTED_ON_CUDA = ("label_too_large", "negative_label")
+
+
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.cpu_only("a device-side assert on CUDA")) if c in ASSERTED_ON_CUDA
+             else c for c in CASES],
+)  # fmt: skip
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_fused_dpo_loss_rejects(backend, case):
     policy, labels = batch()
@@ -129,6 +137,7 @@ def test_triton_rejects_float64():
         sequence_logps(logits.double(), labels, backend="triton")
 
 
+@pytest.mark.cpu_only("the second call is a device-side assert on CUDA")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_label_check_ignores_the_unscored_first_position(backend):
     """With a shift, labels[:, 0] is never scored, so whatever it holds is not an error."""
