@@ -65,7 +65,8 @@ def sequence_logps(
     token_logp, _, _ = torch.ops.dpo_kernels.token_logps(
         logits, labels, ignore_index, shift, backend, inplace_backward, False
     )
-    return _per_sequence(packing.layout(token_logp, pk), packing.scored(labels, shift, pk, ignore_index), average)
+    scored = lambda: packing.scored(labels, shift, pk, ignore_index)  # noqa: E731  (only average needs it)
+    return _per_sequence(packing.layout(token_logp, pk), scored, average)
 
 
 def _no_inplace(inplace_backward: bool) -> None:
@@ -74,10 +75,11 @@ def _no_inplace(inplace_backward: bool) -> None:
 
 
 def _per_sequence(token_logp, scored, average: bool) -> torch.Tensor:
-    """Sum (or mean over the ``scored`` tokens, 0 where there are none) of (N, T') per-token log-probs."""
+    """Sum (or mean over the tokens of the mask ``scored()`` gives, 0 where there are none) of (N, T')
+    per-token log-probs."""
     total = token_logp.sum(-1)
     if average:
-        return total / scored.sum(-1).clamp(min=1)
+        return total / scored().sum(-1).clamp(min=1)
     return total
 
 

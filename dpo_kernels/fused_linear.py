@@ -261,7 +261,8 @@ def fused_linear_sequence_logps(
         hidden, weight, bias, labels, ignore_index, shift, float(logit_scale),
         None if softcap is None else float(softcap), float(temperature), chunk_elements, backend, False,
     )  # fmt: skip
-    return _per_sequence(packing.layout(token_logp, pk), packing.scored(labels, shift, pk, ignore_index), average)
+    scored = lambda: packing.scored(labels, shift, pk, ignore_index)  # noqa: E731  (only average needs it)
+    return _per_sequence(packing.layout(token_logp, pk), scored, average)
 
 
 def fused_linear_dpo_loss(
