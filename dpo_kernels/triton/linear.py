@@ -541,8 +541,8 @@ def fused_linear_logps_fwd(hidden, weight, bias, labels, logit_scale=1.0, softca
     (V, H) same dtype, unit stride along H; bias: (V,) or None; labels: (M,) int64 in [0, V) (a label
     outside gives NaN). z = (hidden · weightᵀ + bias) · logit_scale, softcapped if ``softcap``, divided by
     ``temperature`` (``reference.lm_head_logits``). ``splits`` divides V across that many programs per row
-    block (default ``forward_splits``: enough to fill the GPU and to keep the h rows in flight in L2; 1
-    under the interpreter), merged deterministically by a second kernel. ``config`` overrides
+    block (default ``forward_splits``: enough to fill the GPU and to keep the h rows in flight in L2; under
+    the interpreter, which reports one SM, cdiv(2, row blocks)), merged deterministically by a second kernel. ``config`` overrides
     ``launch_config(hidden.dtype, aligned, with_stats)``. ``chunk_elements`` is the backward's knob (unused).
     """
     _check(hidden, weight, bias, labels)
