@@ -33,15 +33,44 @@ def _budget(backend: str, chunk_elements: int) -> dict:
     return {} if chunk_elements == 0 else {"chunk_elements": chunk_elements}
 
 
+def _static_rows(labels: torch.Tensor) -> bool:
+    """Whether the op must run with shapes known on the host, without reading the labels: while a CUDA
+    graph is being captured (``torch.cuda.graph``, torch.compile's "reduce-overhead" mode) nothing may wait
+    for the device, and a replay reuses the captured grids whatever the next batch's labels are."""
+    return labels.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def _scored_rows(labels: torch.Tensor, ignore_index: int, shift: bool, T_out: int):
-    # nonzero() is the one host synchronization left on the CUDA path (once in the forward, once in the
-    # backward): the number of scored rows sizes the kernels' grids and their buffers. It waits for the
-    # labels only (not for the GEMMs, which come after it); compaction is what makes prompt and padding
-    # rows cost nothing, which at DPO's 30-60 % prompt share is worth far more than the sync's few µs
-    # of idle stream. It keeps the op out of CUDA-graph capture; not measured on a GPU yet (issue 14.8).
+    """(n, t, y, keep): the rows the kernels score, their labels, and None, or a (rows,) bool mask of the
+    scored ones among them when every row runs (``_static_rows``).
+
+    Compaction (the eager default) makes prompt and padding rows cost nothing, which at DPO's 30-60 %
+    prompt share is worth far more than its nonzero()'s host synchronization (one in the forward, one in
+    the backward): the CPU waits for the stream to drain up to the labels' mask, and the GPU then idles
+    for the time the host takes to enqueue the next kernels (index gathers and a Triton launch, tens of
+    µs; modeled in docs/performance.md, measured by the GPU check's sync step). Under graph capture
+    every row runs instead, an unscored one with its hidden state zeroed and label 0, so that it adds
+    exact zeros to the weight's gradient; it costs the unscored rows' FLOPs."""
     y = labels[:, int(shift) : int(shift) + T_out]
-    n_idx, t_idx = (y != ignore_index).nonzero(as_tuple=True)
-    return n_idx, t_idx, y[n_idx, t_idx].long()
+    if not _static_rows(labels):
+        n_idx, t_idx = (y != ignore_index).nonzero(as_tuple=True)
+        return n_idx, t_idx, y[n_idx, t_idx].long(), None
+    N = y.shape[0]
+    n_idx = torch.arange(N, device=y.device).repeat_interleave(T_out)
+    t_idx = torch.arange(T_out, device=y.device).repeat(N)
+    keep = (y != ignore_index).flatten()
+    return n_idx, t_idx, torch.where(keep, y.flatten(), 0).long(), keep
+
+
+def _unscored_lse(lse: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """The backward's lse with +inf in unscored rows: their softmax is then exp(z − inf) = 0 whatever the
+    bias makes of their zeroed hidden state, so their dz is an exact 0 (not 0 · an overflowed exp)."""
+    return lse if keep is None else torch.where(keep, lse, torch.inf)
+
+
+def _zeroed(rows: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """rows with the unscored ones (``keep`` false) zeroed."""
+    return rows if keep is None else torch.where(keep.view(-1, *(1,) * (rows.dim() - 1)), rows, 0)
 
 
 N_STATS = len(STATS)  # columns of the optional per-token statistics
@@ -72,15 +101,15 @@ def fused_linear_token_logps(
     logp = hidden.new_zeros((N, T_out), dtype=_out_dtype(hidden))
     lse = torch.zeros_like(logp)
     stats = hidden.new_zeros((N, T_out, N_STATS if with_stats else 0), dtype=logp.dtype)
-    n, t, y = _scored_rows(labels, ignore_index, shift, T_out)
+    n, t, y, keep = _scored_rows(labels, ignore_index, shift, T_out)
     if n.numel():
         out_logp, out_lse, out_stats = _kernels(backend).fused_linear_logps_fwd(
-            hidden[n, t], weight, bias, y, logit_scale, softcap, temperature,
+            _zeroed(hidden[n, t], keep), weight, bias, y, logit_scale, softcap, temperature,
             **_budget(backend, chunk_elements), with_stats=with_stats,
         )  # fmt: skip
-        logp[n, t], lse[n, t] = out_logp.to(logp.dtype), out_lse.to(logp.dtype)
+        logp[n, t], lse[n, t] = _zeroed(out_logp, keep).to(logp.dtype), _zeroed(out_lse, keep).to(logp.dtype)
         if with_stats:
-            stats[n, t] = out_stats.to(stats.dtype)
+            stats[n, t] = _zeroed(out_stats, keep).to(stats.dtype)
     return logp, lse, stats
 
 
@@ -112,16 +141,16 @@ def fused_linear_token_logps_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (d_hidden, d_weight, d_bias); d_bias is empty when there is no bias."""
     T_out = lse.shape[1]
-    n, t, y = _scored_rows(labels, ignore_index, shift, T_out)
+    n, t, y, keep = _scored_rows(labels, ignore_index, shift, T_out)
     d_hidden = torch.zeros_like(hidden)
     if n.numel() == 0:
         d_bias = torch.zeros_like(bias) if bias is not None else weight.new_empty(0)
         return d_hidden, torch.zeros_like(weight), d_bias
     dh, d_weight, d_bias = _kernels(backend).fused_linear_logps_bwd(
-        grad_logp[n, t], hidden[n, t], weight, bias, y, lse[n, t], logit_scale, softcap, temperature,
-        **_budget(backend, chunk_elements),
-    )
-    d_hidden[n, t] = dh
+        _zeroed(grad_logp[n, t], keep), _zeroed(hidden[n, t], keep), weight, bias, y, _unscored_lse(lse[n, t], keep),
+        logit_scale, softcap, temperature, **_budget(backend, chunk_elements),
+    )  # fmt: skip
+    d_hidden[n, t] = _zeroed(dh, keep)
     return d_hidden, d_weight, d_bias if d_bias is not None else weight.new_empty(0)
 
 

@@ -179,6 +179,46 @@ def test_dpo_loss_matches_reference(backend, ref_mode, device):
     torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+def test_static_rows_match_the_compacted_rows(monkeypatch, backend, dtype, device):
+    """The path taken under CUDA-graph capture (every row runs, no nonzero()) gives the compacted path's
+    numbers: the same per-row log-probs, statistics and lse, zeros in unscored rows, and gradients equal up
+    to the GEMMs' summation order over more (zeroed) rows. A NaN in an unscored row's hidden state, which
+    compaction never reads, must not leak into the weight's gradient, nor a large bias overflow there."""
+    from dpo_kernels import fused_linear
+
+    n, t, h, v = 4, 9, 40, 123
+    hidden, weight, b = lm_head(n, t, h, v, dtype, True, device)
+    b[5] = 95.0  # exp(95) overflows fp32: a zeroed row's softmax must not be formed against lse = 0
+    _, labels = make_batch(n, t, v)
+    labels[3] = -100
+    hidden[0, 0] = float("nan")  # a prompt row (make_batch masks each sequence's first tokens)
+    assert labels[0, 1] == -100
+    upstream = torch.randn(n, t - 1).to(device)
+
+    def step():
+        leaves = [x.detach().clone().requires_grad_() for x in (hidden, weight, b)]
+        out = torch.ops.dpo_kernels.fused_linear_token_logps(
+            *leaves, labels, -100, True, 1.0, None, 1.0, 0, backend, True
+        )
+        out[0].backward(upstream)
+        return [x.detach() for x in out] + [leaf.grad for leaf in leaves]
+
+    compacted = step()
+    monkeypatch.setattr(fused_linear, "_static_rows", lambda labels: True)
+    static = step()
+    scored = labels[:, 1:] != -100
+    for name, x, y in zip(["logp", "lse", "stats", "d_hidden", "d_weight", "d_bias"], static, compacted):
+        assert torch.isfinite(x).all(), name
+        if name in ("logp", "lse", "stats"):
+            assert torch.equal(x[~scored], torch.zeros_like(x[~scored])), name
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-5, msg=name)
+        else:
+            tol = 1e-5 if dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(x.float(), y.float(), rtol=tol, atol=tol, msg=name)
+
+
 @pytest.mark.parametrize("backend", LINEAR_BACKENDS)
 def test_opcheck_and_compile(backend, device):
     hidden, weight, bias = lm_head(4, 5, 16, 123, torch.float32, True, device)
