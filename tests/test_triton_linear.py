@@ -25,6 +25,7 @@ from dpo_kernels.triton.linear import (
     LinearConfig,
     fused_linear_logps_bwd,
     fused_linear_logps_fwd,
+    fused_linear_logps_fwd_cublas,
     launch_config,
 )
 
@@ -110,6 +111,28 @@ def test_matches_fp64_reference(case, dtype, device):
         for actual, ref, expected in zip(out[2:], same_dtype[2:], truth[2:]):
             if expected is not None:
                 assert_low_precision_grad(actual, ref.to(dtype), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_cublas_forward_matches_the_fused_forward(case, dtype, device):
+    """The forward as cuBLAS products + the logits path's kernel (the route weighed against the fused
+    kernel): the fp64 truth's log-probs and lse, the fused forward's statistics, NaN where a row's hidden
+    state is NaN, over several row chunks with a ragged last one."""
+    M, H, V, bias, scale, softcap, temperature, config, _, _ = CASES[case]
+    transform = dict(logit_scale=scale, softcap=softcap, temperature=temperature)
+    hidden, weight, b, labels, grad = make_inputs(M, H, V, bias, dtype, device, strided=config is not None)
+    hidden[1, 3] = float("nan")
+    chunk = dict(chunk_elements=V * max(1, M // 3))  # three row chunks and a partial one
+    logp, lse, stats = fused_linear_logps_fwd_cublas(hidden, weight, b, labels, **transform, with_stats=True, **chunk)
+    assert logp[1].isnan() and lse[1].isnan() and stats[1].isnan().any()
+    finite = torch.arange(M, device=device) != 1
+    h, y = hidden[finite], labels[finite]
+    _, _, fused_stats = fused_linear_logps_fwd(h, weight, b, y, **transform, with_stats=True, config=config)
+    truth = reference_logps(h, weight, b, y, grad[finite], torch.float64, **transform)
+    close(logp[finite], truth[0])
+    close(lse[finite], truth[1])
+    torch.testing.assert_close(stats[finite], fused_stats, rtol=1e-5, atol=1e-4)
 
 
 def test_gradient_filter(device):
