@@ -2,11 +2,19 @@
 
     python -m benchmarks.gpu_check env      --work DIR [--dry-run]   # -> DIR/env.json, text on stdout
     python -m benchmarks.gpu_check ceilings --work DIR [--dry-run]   # -> DIR/ceilings.json
+    python -m benchmarks.gpu_check routes   --work DIR [--dry-run]   # -> DIR/routes.json
     python -m benchmarks.gpu_check report   --work DIR --out OUT     # -> OUT/report.md, results.csv, results.json
 
 Ceilings (measured once, on the card as found): a device-to-device copy of 4 GiB, counting the bytes read plus
 the bytes written, gives the memory bandwidth BW; an 8192³ bf16 matmul (2·8192³ FLOPs) gives the matrix rate R.
 Both on random data (zeros run faster and would flatter the ceiling), median of 10 after 3 warm-ups.
+
+Routes (the fused LM head's choices the cost model made without a GPU, timed at real scale): the forward as the
+fused Triton kernel against the op's cuBLAS products + log-prob kernel, with and without statistics; and a
+training step through ``fused_linear_dpo_loss`` with the scored rows compacted (the eager default: a nonzero()
+host synchronization in the forward and one in the backward) against every row run (the CUDA-graph path, no
+synchronization), all rows scored (the difference is the synchronizations' cost) and half of them a prompt
+(what compaction saves).
 
 Floors, per case (the least any implementation must do, over the measured ceilings):
 - logits: read the (N, T, V) logits once in the forward, read them and write their gradient once in the
@@ -36,7 +44,8 @@ from benchmarks import report
 
 GiB = 2**30
 # The steps of gpu_check.sh, in order; the report names each one with its status.
-STEPS = ("env", "peers", "build", "tests", "ceilings", "bench-logits", "bench-lm_head", "bench-peers", "report")
+STEPS = ("env", "peers", "build", "tests", "ceilings", "routes", "bench-logits", "bench-lm_head", "bench-peers",
+         "report")
 BENCH_STEPS = ("bench-logits", "bench-lm_head", "bench-peers")
 REAL_SCALE = dict(n=8, t=4096, v=128256, h=4096, dtype="bf16")
 # The versions the env step records: what the checks use, and what the peers' wheels rely on being there.
@@ -158,6 +167,65 @@ def ceilings(device, copy_bytes: int, matmul_n: int) -> dict:
         "matmul_flops": 2 * matmul_n**3,
         "rate_flops": 2 * matmul_n**3 / mm_s,
     }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Routes
+
+
+def routes(device, n: int, t: int, h: int, v: int) -> dict:
+    """Seconds (median, CUDA events) of the fused head's forward routes and of training steps with the rows
+    compacted or all run (see the module docstring), bf16."""
+    import torch
+
+    from dpo_kernels import fused_linear, fused_linear_dpo_loss
+    from dpo_kernels.triton import linear
+
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n * t, h, generator=gen).to(device, torch.bfloat16)
+    weight = (torch.randn(v, h, generator=gen) / h**0.5).to(device, torch.bfloat16)
+    labels = torch.randint(0, v, (n * t,), generator=gen).to(device)
+    out = {"n": n, "t": t, "h": h, "v": v, "dtype": "bf16"}
+    for stats in (False, True):
+        tag = "_stats" if stats else ""
+        out[f"fwd_fused{tag}_s"] = _time(lambda: linear.fused_linear_logps_fwd(hidden, weight, None, labels,
+                                                                               with_stats=stats), device)  # fmt: skip
+        out[f"fwd_cublas{tag}_s"] = _time(lambda: linear.fused_linear_logps_fwd_cublas(hidden, weight, None, labels,
+                                                                                       with_stats=stats), device)  # fmt: skip
+    leaf_h = hidden.view(n, t, h).detach().requires_grad_()
+    leaf_w = weight.detach().requires_grad_()
+
+    def step(y):
+        leaf_h.grad = leaf_w.grad = None
+        loss, _ = fused_linear_dpo_loss(leaf_h, leaf_w, y, beta=0.1, backend="triton", token_metrics=False)
+        loss.backward()
+
+    every_row = fused_linear._static_rows
+    for share in (0.0, 0.5):
+        y = labels.view(n, t).clone()
+        y[:, : int(t * share)] = -100
+        tag = f"prompt{int(100 * share)}"
+        out[f"step_compacted_{tag}_s"] = _time(lambda: step(y), device, warmup=2, reps=5)
+        fused_linear._static_rows = lambda labels: True  # the path taken under graph capture
+        try:
+            out[f"step_all_rows_{tag}_s"] = _time(lambda: step(y), device, warmup=2, reps=5)
+        finally:
+            fused_linear._static_rows = every_row
+    return out
+
+
+def _routes_markdown(r) -> list[str]:
+    md = [f"Shape: {r['n']}×{r['t']} rows, H {r['h']}, V {r['v']}, {r['dtype']}; median ms (CUDA events).", "",
+          "| what | ms | against | ms | ratio |", "|---|---:|---|---:|---:|"]  # fmt: skip
+    pairs = [("forward, cuBLAS + log-prob kernel (the op's)", "fwd_cublas_s", "fused Triton forward", "fwd_fused_s"),
+             ("the same with statistics", "fwd_cublas_stats_s", "fused, with statistics", "fwd_fused_stats_s"),
+             ("step, rows compacted (2 syncs), all scored", "step_compacted_prompt0_s",
+              "all rows, no sync", "step_all_rows_prompt0_s"),
+             ("step, rows compacted (2 syncs), half prompt", "step_compacted_prompt50_s",
+              "all rows, no sync", "step_all_rows_prompt50_s")]  # fmt: skip
+    for name, key, other, other_key in pairs:
+        md.append(f"| {name} | {_ms(r[key])} | {other} | {_ms(r[other_key])} | {r[key] / r[other_key]:.3f} |")
+    return md
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -285,6 +353,9 @@ def write_report(work: str, out: str, dry_run: bool) -> str:
                   f"-> R = {ceil['rate_flops'] / 1e12:.1f} TFLOP/s")  # fmt: skip
     else:
         md.append("not measured (see the ceilings step); no floors below")
+    md += ["", "## Fused LM head: forward routes, the compaction's sync", ""]
+    routed = _read_json(os.path.join(work, "routes.json"))
+    md += _routes_markdown(routed) if routed else ["not measured (see the routes step)"]
     md += ["", "## Benchmark against the floors", ""]
     if rows:
         md += [_floor_table(rows), ""]
@@ -304,9 +375,10 @@ def write_report(work: str, out: str, dry_run: bool) -> str:
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)
     _write_csv(os.path.join(out, "results.csv"), rows)
-    payload = {"dry_run": dry_run, "env": env, "steps": steps, "tests": tests, "ceilings": ceil, "results": rows}
+    payload = {"dry_run": dry_run, "env": env, "steps": steps, "tests": tests, "ceilings": ceil, "routes": routed,
+               "results": rows}  # fmt: skip
     report.write_json(os.path.join(out, "results.json"), payload)
-    return _summary(steps, tests, ceil, rows)
+    return _summary(steps, tests, ceil, routed, rows)
 
 
 def _floor_table(rows) -> str:
@@ -337,7 +409,7 @@ def _write_csv(path, rows):
             w.writerow(row)
 
 
-def _summary(steps, tests, ceil, rows) -> str:
+def _summary(steps, tests, ceil, routed, rows) -> str:
     """The short table printed last (the device tool's reply carries the end of the output)."""
     out = ["", "== gpu_check summary =="]
     out.append("steps: " + ", ".join(f"{s['step']} {s['status']} {s['seconds']:.0f}s" for s in steps))
@@ -346,6 +418,11 @@ def _summary(steps, tests, ceil, rows) -> str:
                    f"{tests['skipped']} skipped ({tests['time_s']} s)")  # fmt: skip
     if ceil:
         out.append(f"ceilings: BW {ceil['bandwidth_Bps'] / 1e9:.0f} GB/s, R {ceil['rate_flops'] / 1e12:.1f} TFLOP/s")
+    if routed:
+        out.append(f"routes ms: fwd cublas {_ms(routed['fwd_cublas_s'])} / fused {_ms(routed['fwd_fused_s'])}; "
+                   f"step compacted {_ms(routed['step_compacted_prompt0_s'])} / all rows "
+                   f"{_ms(routed['step_all_rows_prompt0_s'])} (all scored), {_ms(routed['step_compacted_prompt50_s'])} "
+                   f"/ {_ms(routed['step_all_rows_prompt50_s'])} (half prompt)")  # fmt: skip
     out.append(f"{'case':<40} {'provider':<32} {'check':<6} {'fwd+bwd ms':>11} {'floor ms':>9} {'x floor':>8}")
     for r in rows:
         t = ((r.get("time") or {}).get("total") or {}).get("median")
@@ -362,7 +439,7 @@ def _summary(steps, tests, ceil, rows) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("env", "ceilings", "report"))
+    p.add_argument("what", choices=("env", "ceilings", "routes", "report"))
     p.add_argument("--work", required=True, help="gpu_check.sh's scratch folder")
     p.add_argument("--out", help="the folder the report goes to (report)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes")
@@ -372,16 +449,19 @@ def main(argv=None) -> int:
         facts = env_facts()
         report.write_json(os.path.join(args.work, "env.json"), facts)
         print(_env_text(facts))
-    elif args.what == "ceilings":
+    elif args.what in ("ceilings", "routes"):
         import torch
 
         device = torch.device("cpu" if args.dry_run else "cuda")
         if device.type == "cuda" and not torch.cuda.is_available():
             print("no CUDA device", file=sys.stderr)
             return 1
-        size = (64 * 2**20, 512) if args.dry_run else (4 * GiB, 8192)
-        result = ceilings(device, *size)
-        report.write_json(os.path.join(args.work, "ceilings.json"), result)
+        if args.what == "ceilings":
+            result = ceilings(device, *((64 * 2**20, 512) if args.dry_run else (4 * GiB, 8192)))
+        else:
+            shape = dict(n=2, t=16, h=16, v=64) if args.dry_run else dict(n=8, t=4096, h=4096, v=128256)
+            result = routes(device, **shape)
+        report.write_json(os.path.join(args.work, f"{args.what}.json"), result)
         print(json.dumps(result, indent=1))
     else:
         if not args.out:

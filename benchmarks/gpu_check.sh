@@ -16,6 +16,8 @@
 #                  file but the AOT, harness, trainer and distributed ones), -m "not slow", spread over
 #                  pytest-xdist workers when installed. Dry run: CPU mode, tests/test_errors.py
 #   ceilings       a 4 GiB device-to-device copy (GB/s) and an 8192³ bf16 matmul (TFLOP/s), once
+#   routes         the fused LM head at real scale: its forward as the fused Triton kernel against the op's
+#                  cuBLAS products, and a step with the rows compacted (nonzero() syncs) against all rows run
 #   bench-logits   python -m benchmarks --device cuda at real scale, 2B=8 T=4096 V=128256 bf16: the
 #                  reference, every dpo_kernels backend, the peers that import
 #   bench-lm_head  the same for the LM-head workload, H=4096, all but the peers that torch.compile
@@ -179,6 +181,11 @@ do_ceilings() {
   "$PY" -m benchmarks.gpu_check ceilings --work "$WORK" $( ((DRY)) && echo --dry-run)
 }
 
+do_routes() {
+  if ((DRY)); then export TRITON_INTERPRET=1; else unset TRITON_INTERPRET; fi
+  "$PY" -m benchmarks.gpu_check routes --work "$WORK" $( ((DRY)) && echo --dry-run)
+}
+
 bench() {  # bench STEP WORKLOAD [PROVIDER SET: ours = all but the torch.compile peers, compiled = those]
   local shape names
   if ((DRY)); then
@@ -211,19 +218,20 @@ do_bench_logits() { bench bench-logits logits; }
 do_bench_lm_head() { bench bench-lm_head lm_head ours; }
 do_bench_peers() { bench bench-peers lm_head compiled; }
 
-export -f do_env do_peers do_build do_tests do_ceilings bench do_bench_logits do_bench_lm_head do_bench_peers
+export -f do_env do_peers do_build do_tests do_ceilings do_routes bench do_bench_logits do_bench_lm_head do_bench_peers
 
 echo "gpu_check: $( ((DRY)) && echo "DRY RUN on the CPU, " )budget ${BUDGET} s, files in $OUT"
 # Seconds per step: the cap, and the reserve kept back for the steps after it (GPU, then dry run). On the GPU
-# about 10 s env, 1-2 min build, 3 min tests, 10 s ceilings, 1 min or so per benchmark: within 470 s.
+# about 10 s env, 1-2 min build, 3 min tests, 10 s ceilings, 30 s routes, 1 min or so per benchmark: within 470 s.
 # The dry run's caps are loose (a loaded CPU is slow); its budget (GPU_CHECK_BUDGET) bounds the whole.
 step env "$OUT/env.log" do_env 45 420 120 200
 step peers "$OUT/env.log" do_peers 45 420 30 200
 # The later steps see the peers (when installed) and the freshly built extension (in the work tree).
 [ -d "$PEERS_DIR" ] && export PYTHONPATH="$PYTHONPATH:$PEERS_DIR"
 step build "$OUT/build.log" do_build 150 290 10 200
-step tests "$OUT/tests.log" do_tests 170 160 240 120
-step ceilings "$OUT/bench.log" do_ceilings 40 130 120 90
+step tests "$OUT/tests.log" do_tests 170 190 240 130
+step ceilings "$OUT/bench.log" do_ceilings 40 160 120 100
+step routes "$OUT/bench.log" do_routes 50 110 120 90
 step bench-logits "$OUT/bench.log" do_bench_logits 120 70 240 45
 step bench-lm_head "$OUT/bench.log" do_bench_lm_head 120 35 240 20
 step bench-peers "$OUT/bench.log" do_bench_peers 150 5 120 5

@@ -25,6 +25,7 @@ MODELS = {  # name -> (V, H)
     "Qwen2.5-7B": (152064, 3584),
     "Gemma-2-9B": (256000, 3584),
 }
+SOFTCAP_MODELS = ("Gemma-2-9B",)  # final-logit softcapping: the op keeps the fused forward (tanh in registers)
 N_SEQ, SEQ_LEN = 8, 4096  # 2B = 8 sequences (4 pairs) of 4096 tokens
 BLOCK_M, BLOCK_V = 64, 128  # the Triton bf16 fused-linear tiles (dpo_kernels.triton.linear.LAUNCH_CONFIGS)
 ASSUMPTIONS = [
@@ -211,6 +212,16 @@ def triton_linear_counts(M, H, V, e, cfg, splits, chunk_cols, bias=False, eb=Non
             "fused_linear_logps_bwd_dz_kernel": dz}  # fmt: skip
 
 
+def cublas_forward_counts(M, V, with_stats=False):
+    """Exact loads / stores (bytes) of the Triton kernels of the op's forward (``fused_linear_logps_fwd_cublas``)
+    on fp32 logits chunks: per row V logits, the label's logit again and the int64 label read, logp and the
+    two-part lse written (+ 16 bytes of statistics, and the special-statistics pass's 4-byte check)."""
+    out = {"token_logps_fwd_kernel": {"ld": M * (4 * V + 12), "st": M * (28 if with_stats else 12), "dot_flops": 0}}
+    if with_stats:
+        out["token_logps_special_stats_kernel"] = {"ld": 4 * M, "st": 0, "dot_flops": 0}
+    return out
+
+
 def aten_linear_flops(M, H, V) -> int:
     """FLOPs of the backward's cuBLAS products: d_weight = dzᵀ · h and d_hidden += dz · W per chunk."""
     return 4 * M * H * V
@@ -220,12 +231,15 @@ def _kernel(name, flops, hbm, rate, note=""):
     return {"kernel": name, "flops": flops, "hbm_bytes": hbm, "rate": rate, "note": note}
 
 
-def fused_linear_kernels(N, H, V, gpu, e=2, group_m=None, chunk_bytes=None):
+def fused_linear_kernels(N, H, V, gpu, e=2, group_m=None, chunk_bytes=None, forward="cublas"):
     """The launches of the fused LM head fwd + bwd at N scored rows (bf16, launch configs of the GPU
     path), each with FLOPs, modeled HBM bytes (L2 reuse where the working set of the programs in flight
-    fits in L2_SHARE of it) and the rate its products run at."""
+    fits in L2_SHARE of it) and the rate its products run at. ``forward``: "cublas", the op's forward
+    without a softcap (row chunks of fp32 logits from cuBLAS, scored by the logits path's kernel), or
+    "fused", the fused Triton kernel (``fused_linear_logps_fwd``), the op's forward with a softcap, whose
+    tanh would cost the cuBLAS route three more passes over the fp32 logits (24 bytes per logit)."""
     from dpo_kernels.triton.linear import (
-        DZ_CHUNK_BYTES, GROUP_M, LAUNCH_CONFIGS, _vocab_splits, dz_chunk_columns, forward_splits,
+        DZ_CHUNK_BYTES, GROUP_M, LAUNCH_CONFIGS, _vocab_splits, dz_chunk_columns, forward_chunk_rows, forward_splits,
     )  # fmt: skip
 
     bw, gemm_rate, sms, l2 = GPUS[gpu]
@@ -233,15 +247,22 @@ def fused_linear_kernels(N, H, V, gpu, e=2, group_m=None, chunk_bytes=None):
     BM, BV = cfg.BLOCK_M, cfg.BLOCK_V
     R, T = cdiv(N, BM), cdiv(V, BV)
     budget = L2_SHARE * l2
-    splits, _ = _vocab_splits(V, BV, forward_splits(V, H, e, cfg, R, sms, l2))
-    # forward: splits fastest, so sms / splits row blocks are in flight, each re-reading its h rows per V tile
-    rows_in_flight = max(1, min(R, sms // splits))
     slab = BM * H * e
-    h_reads = splits if rows_in_flight * slab + splits * BV * H * e <= budget else T
-    fwd_bytes = h_reads * N * H * e + cdiv(R, rows_in_flight) * V * H * e + 12 * N * splits
-    out = [_kernel("Triton fwd (logits tiles + online lse)", 2 * N * H * V, fwd_bytes, TRITON_DOT_RATE,
-                   f"{splits} splits, {rows_in_flight} row blocks in flight, h read {h_reads}x")]  # fmt: skip
-    out.append(_kernel("Triton merge", 0, 16 * N * splits + 16 * N, gemm_rate))
+    if forward == "cublas":
+        rows = min(N, forward_chunk_rows(V, chunk_bytes or DZ_CHUNK_BYTES))
+        chunks = cdiv(N, rows)
+        out = [_kernel("cuBLAS logits chunk = h·Wᵀ (fp32 out)", 2 * N * H * V, 4 * N * V + N * H * e + chunks * V * H * e,
+                       gemm_rate, f"{chunks} chunks of {rows} rows"),
+               _kernel("Triton log-prob + stats over the chunk", 0, 4 * N * V + 44 * N, gemm_rate)]  # fmt: skip
+    else:
+        splits, _ = _vocab_splits(V, BV, forward_splits(V, H, e, cfg, R, sms, l2))
+        # splits fastest, so sms / splits row blocks are in flight, each re-reading its h rows per V tile
+        rows_in_flight = max(1, min(R, sms // splits))
+        h_reads = splits if rows_in_flight * slab + splits * BV * H * e <= budget else T
+        fwd_bytes = h_reads * N * H * e + cdiv(R, rows_in_flight) * V * H * e + 12 * N * splits
+        out = [_kernel("Triton fwd (logits tiles + online lse)", 2 * N * H * V, fwd_bytes, TRITON_DOT_RATE,
+                       f"{splits} splits, {rows_in_flight} row blocks in flight, h read {h_reads}x"),
+               _kernel("Triton merge", 0, 16 * N * splits + 16 * N, gemm_rate)]  # fmt: skip
     # backward: dz chunks; GROUP_M row blocks x (sms / GROUP_M) V tiles in flight
     g = group_m or GROUP_M
     vc = dz_chunk_columns(N, V, e, BV, chunk_bytes or DZ_CHUNK_BYTES)
@@ -309,9 +330,13 @@ def modeled_times(models=None, n=N_SEQ, t=SEQ_LEN) -> list[dict]:
         V, H = MODELS[model]
         for gpu, (bw, rate, _, _) in GPUS.items():
             lm_floor = 1e3 * 8 * N * H * V / rate
+            route, other = ("fused", "cublas") if model in SOFTCAP_MODELS else ("cublas", "fused")
             paths = [
                 ("lm_head", "naive: matmul + reference", *naive_lm_head_kernels(N, H, V, gpu), lm_floor),
-                ("lm_head", "fused-linear (Triton + cuBLAS)", *fused_linear_kernels(N, H, V, gpu), lm_floor),
+                ("lm_head", "fused-linear (Triton + cuBLAS)", *fused_linear_kernels(N, H, V, gpu, forward=route),
+                 lm_floor),
+                ("lm_head", f"fused-linear, the {other} forward instead (the route weighed)",
+                 *fused_linear_kernels(N, H, V, gpu, forward=other), lm_floor),
                 ("lm_head", "fused-linear, previous design (by count)", *previous_fused_linear_kernels(N, H, V, gpu),
                  lm_floor),
             ]  # fmt: skip

@@ -27,6 +27,19 @@ def _kernels(backend: str):
     return linear
 
 
+def _forward(backend: str, softcap: Optional[float]):
+    """The forward's launcher. Triton without a softcap: the logits of row chunks as cuBLAS products, scored
+    by the logits path's kernel (``fused_linear_logps_fwd_cublas``), which the cost model puts ahead of the
+    fused tensor-core kernel (``benchmarks.modeled``: 40 against 50 ms at Llama-3-8B scale on an H100, as
+    long as a Triton tl.dot loop runs below 0.87 of the GEMM rate; the GPU check times both). With a softcap
+    the fused kernel, whose tanh costs nothing in registers and three passes over the fp32 logits there."""
+    if backend == "triton":
+        from .triton import linear
+
+        return linear.fused_linear_logps_fwd if softcap is not None else linear.fused_linear_logps_fwd_cublas
+    return _kernels(backend).fused_linear_logps_fwd
+
+
 def _budget(backend: str, chunk_elements: int) -> dict:
     """The chunk size (0: the default): the portable path's fp32 logits per chunk, the Triton backward's
     dz chunk buffer (``chunk_elements`` · 4 bytes)."""
@@ -48,7 +61,7 @@ def _scored_rows(labels: torch.Tensor, ignore_index: int, shift: bool, T_out: in
     prompt share is worth far more than its nonzero()'s host synchronization (one in the forward, one in
     the backward): the CPU waits for the stream to drain up to the labels' mask, and the GPU then idles
     for the time the host takes to enqueue the next kernels (index gathers and a Triton launch, tens of
-    µs; modeled in docs/performance.md, measured by the GPU check's sync step). Under graph capture
+    µs; modeled in docs/fused_head.md, timed by the GPU check's routes step). Under graph capture
     every row runs instead, an unscored one with its hidden state zeroed and label 0, so that it adds
     exact zeros to the weight's gradient; it costs the unscored rows' FLOPs."""
     y = labels[:, int(shift) : int(shift) + T_out]
@@ -103,7 +116,7 @@ def fused_linear_token_logps(
     stats = hidden.new_zeros((N, T_out, N_STATS if with_stats else 0), dtype=logp.dtype)
     n, t, y, keep = _scored_rows(labels, ignore_index, shift, T_out)
     if n.numel():
-        out_logp, out_lse, out_stats = _kernels(backend).fused_linear_logps_fwd(
+        out_logp, out_lse, out_stats = _forward(backend, softcap)(
             _zeroed(hidden[n, t], keep), weight, bias, y, logit_scale, softcap, temperature,
             **_budget(backend, chunk_elements), with_stats=with_stats,
         )  # fmt: skip
@@ -257,8 +270,9 @@ def fused_linear_sequence_logps(
 
     ``memory_budget``: bytes of fp32 logits the portable path forms at a time (default 16 MiB);
     smaller saves memory, larger streams the weight fewer times. On the Triton backend: bytes of the
-    backward's dz buffer, one vocabulary chunk of the scored rows' logit gradients in the inputs' dtype
-    (default 1 GiB; beside it an fp32 (rows, H) d_hidden accumulator); larger means fewer, larger GEMMs.
+    forward's fp32 logits of a chunk of rows, and of the backward's dz buffer, one vocabulary chunk of the
+    scored rows' logit gradients in the inputs' dtype (default 1 GiB each, one at a time; beside the dz
+    buffer an fp32 (rows, H) d_hidden accumulator); larger means fewer, larger GEMMs.
 
     Vocabulary parallelism: with ``process_group`` (or ``vocab_start``, or ``weight`` a DTensor sharded on
     dim 0 over a 1-D mesh, e.g. ``ColwiseParallel``) ``weight``/``bias`` are this rank's rows of the head

@@ -606,16 +606,16 @@ def _ieee_fp32_matmuls(dtype: torch.dtype, device: torch.device):
             flags.fp32_precision = "tf32"
 
 
-def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1.0) -> None:
-    """acc (fp32) = beta · acc + a @ b with a, b in the inputs' dtype and an fp32 accumulator (beta = 0: acc's
-    old content, NaN included, is ignored): one cuBLAS GEMM with an fp32 output on CUDA (``out_dtype``); on
-    CPU (interpreter tests) the operands are widened, which gives the same exact bf16 products, summed in fp32."""
+def _add_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1.0, alpha: float = 1.0) -> None:
+    """acc (fp32) = beta · acc + alpha · a @ b with a, b in the inputs' dtype and an fp32 accumulator (beta = 0:
+    acc's old content, NaN included, is ignored): one cuBLAS GEMM with an fp32 output on CUDA (``out_dtype``);
+    on CPU (interpreter tests) the operands are widened, which gives the same exact bf16 products, summed in fp32."""
     if a.dtype == torch.float32:
-        torch.addmm(acc, a, b, beta=beta, out=acc)
+        torch.addmm(acc, a, b, beta=beta, alpha=alpha, out=acc)
     elif acc.device.type == "cuda":
-        torch.addmm(acc, a, b, beta=beta, out_dtype=torch.float32, out=acc)
+        torch.addmm(acc, a, b, beta=beta, alpha=alpha, out_dtype=torch.float32, out=acc)
     else:
-        torch.addmm(acc, a.float(), b.float(), beta=beta, out=acc)
+        torch.addmm(acc, a.float(), b.float(), beta=beta, alpha=alpha, out=acc)
 
 
 def forward_chunk_rows(V: int, chunk_bytes: int) -> int:
@@ -626,16 +626,17 @@ def forward_chunk_rows(V: int, chunk_bytes: int) -> int:
 def fused_linear_logps_fwd_cublas(hidden, weight, bias, labels, logit_scale=1.0, softcap=None, temperature=1.0, *,
                                   with_stats=False, chunk_elements=None):  # fmt: skip
     """``fused_linear_logps_fwd`` as cuBLAS products plus the logits path's log-prob kernel, per chunk of rows:
-    the chunk's fp32 logits z = h · Wᵀ (one GEMM with an fp32 output), the transform in place (a bias add,
-    one scale, softcap's tanh: elementwise passes, none for a plain head), then ``logprobs.token_logps_fwd``
+    the chunk's fp32 logits z = h · Wᵀ (one GEMM with an fp32 output and the scale as its alpha), the rest of
+    the transform in place (a bias add, softcap's tanh: elementwise passes, none for a plain or scaled head;
+    the op takes the fused kernel for a softcapped head), then ``logprobs.token_logps_fwd``
     over them (its online log-sum-exp, label gather and statistics). Same outputs; the logits are the same
     fp32 sums of exact products in cuBLAS's order.
 
     The route the issue weighs against the fused kernel: 2·M·H·V FLOPs at the cuBLAS rate instead of a Triton
     tl.dot loop's, for 8 bytes of HBM per logit (the fp32 chunk written, then read) and a (rows, V) fp32
-    buffer of ``chunk_elements`` · 4 bytes (default ``DZ_CHUNK_BYTES``). ``benchmarks.modeled`` models both
-    (the cuBLAS route is ahead by less than the uncertainty of the Triton rate it assumes) and the GPU check
-    times both; until a GPU says otherwise the fused kernel is the default.
+    buffer of ``chunk_elements`` · 4 bytes (default ``DZ_CHUNK_BYTES``). ``benchmarks.modeled`` models both:
+    this route wins unless a Triton tl.dot loop reaches 0.87 of cuBLAS's rate, so it is the op's forward
+    (``dpo_kernels.fused_linear``); the GPU check times both.
     """
     from . import logprobs
 
@@ -651,17 +652,16 @@ def fused_linear_logps_fwd_cublas(hidden, weight, bias, labels, logit_scale=1.0,
     chunk_bytes = DZ_CHUNK_BYTES if not chunk_elements else 4 * int(chunk_elements)
     rows = min(M, forward_chunk_rows(V, chunk_bytes))
     buf = torch.empty((rows, V), dtype=torch.float32, device=device)
+    # the scale rides on the GEMM (its alpha), so a plain or scaled head makes no elementwise pass
     scale = float(logit_scale) if softcap is not None else float(logit_scale) / float(temperature)
-    no_label = torch.iinfo(torch.int64).min  # compacted rows: every label is scored (out of range gives NaN)
+    no_label = -(2**31)  # compacted rows: every label is scored (one outside [0, V) gives NaN), an int32 argument
     with _ieee_fp32_matmuls(hidden.dtype, device):
         for r0 in range(0, M, rows):
             r1 = min(M, r0 + rows)
             z = buf[: r1 - r0]
-            _add_product(z, hidden[r0:r1], weight.T, beta=0)
+            _add_product(z, hidden[r0:r1], weight.T, beta=0, alpha=scale)
             if bias is not None:
-                z.add_(bias)
-            if scale != 1.0:
-                z.mul_(scale)
+                z.add_(bias, alpha=scale)
             if softcap is not None:
                 z.div_(float(softcap)).tanh_().mul_(float(softcap) / float(temperature))
             out = logprobs.token_logps_fwd(z[None], labels[None, r0:r1], no_label, False, with_stats)
