@@ -101,6 +101,23 @@ def same_dtype_reference(hidden, weight, bias, labels, grad, **transform):
 LINEAR_CASES = [(d, a, s) for d in triton_linear.DTYPES for a in (True, False) for s in (False, True)]
 
 
+@pytest.mark.parametrize("dtype", triton_linear.DTYPES, ids=str)
+@pytest.mark.parametrize("V", [50257, 128256])
+def test_cublas_forward_on_the_gpu(V, dtype, device):
+    """The op's forward (cuBLAS GEMM with an fp32 output + the logits path's kernel) at real vocabularies,
+    odd and aligned, in row chunks: the fp64 truth's log-probs and the fused forward's statistics."""
+    M, H = 300, 256
+    hidden, weight, b, labels, grad = make_inputs(M, H, V, True, dtype, device)
+    transform = dict(logit_scale=0.8, softcap=None, temperature=1.2)
+    logp, lse, stats = triton_linear.fused_linear_logps_fwd_cublas(hidden, weight, b, labels, **transform,
+                                                                   with_stats=True, chunk_elements=100 * V)  # fmt: skip
+    _, _, fused_stats = triton_linear.fused_linear_logps_fwd(hidden, weight, b, labels, **transform, with_stats=True)
+    truth = reference_logps(hidden, weight, b, labels, grad, torch.float64, **transform)
+    close(logp, truth[0])
+    close(lse, truth[1])
+    torch.testing.assert_close(stats, fused_stats, rtol=1e-5, atol=1e-3)
+
+
 def test_the_cases_cover_every_fused_linear_launch_config():
     assert set(triton_linear.LAUNCH_CONFIGS) <= {(d, a) for d, a, _ in LINEAR_CASES}
     assert set(triton_linear.STATS_LAUNCH_CONFIGS) <= {(d, a) for d, a, s in LINEAR_CASES if s}
@@ -292,10 +309,14 @@ def test_cuda_graph_of_a_fused_dpo_loss_step(backend, device):
         assert_bitwise_equal(static, logits_step(new_policy, new_ref, new_labels, backend))
 
 
-def test_cuda_graph_of_a_fused_linear_dpo_loss_step(device):
+def test_cuda_graph_of_a_fused_linear_dpo_loss_step(monkeypatch, device):
     """The fused LM head training step (gradients w.r.t. hidden and weight) captured and replayed on new
-    hidden states, head and reference log-probs (the labels stay). Needs the hot path free of host
-    synchronization (the label check, the row compaction's nonzero: issue 14's item 5)."""
+    hidden states, head and reference log-probs (the labels stay). Under capture the op runs every row
+    (no compaction, whose nonzero() synchronizes: issue 14's item 5); the eager runs here take that path
+    too, so that the sync check covers it and the replay matches it bitwise. The compacted eager step
+    gives the same numbers up to the GEMMs' summation order."""
+    from dpo_kernels import fused_linear
+
     n, t, h, v = 4, 64, 512, 32000
     _, labels = make_batch(n, t, v)
     hidden = torch.randn(n, t, h, device=device).to(torch.bfloat16).requires_grad_()
@@ -308,6 +329,7 @@ def test_cuda_graph_of_a_fused_linear_dpo_loss_step(device):
         loss.backward()
         return [loss.detach(), *metrics.values(), hidden.grad, weight.grad]
 
+    monkeypatch.setattr(fused_linear, "_static_rows", lambda labels: labels.is_cuda)
     graph, static = capture(step)
     for seed in (1, 2):
         torch.manual_seed(seed)
@@ -320,3 +342,8 @@ def test_cuda_graph_of_a_fused_linear_dpo_loss_step(device):
             ref.copy_(new_ref)
         graph.replay()
         assert_bitwise_equal(static, linear_step(new_hidden, new_weight, new_ref, labels, "triton"))
+        with monkeypatch.context() as m:
+            m.setattr(fused_linear, "_static_rows", lambda labels: False)
+            compacted = linear_step(new_hidden, new_weight, new_ref, labels, "triton")
+        for a, b in zip(static, compacted):
+            torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item())
