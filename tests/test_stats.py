@@ -13,6 +13,7 @@ import torch
 import dpo_kernels  # noqa: F401  (registers the ops)
 from conftest import BACKENDS, DTYPES, assert_fp32_close, make_batch
 from dpo_kernels import ops, reference
+from dpo_kernels.triton import logprobs
 from test_sequence_logps import LAYOUTS
 
 SUM, ENTROPY, TOP1, LSE2 = range(4)
@@ -97,6 +98,19 @@ def test_matches_reference(backend, dtype, V, shift):
 def test_large_vocabulary(backend):
     logits, labels = make_batch(2, 3, 50257, dtype=torch.bfloat16, prompt=0)
     check(backend, logits, labels)
+
+
+@pytest.mark.parametrize("V", [1, 3, 7, 9, 4103])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_triton_odd_rows_at_every_phase(dtype, V, device):
+    """Odd rows (ALIGN > 1 in the Triton kernels) at every address modulo 16 bytes: every head length,
+    heads cut to V (V < ALIGN - 1), a head and a ragged end in the narrow tile together, and a ragged end
+    past the first 4096 tile; logp and lse bitwise those without statistics (check)."""
+    logits, labels = make_batch(2, 9, V, dtype=dtype, prompt=0, device=device)
+    assert logprobs.row_align(logits) == 16 // logits.element_size()
+    labels[0, 5] = logits[0, 4].float().argmax()  # a certain top-1 hit
+    stats = check("triton", logits, labels)
+    assert stats[0, 4, TOP1] == 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

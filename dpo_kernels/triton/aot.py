@@ -67,8 +67,8 @@ VOCAB_STRIDES = ("stride_lv", "stride_gv")
 STATS_KERNELS = ("token_logps_fwd_kernel",)
 # Divisible by 16 when V is (V = 32000, 128256, ...); "unaligned" (V = 50257, 32001) leaves them odd.
 ALIGNED_INTS = ("V", "stride_ln", "stride_lt", "stride_gn", "stride_gt")
-# Both must read and write 128-bit vectors: the kernels peel each row's head to a 16-byte boundary (the
-# forward with statistics only where V and the strides are aligned: its peeled form spilled on sm_90).
+# Both must read and write 128-bit vectors (the forward with and without statistics alike): the kernels
+# peel each row's head to a 16-byte boundary.
 VECTORIZED_LAYOUTS = ("aligned", "unaligned")
 ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -342,7 +342,7 @@ def resource_usage(cubin: bytes) -> dict:
 def must_vectorize(variant: Variant) -> bool:
     if variant.kernel in UNVECTORIZED_KERNELS:
         return False
-    return variant.layout == "aligned" or (variant.layout in VECTORIZED_LAYOUTS and not variant.stats)
+    return variant.layout in VECTORIZED_LAYOUTS
 
 
 def compile_variant(variant: Variant) -> dict:

@@ -5,12 +5,15 @@ the logits and their gradient. The next-token shift is index arithmetic: logits 
 against label ``t + SHIFT``; with a shift the last logits row predicts nothing and gets a zero gradient.
 All offsets are formed in int64 because N·T·V passes 2^31 at real sizes.
 
-Rows whose starts the JIT cannot prove 16-byte aligned (V = 50257 or 32001: odd row strides) are read as
-head ++ full tiles ++ tail (``ALIGN`` > 1, the logits per 16 bytes, chosen by ``row_align``): the head is
-the < ALIGN logits before the row's first 16-byte boundary, so the full tiles start on one and their
-loads and stores are unmasked 16-byte vectors; the head and the tail (the last partial tile) are one
-masked tile each. Aligned rows (ALIGN = 1) and strided vocabularies take one masked loop, whose loads
-are vectors where the JIT sees V and the strides divisible by 16.
+Rows whose starts the JIT cannot prove 16-byte aligned (V = 50257 or 32001: odd row strides) take
+``ALIGN`` > 1 (the logits per 16 bytes, chosen by ``row_align``); the head is the < ALIGN logits before
+the row's first 16-byte boundary. The backward writes head ++ full tiles ++ tail: the full tiles start
+on a boundary and their loads and stores are unmasked 16-byte vectors; the head and the tail (the last
+partial tile) are one masked tile each. The forward (with or without statistics) reads the whole 16-byte
+vectors after the head in one loop, masked per vector, so every tile's loads are 16-byte vectors, and
+the head with the ragged end (< ALIGN logits) as one narrow tile of 2 ALIGN lanes. Aligned rows
+(ALIGN = 1) and strided vocabularies take one masked loop, whose loads are vectors where the JIT sees V
+and the strides divisible by 16.
 """
 
 import torch
@@ -125,43 +128,37 @@ def token_logps_fwd_kernel(
         sum_x = 0.0
         s1 = 0.0  # running sum of exp(x - m) * (x - m)
         s2 = 0.0  # running sum of exp(2 (x - m))
-        first_tie = V  # the first index v with x_v == x_label (V: none seen yet)
-        if ALIGN > 1 and WITH_STATS:
-            # The same tiles as below (so logp and lse are bitwise those of the forward without them) through
-            # one inlined tile update: the statistics' state beside three of them spilled on sm_90. The
-            # masks vary per tile, so these odd rows' loads are not vectors.
-            head = _row_head(row_off, V, ALIGN)
-            for i in range(0, 1 + tl.cdiv(V - head, BLOCK_V)):
-                first = head + (i - 1) * BLOCK_V  # tile 0 is the head
-                idx = tl.where(i == 0, 0, first) + cols
-                valid = idx < tl.where(i == 0, head, V)
-                x = tl.load(row_ptr + idx, mask=valid, other=float("-inf")).to(tl.float32)
-                m, s, sum_x, s1, s2, first_tie = _fold_tile(
-                    x, idx, valid, m, s, sum_x, s1, s2, first_tie, x_label, WITH_STATS
-                )
-        elif ALIGN > 1:
-            head = _row_head(row_off, V, ALIGN)
-            x = tl.load(row_ptr + cols, mask=cols < head, other=float("-inf")).to(tl.float32)
+        first_tie = V  # the first index v - head with x_v == x_label (V: none seen yet)
+        # Vocabulary indices below are relative to the row's first 16-byte boundary (head = 0 with ALIGN = 1),
+        # so that the loop's index vector is its offset vector; the label is compared as label - head.
+        head = _row_head(row_off, V, ALIGN)
+        if ALIGN > 1:
+            # The head (< ALIGN logits before the boundary) and the ragged end (< ALIGN after the last whole
+            # vector) are one narrow tile of 2 ALIGN lanes; the loop then covers whole 16-byte vectors only,
+            # so its mask is constant over each vector and its loads are 16-byte vectors, full tiles or not.
+            # One wide fold site: a separate scalar-masked tail tile (16 addresses a thread) beside the
+            # statistics' state spilled on sm_90. Both variants take these tiles, so logp and lse with
+            # WITH_STATS are bitwise those without.
+            n_body = V - head
+            n_vec = n_body // ALIGN * ALIGN  # written so that the compiler sees a multiple of ALIGN
+            edge = tl.arange(0, 2 * ALIGN)
+            edge_idx = tl.where(edge < ALIGN, edge - ALIGN, n_vec + edge - ALIGN)
+            edge_valid = tl.where(edge < ALIGN, edge_idx >= -head, edge_idx < n_body)
+            # From row_ptr: body_ptr is row_ptr + head only where head was not cut to V (V < ALIGN - 1).
+            x_edge = tl.load(row_ptr + (head + edge_idx), mask=edge_valid, other=float("-inf")).to(tl.float32)
             m, s, sum_x, s1, s2, first_tie = _fold_tile(
-                x, cols, cols < head, m, s, sum_x, s1, s2, first_tie, x_label, WITH_STATS
+                x_edge, edge_idx, edge_valid, m, s, sum_x, s1, s2, first_tie, x_label, WITH_STATS
             )
             # (row_off + head) // ALIGN * ALIGN is row_off + head (or head = V: nothing is read past it),
             # written so that the compiler sees a multiple of ALIGN.
             body_ptr = logits_ptr + (row_off + head) // ALIGN * ALIGN
-            n_body = V - head
-            n_full = n_body // BLOCK_V * BLOCK_V
-            for start in range(0, n_full, BLOCK_V):
+            for start in range(0, n_vec, BLOCK_V):
                 offs = start + cols
-                x = tl.load(body_ptr + offs).to(tl.float32)
+                valid = offs < n_vec
+                x = tl.load(body_ptr + offs, mask=valid, other=float("-inf")).to(tl.float32)
                 m, s, sum_x, s1, s2, first_tie = _fold_tile(
-                    x, head + offs, True, m, s, sum_x, s1, s2, first_tie, x_label, WITH_STATS
+                    x, offs, valid, m, s, sum_x, s1, s2, first_tie, x_label, WITH_STATS
                 )
-            offs = n_full + cols
-            tail = offs < n_body
-            x = tl.load(body_ptr + offs, mask=tail, other=float("-inf")).to(tl.float32)
-            m, s, sum_x, s1, s2, first_tie = _fold_tile(
-                x, head + offs, tail, m, s, sum_x, s1, s2, first_tie, x_label, WITH_STATS
-            )
         else:  # a strided vocabulary or a misaligned tensor: no vector loads to win, one masked loop
             for start in range(0, V, BLOCK_V):
                 offs = start + cols
@@ -177,7 +174,7 @@ def token_logps_fwd_kernel(
         if WITH_STATS:
             # The label is the first index of the maximum iff its logit is the (exact) running max
             # and no earlier logit equals it.
-            top1 = in_range & (m == x_label) & (first_tie == label)
+            top1 = in_range & (m == x_label) & (first_tie == label - head)
             lse2 = 2.0 * m + tl.log(s2)
             stats_row = stats_ptr + row.to(tl.int64) * 4
             tl.store(stats_row + 0, sum_x)
