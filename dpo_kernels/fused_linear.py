@@ -6,6 +6,7 @@ same pass (``reference.token_stats``) with ``with_stats``, else (N, T - shift, 0
 torch.library custom op with a fake implementation and registered autograd (gradients of logp w.r.t.
 hidden, weight and bias; stats are not differentiable). Only scored rows reach the kernels (a
 compacted row list), so prompt and padding tokens cost no FLOPs; their hidden gradient is an exact zero.
+While a CUDA graph is being captured every row runs instead (``_scored_rows``: no host synchronization).
 """
 
 import math

@@ -5,10 +5,12 @@ For compacted rows (every row is scored) the forward computes, per row m,
     z = (h_m · W_vᵀ + b_v) · logit_scale;  z = softcap · tanh(z / softcap) if softcap;  z = z / temperature
     logp_m = z[label_m] − logsumexp_v z,
 
-the transform of ``reference.lm_head_logits``. Each program forms a (BLOCK_M, BLOCK_V) logits tile in
-registers with ``tl.dot`` (fp32 accumulator) over BLOCK_H slices of the hidden size, folds it into an
-online log-sum-exp and picks the label logit in the same loop; no logits tile is ever written to global
-memory. The backward recomputes each logits tile once, per vocabulary chunk: a kernel writes the
+the transform of ``reference.lm_head_logits``, on one of two routes. ``fused_linear_logps_fwd``: each
+program forms a (BLOCK_M, BLOCK_V) logits tile in registers with ``tl.dot`` (fp32 accumulator) over
+BLOCK_H slices of the hidden size, folds it into an online log-sum-exp and picks the label logit in the
+same loop; no logits tile is ever written to global memory. ``fused_linear_logps_fwd_cublas`` (the op's
+forward unless the head is softcapped: ``dpo_kernels.fused_linear._forward``): the fp32 logits of a chunk
+of rows from one cuBLAS GEMM, scored by the logits path's kernel. The backward recomputes each logits tile once, per vocabulary chunk: a kernel writes the
 chunk's dz = g · (onehot − softmax) (chained through the transform) in the inputs' dtype, and two
 cuBLAS GEMMs consume it (d_weight rows of the chunk written once, d_hidden accumulated in fp32):
 8 · M · H · V FLOPs for forward + backward, no float atomics, deterministic.
