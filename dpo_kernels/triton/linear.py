@@ -435,6 +435,7 @@ def fused_linear_logps_bwd_dh_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
@@ -457,23 +458,24 @@ def fused_linear_logps_bwd_dh_kernel(
     row0 = row_tile * BLOCK_M
     h0 = h_tile * BLOCK_N
     r = tl.arange(0, BLOCK_M)
-    c = tl.arange(0, BLOCK_V)
+    ks = tl.arange(0, BLOCK_K)
     n = tl.arange(0, BLOCK_N)
     row_mask = r < M - row0
     n_mask = n < H - h0
     dz_base = dz_ptr + tl.cast(row0, tl.int64) * stride_dz
-    dz_offs = r[:, None] * stride_dz + c[None, :]
-    w_offs = c[:, None] * stride_wv + n[None, :]
+    dz_offs = r[:, None] * stride_dz + ks[None, :]
+    w_offs = ks[:, None] * stride_wv + n[None, :]
     keep_row = keep_ptr + tl.cast(row_tile, tl.int64) * v_tiles
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for j in range(0, v_tiles):
         if tl.load(keep_row + j) != 0:
-            col0 = j * BLOCK_V
-            col_mask = c < VC - col0
-            dz = tl.load(dz_base + col0 + dz_offs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-            w_base = weight_ptr + tl.cast(col0, tl.int64) * stride_wv + h0
-            w = tl.load(w_base + w_offs, mask=col_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = _dot(dz, w, acc, UPCAST_DOT)
+            for k in tl.static_range(0, BLOCK_V, BLOCK_K):  # the tile's columns in BLOCK_K slices
+                col0 = j * BLOCK_V + k
+                k_mask = ks < VC - col0
+                dz = tl.load(dz_base + col0 + dz_offs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                w_base = weight_ptr + tl.cast(col0, tl.int64) * stride_wv + h0
+                w = tl.load(w_base + w_offs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = _dot(dz, w, acc, UPCAST_DOT)
     rows = (row0 + r).to(tl.int64)
     out = dh_ptr + rows[:, None] * H + (h0 + n)[None, :]
     mask = row_mask[:, None] & n_mask[None, :]
@@ -497,6 +499,7 @@ def fused_linear_logps_bwd_dw_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
 ):
@@ -516,27 +519,28 @@ def fused_linear_logps_bwd_dw_kernel(
     v_tile, h_tile = _grouped(tl.program_id(0), v_tiles, tl.cdiv(H, BLOCK_N), GROUP_M)
     col0 = v_tile * BLOCK_V
     h0 = h_tile * BLOCK_N
-    r = tl.arange(0, BLOCK_M)
+    ks = tl.arange(0, BLOCK_K)
     c = tl.arange(0, BLOCK_V)
     n = tl.arange(0, BLOCK_N)
     col_mask = c < VC - col0
     n_mask = n < H - h0
-    dz_offs = r[:, None] * stride_dz + c[None, :]
-    h_offs = r[:, None] * stride_hm + n[None, :]
+    dz_offs = ks[:, None] * stride_dz + c[None, :]
+    h_offs = ks[:, None] * stride_hm + n[None, :]
     acc = tl.zeros([BLOCK_V, BLOCK_N], dtype=tl.float32)
     if HAS_BIAS:
         db = tl.zeros([BLOCK_V], dtype=tl.float32)
     for i in range(0, row_tiles):
         if tl.load(keep_ptr + tl.cast(i, tl.int64) * v_tiles + v_tile) != 0:
-            row0 = i * BLOCK_M
-            row_mask = r < M - row0
-            dz_base = dz_ptr + tl.cast(row0, tl.int64) * stride_dz + col0
-            dz = tl.load(dz_base + dz_offs, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-            h_base = hidden_ptr + tl.cast(row0, tl.int64) * stride_hm + h0
-            h = tl.load(h_base + h_offs, mask=row_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = _dot(tl.trans(dz), h, acc, UPCAST_DOT)
-            if HAS_BIAS:
-                db += tl.sum(dz.to(tl.float32), axis=0)
+            for k in tl.static_range(0, BLOCK_M, BLOCK_K):  # the tile's rows in BLOCK_K slices
+                row0 = i * BLOCK_M + k
+                k_mask = ks < M - row0
+                dz_base = dz_ptr + tl.cast(row0, tl.int64) * stride_dz + col0
+                dz = tl.load(dz_base + dz_offs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+                h_base = hidden_ptr + tl.cast(row0, tl.int64) * stride_hm + h0
+                h = tl.load(h_base + h_offs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = _dot(tl.trans(dz), h, acc, UPCAST_DOT)
+                if HAS_BIAS:
+                    db += tl.sum(dz.to(tl.float32), axis=0)
     cols = (col0 + c).to(tl.int64)
     out = dw_ptr + cols[:, None] * stride_dw + (h0 + n)[None, :]
     tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=col_mask[:, None] & n_mask[None, :])
@@ -580,7 +584,8 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class ProductConfig(NamedTuple):
-    BLOCK_N: int  # H columns per program of the filtered products (their K step is the dz tile)
+    BLOCK_N: int  # H columns per program of the filtered products
+    BLOCK_K: int  # their reduction step: a slice of a keep-flag tile's BLOCK_V columns / BLOCK_M rows
     num_warps: int
     num_stages: int
 
@@ -591,12 +596,12 @@ class ProductConfig(NamedTuple):
 # operand) tiles = 96 KiB of shared memory, within sm_80's 163 KiB; 2 stages where rows load element-wise.
 # fp32 (FMA, 64 x 64 flag tiles): 64-wide H blocks, unpipelined, as the dz kernel.
 PRODUCT_LAUNCH_CONFIGS = {  # (dtype, aligned) -> config
-    (torch.float32, True): ProductConfig(64, 8, 1),
-    (torch.float32, False): ProductConfig(64, 8, 1),
-    (torch.bfloat16, True): ProductConfig(64, 8, 3),
-    (torch.bfloat16, False): ProductConfig(64, 8, 2),
-    (torch.float16, True): ProductConfig(64, 8, 3),
-    (torch.float16, False): ProductConfig(64, 8, 2),
+    (torch.float32, True): ProductConfig(64, 16, 8, 1),
+    (torch.float32, False): ProductConfig(64, 16, 8, 1),
+    (torch.bfloat16, True): ProductConfig(64, 64, 8, 3),
+    (torch.bfloat16, False): ProductConfig(64, 32, 8, 2),
+    (torch.float16, True): ProductConfig(64, 64, 8, 3),
+    (torch.float16, False): ProductConfig(64, 32, 8, 2),
 }
 MERGE_BLOCK = 1024
 GROUP_M = 16  # row blocks per program group of the backward's dz kernel (its L2 swizzle)
@@ -856,16 +861,16 @@ def fused_linear_logps_bwd(grad, hidden, weight, bias, labels, lse, logit_scale=
             if filtered:
                 if keep_out is not None:
                     keep_out.append(chunk_keep.clone())
+                blocks = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_V=cfg.BLOCK_V, BLOCK_N=prod.BLOCK_N, BLOCK_K=prod.BLOCK_K)
+                launch = dict(GROUP_M=GROUP_M, UPCAST_DOT=upcast, num_warps=prod.num_warps, num_stages=prod.num_stages)
                 fused_linear_logps_bwd_dh_kernel[(row_blocks * h_blocks,)](
                     d_hidden, dz, weight[c0:], chunk_keep, M, cols, H, dz_buf.stride(0), weight.stride(0),
-                    BLOCK_M=cfg.BLOCK_M, BLOCK_V=cfg.BLOCK_V, BLOCK_N=prod.BLOCK_N, GROUP_M=GROUP_M,
-                    UPCAST_DOT=upcast, num_warps=prod.num_warps, num_stages=prod.num_stages,
+                    **blocks, **launch,
                 )  # fmt: skip
                 fused_linear_logps_bwd_dw_kernel[(v_tiles * h_blocks,)](
                     d_weight[c0:], d_bias[c0:] if bias is not None else d_hidden, dz, hidden, chunk_keep,
                     M, cols, H, dz_buf.stride(0), hidden.stride(0), d_weight.stride(0),
-                    HAS_BIAS=bias is not None, BLOCK_M=cfg.BLOCK_M, BLOCK_V=cfg.BLOCK_V, BLOCK_N=prod.BLOCK_N,
-                    GROUP_M=GROUP_M, UPCAST_DOT=upcast, num_warps=prod.num_warps, num_stages=prod.num_stages,
+                    HAS_BIAS=bias is not None, **blocks, **launch,
                 )  # fmt: skip
                 continue
             torch.mm(dz.T, hidden, out=d_weight[c0 : c0 + cols])
