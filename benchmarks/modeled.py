@@ -211,6 +211,55 @@ def triton_linear_counts(M, H, V, e, cfg, splits, chunk_cols, bias=False, eb=Non
             "fused_linear_logps_bwd_dz_kernel": dz}  # fmt: skip
 
 
+def _kept_tiles(M, V, BM, BV, chunk_cols, keep):
+    """Per chunk (cols, R, T, n, area, width, height): its width, row blocks, V tiles and, over its kept
+    (BLOCK_M, BLOCK_V) tiles, their number, Σ rows · columns, Σ columns and Σ rows (ragged edge tiles are
+    smaller). ``keep``: the launcher's per-chunk flag arrays (``keep_out``), exact; or a kept-tile density
+    ρ in [0, 1], every tile counted at weight ρ (the expectation for kept tiles spread evenly)."""
+    out = []
+    for n, c0 in enumerate(range(0, V, chunk_cols)):
+        cols = min(chunk_cols, V - c0)
+        R, T = cdiv(M, BM), cdiv(cols, BV)
+        if isinstance(keep, (int, float)):
+            out.append((cols, R, T, keep * R * T, keep * M * cols, keep * cols * R, keep * M * T))
+            continue
+        tiles = [(min(BM, M - i * BM), min(BV, cols - j * BV)) for i in range(R) for j in range(T) if int(keep[n][i][j])]
+        out.append((cols, R, T, len(tiles), sum(r * c for r, c in tiles), sum(c for _, c in tiles),
+                    sum(r for r, _ in tiles)))  # fmt: skip
+    return out
+
+
+def triton_filtered_counts(M, H, V, e, cfg, prod, chunk_cols, keep, bias=False):
+    """Exact loads / stores (bytes) and tl.dot FLOPs of the gradient-filtered backward (filter_eps > 0): the
+    dz kernel with FILTER (kept tiles stored, a flag byte per tile) and the Triton d_hidden / d_weight
+    products that skip dropped tiles, without any cache, as the interpreter counts them.
+
+    cfg: LinearConfig (the flag tiles BLOCK_M x BLOCK_V); prod: ProductConfig (BLOCK_N); keep: the per-chunk
+    flags or a kept-tile density ρ (``_kept_tiles``). Per chunk of T tiles per row block, R row blocks,
+    HB = cdiv(H, BLOCK_N) H blocks and kept tiles (rows_i, cols_j): d_hidden reads every flag once per H
+    block, a kept dz tile once per H block (HB · Σ rows_i · cols_j · e) and its W rows once (Σ cols_j · H ·
+    e), the fp32 accumulator once (and writes it once); d_weight the same with h rows (Σ rows_i · H · e)
+    for W rows, writing the chunk's d_weight (and d_bias) once; each kept tile costs HB · 2 · BLOCK_M ·
+    BLOCK_V · BLOCK_N FLOPs (padded) in each product. At density ρ the products' FLOPs and dz reads are ρ
+    times the dense ones; the recompute (the dz kernel's loads and dots) does not change."""
+    BM, BV, BH = cfg.BLOCK_M, cfg.BLOCK_V, cfg.BLOCK_H
+    HB, Hp = cdiv(H, prod.BLOCK_N), cdiv(H, BH) * BH
+    tile_flops = HB * 2 * BM * BV * prod.BLOCK_N
+    dz, dh, dw = ({"ld": 0, "st": 0, "dot_flops": 0} for _ in range(3))
+    for cols, R, T, n, area, width, height in _kept_tiles(M, V, BM, BV, chunk_cols, keep):
+        dz["ld"] += (8 + 4 + 4) * M * T + M * H * e * T + cols * H * e * R + (cols * e * R if bias else 0)
+        dz["st"] += area * e + R * T
+        dz["dot_flops"] += 2 * R * BM * T * BV * Hp
+        dh["ld"] += HB * R * T + HB * area * e + width * H * e + 4 * M * H
+        dh["st"] += 4 * M * H
+        dh["dot_flops"] += n * tile_flops
+        dw["ld"] += HB * R * T + HB * area * e + height * H * e
+        dw["st"] += cols * H * e + (4 * cols if bias else 0)
+        dw["dot_flops"] += n * tile_flops
+    return {"fused_linear_logps_bwd_dz_kernel": dz, "fused_linear_logps_bwd_dh_kernel": dh,
+            "fused_linear_logps_bwd_dw_kernel": dw}  # fmt: skip
+
+
 def aten_linear_flops(M, H, V) -> int:
     """FLOPs of the backward's cuBLAS products: d_weight = dzᵀ · h and d_hidden += dz · W per chunk."""
     return 4 * M * H * V

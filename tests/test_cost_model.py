@@ -42,6 +42,43 @@ def test_triton_formulas_match_interpreter_counts(M, H, V, dtype, splits, chunk_
     assert aten_flops == modeled.aten_linear_flops(M, H, V)
 
 
+@pytest.mark.parametrize(
+    "M, H, V, dtype, chunk_cols, bias", [(37, 40, 150, torch.float32, 64, True), (20, 24, 100, torch.bfloat16, 64, False)],
+    ids=["fp32-ragged-bias", "bf16-ragged"],
+)
+def test_filtered_formulas_match_interpreter_counts(M, H, V, dtype, chunk_cols, bias):
+    """The gradient filter (filter_eps > 0) on a peaked softmax: the dz kernel stores kept tiles and flags,
+    the Triton products load and multiply kept tiles only; the formulas at the launch's flags are exact, and
+    the products' dot FLOPs fall with the kept-tile density."""
+    products = linear.ProductConfig(BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+    hidden = torch.randn(M, H).to(dtype)
+    weight = (torch.randn(V, H) / H**0.5).to(dtype)
+    head = torch.arange(V) < 10  # the first V tile holds the mass, and the labels but row 0's
+    b = torch.where(head, 6.0, -6.0).to(dtype)
+    labels = torch.randint(0, 10, (M,))
+    labels[0] = V - 1
+    if not bias:  # a peak through the logits alone: the head tokens' rows point along the mean h
+        b = None
+        weight = torch.where(head[:, None], weight + 8.0 * hidden.float().sum(0).sign() / H**0.5, weight).to(dtype)
+    _, lse, _ = fused_linear_logps_fwd(hidden, weight, b, labels, config=SMALL)
+    keep = []
+    chunk = M * chunk_cols * hidden.element_size() // 4
+    with traffic.count() as c:
+        fused_linear_logps_bwd(torch.randn(M), hidden, weight, b, labels, lse, config=SMALL, chunk_elements=chunk,
+                               filter_eps=1e-4, products=products, keep_out=keep)  # fmt: skip
+    flags = [k.tolist() for k in keep]
+    density = sum(map(sum, sum(flags, []))) / sum(len(f) * len(f[0]) for f in flags)
+    assert 0 < density < 0.75, density  # some tiles dropped, some kept
+    e = torch.empty(0, dtype=dtype).element_size()
+    model = modeled.triton_filtered_counts(M, H, V, e, SMALL, products, chunk_cols, flags, bias=bias)
+    for kernel, expected in model.items():
+        got = {k: c.totals[kernel][k] for k in ("ld", "st", "dot_flops")}
+        assert got == expected, (kernel, got, expected)
+    dense = modeled.triton_filtered_counts(M, H, V, e, SMALL, products, chunk_cols, 1.0, bias=bias)
+    for kernel in ("fused_linear_logps_bwd_dh_kernel", "fused_linear_logps_bwd_dw_kernel"):
+        assert c.totals[kernel]["dot_flops"] <= density * dense[kernel]["dot_flops"] * 1.0001
+
+
 @pytest.mark.slow
 def test_issue_budget_at_m128_h1024_v2048_bf16():
     """At the bf16 launch config: Triton stores <= 1.25x the outputs + one bf16 dz of the scored logits,
