@@ -269,12 +269,19 @@ def _kernel(name, flops, hbm, rate, note=""):
     return {"kernel": name, "flops": flops, "hbm_bytes": hbm, "rate": rate, "note": note}
 
 
-def fused_linear_kernels(N, H, V, gpu, e=2, group_m=None, chunk_bytes=None):
+def fused_linear_kernels(N, H, V, gpu, e=2, group_m=None, chunk_bytes=None, density=None):
     """The launches of the fused LM head fwd + bwd at N scored rows (bf16, launch configs of the GPU
     path), each with FLOPs, modeled HBM bytes (L2 reuse where the working set of the programs in flight
-    fits in L2_SHARE of it) and the rate its products run at."""
+    fits in L2_SHARE of it) and the rate its products run at.
+
+    ``density``: the gradient filter's kept-tile density ρ (filter_eps > 0): the dz kernel stores ρ of the
+    tiles (and a flag each), and the two Triton products that skip dropped tiles replace the cuBLAS ones:
+    ρ · 2·N·H·V FLOPs each at the Triton dot rate; their kept dz tiles are re-read once per group of H
+    blocks in flight (sms / GROUP_M of them), their W / h rows once per group of GROUP_M row blocks / V
+    tiles (the K-step working set of the programs in flight is a few MB, in L2)."""
     from dpo_kernels.triton.linear import (
-        DZ_CHUNK_BYTES, GROUP_M, LAUNCH_CONFIGS, _vocab_splits, dz_chunk_columns, forward_splits,
+        DZ_CHUNK_BYTES, GROUP_M, LAUNCH_CONFIGS, PRODUCT_LAUNCH_CONFIGS, _vocab_splits, dz_chunk_columns,
+        forward_splits,
     )  # fmt: skip
 
     bw, gemm_rate, sms, l2 = GPUS[gpu]
@@ -299,6 +306,22 @@ def fused_linear_kernels(N, H, V, gpu, e=2, group_m=None, chunk_bytes=None):
     fits = g * slab + v_in_flight * BV * H * e <= budget
     w_reads = cdiv(R, g) if fits else R
     dz_bytes = chunks * N * H * e + w_reads * V * H * e + N * V * e + 16 * N * chunks
+    if density is not None:
+        flags = R * T
+        rho = float(density)
+        dz_bytes += flags - (1 - rho) * N * V * e
+        out.append(_kernel("Triton bwd dz (recompute + softmax grad, filter flags)", 2 * N * H * V, dz_bytes,
+                           TRITON_DOT_RATE, f"{chunks} chunks of {vc} columns, W read {w_reads}x, "
+                           f"kept-tile density {rho:.3f}"))  # fmt: skip
+        HB = cdiv(H, PRODUCT_LAUNCH_CONFIGS[(torch.bfloat16, True)].BLOCK_N)
+        dz_reads = cdiv(HB, max(1, sms // g))
+        dh = rho * (dz_reads * N * V * e + cdiv(R, g) * V * H * e) + HB * flags + chunks * 8 * N * H
+        dw = rho * (dz_reads * N * V * e + cdiv(T, g) * N * H * e) + HB * flags + V * H * e
+        out.append(_kernel("Triton d_hidden += dz·W (kept tiles)", rho * 2 * N * H * V, dh, TRITON_DOT_RATE,
+                           f"dz re-read {dz_reads}x"))  # fmt: skip
+        out.append(_kernel("Triton d_weight = dzᵀ·h (kept tiles)", rho * 2 * N * H * V, dw, TRITON_DOT_RATE))
+        out.append(_kernel("d_hidden cast fp32 -> bf16", 0, N * H * (4 + e), gemm_rate))
+        return out, bw
     out.append(_kernel("Triton bwd dz (recompute + softmax grad)", 2 * N * H * V, dz_bytes, TRITON_DOT_RATE,
                        f"{chunks} chunks of {vc} columns, W read {w_reads}x"))  # fmt: skip
     out.append(_kernel("cuBLAS d_weight = dzᵀ·h", 2 * N * H * V, N * V * e + chunks * N * H * e + V * H * e,
@@ -307,6 +330,17 @@ def fused_linear_kernels(N, H, V, gpu, e=2, group_m=None, chunk_bytes=None):
                        N * V * e + V * H * e + chunks * 8 * N * H, gemm_rate))  # fmt: skip
     out.append(_kernel("d_hidden cast fp32 -> bf16", 0, N * H * (4 + e), gemm_rate))
     return out, bw
+
+
+def filtered_backward_ms(model: str, gpu: str, density: float, n=N_SEQ, t=SEQ_LEN) -> dict:
+    """Modeled ms of the fused LM head at ``model`` scale: forward, backward without the filter (cuBLAS
+    products) and with it at kept-tile density ``density`` (Triton products over the kept tiles)."""
+    V, H = MODELS[model]
+    dense, bw = fused_linear_kernels(n * t, H, V, gpu)
+    filtered, _ = fused_linear_kernels(n * t, H, V, gpu, density=density)
+    fwd = sum(kernel_ms(k, bw) for k in dense[:2])
+    return {"fwd_ms": fwd, "bwd_dense_ms": sum(kernel_ms(k, bw) for k in dense[2:]),
+            "bwd_filtered_ms": sum(kernel_ms(k, bw) for k in filtered[2:]), "density": density}  # fmt: skip
 
 
 def naive_lm_head_kernels(N, H, V, gpu, e=2):
