@@ -15,7 +15,10 @@ TRITON_INTERPRET.
 The fused LM-head kernels (dpo_kernels.triton.linear) are compiled per dtype at their launch config,
 with every combination of bias and softcap for H, row strides and pointers divisible by 16
 ("aligned"), and without / with both for neither ("unaligned"); the forward and merge kernels also
-WITH_STATS (the per-token statistics), named "... stats ...". Their checks: no spills, shared
+WITH_STATS (the per-token statistics), named "... stats ..."; the backward's dz kernel also with FILTER (the
+gradient filter's keep flags), named "... filter ...", and the filter's two product kernels (d_hidden,
+d_weight; blocks BLOCK_M x BLOCK_V x BLOCK_N/kBLOCK_K from ``linear.product_config``) per dtype, aligned
+and unaligned, d_weight with and without its d_bias sum ("bias"). Their checks: no spills, shared
 memory within the architecture's per-block limit, bf16/fp16 products on tensor cores (mma.sync /
 wgmma in the PTX; HMMA on sm_80, HGMMA on sm_90 in the SASS when aligned), fp32 products off them
 (IEEE fp32, no TF32), a CTA barrier in the kernels that reduce across warps, and 16-byte global loads

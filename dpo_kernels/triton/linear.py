@@ -13,6 +13,13 @@ chunk's dz = g · (onehot − softmax) (chained through the transform) in the in
 cuBLAS GEMMs consume it (d_weight rows of the chunk written once, d_hidden accumulated in fp32):
 8 · M · H · V FLOPs for forward + backward, no float atomics, deterministic.
 
+With a gradient filter (``filter_eps`` > 0, Cut Cross-Entropy's idea) the dz kernel also stores one keep
+flag per (BLOCK_M, BLOCK_V) tile, false where every softmax entry is below filter_eps and no label lies in
+it, and two Triton kernels replace the cuBLAS products: d_hidden (a program per row block and H block,
+looping over the chunk's V tiles) and d_weight (a program per V tile and H block, looping over the row
+blocks), each skipping the unkept tiles and owning its output tile outright, so the products cost ρ ·
+4 · M · H · V FLOPs at a kept-tile density ρ, still without atomics and deterministic.
+
 fp32 inputs multiply in IEEE fp32 (FMA, no TF32: the exact path); bf16/fp16 inputs go to tensor cores
 with fp32 accumulation, and the backward rounds dz to the input dtype before the second product, as a
 bf16 autograd graph would. The bases of row blocks, V tiles, the forward's per-split partials and the
@@ -22,7 +29,9 @@ inside a tile (r · stride_hm, c · stride_wv) are int32.
 The interpreter (TRITON_INTERPRET=1) runs these same kernels; it multiplies bf16 ``tl.dot`` operands as
 their raw uint16 bit patterns (triton-lang/triton#11584), so under it the launchers set UPCAST_DOT and
 the operands are widened to fp32 first. bf16 × bf16 products are exact in fp32, so only the
-summation order differs from the tensor-core path.
+summation order differs from the tensor-core path. Its fp32 -> bf16 cast truncates where the GPU's
+rounds to nearest; the filtered d_weight kernel, whose output is such a cast, rounds by hand there
+(RNE_BF16); the dz tiles, stored the same way in both paths, keep the interpreter's cast.
 """
 
 import contextlib
@@ -41,6 +50,15 @@ def _dot(a, b, acc, UPCAST_DOT: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _bf16_rne(x):
+    """fp32 -> bf16 rounded to nearest even, from the bits: the interpreter's cast truncates (the GPU's
+    rounds), which would double a bf16 output's rounding error in the CPU tests; NaN stays NaN."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where(x != x, x.to(tl.bfloat16), rounded)
 
 
 @triton.jit
@@ -502,6 +520,7 @@ def fused_linear_logps_bwd_dw_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    RNE_BF16: tl.constexpr = False,
 ):
     """d_weight[cols, h0 : h0 + BLOCK_N] = Σ_{row blocks i kept at this V tile} dz[i, cols]ᵀ · h[i, h0 :
     h0 + BLOCK_N]: one program per (V tile, H block) of the filtered backward, its row blocks in a fixed
@@ -543,7 +562,10 @@ def fused_linear_logps_bwd_dw_kernel(
                     db += tl.sum(dz.to(tl.float32), axis=0)
     cols = (col0 + c).to(tl.int64)
     out = dw_ptr + cols[:, None] * stride_dw + (h0 + n)[None, :]
-    tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=col_mask[:, None] & n_mask[None, :])
+    if RNE_BF16:  # interpreter only (``_bf16_rne``)
+        tl.store(out, _bf16_rne(acc), mask=col_mask[:, None] & n_mask[None, :])
+    else:
+        tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=col_mask[:, None] & n_mask[None, :])
     if HAS_BIAS:
         tl.store(db_ptr + cols, db, mask=col_mask & (h_tile == 0))
 
@@ -870,7 +892,7 @@ def fused_linear_logps_bwd(grad, hidden, weight, bias, labels, lse, logit_scale=
                 fused_linear_logps_bwd_dw_kernel[(v_tiles * h_blocks,)](
                     d_weight[c0:], d_bias[c0:] if bias is not None else d_hidden, dz, hidden, chunk_keep,
                     M, cols, H, dz_buf.stride(0), hidden.stride(0), d_weight.stride(0),
-                    HAS_BIAS=bias is not None, **blocks, **launch,
+                    HAS_BIAS=bias is not None, RNE_BF16=upcast, **blocks, **launch,
                 )  # fmt: skip
                 continue
             torch.mm(dz.T, hidden, out=d_weight[c0 : c0 + cols])
