@@ -300,6 +300,8 @@ def linear_source(variant: LinearVariant):
         }  # fmt: skip
         if "HAS_BIAS" in fn.arg_names:
             constexprs["HAS_BIAS"] = has_bias
+        if "RNE_BF16" in fn.arg_names:  # the interpreter's rounding fix, off on the GPU
+            constexprs["RNE_BF16"] = False
     else:
         c = variant.config
         constexprs = {
