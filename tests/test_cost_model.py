@@ -101,3 +101,11 @@ def test_modeled_llama3_8b_h100_within_target():
     assert fused["ms"] <= 180 and fused["ms"] <= 1.3 * fused["floor_ms"]
     assert rows["fused-linear, previous design (by count)", "H100 SXM (datasheet)"]["ms"] > 5 * fused["ms"]
     assert modeled.triton_linear_scratch_bytes(8 * 4096, 4096, 128256) <= 2 * 2**30
+
+
+def test_modeled_filtered_backward_scales_with_the_density():
+    """At Llama-3-8B scale the filtered backward's products scale with ρ; at ρ = 1 they are slower than
+    cuBLAS (the Triton dot rate), so the filter pays only below a break-even density."""
+    at = {rho: modeled.filtered_backward_ms("Llama-3-8B", "H100 SXM (datasheet)", rho) for rho in (1.0, 0.5, 0.1)}
+    assert at[1.0]["bwd_filtered_ms"] > at[1.0]["bwd_dense_ms"] > at[0.5]["bwd_filtered_ms"] > at[0.1]["bwd_filtered_ms"]
+    assert at[0.1]["bwd_filtered_ms"] > at[0.1]["bwd_dense_ms"] / 3  # the recompute does not shrink
