@@ -335,6 +335,7 @@ class FusedDPOTrainer(_FusedLoss, DPOTrainer):
 
     def __init__(self, *args, backend: str = "auto", memory_budget: int | None = None, gradient_filter=None, **kwargs):
         check_trl_version()
+        gradient_filter_eps(gradient_filter, torch.float32)  # a bad value raises before the model is set up
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         _raise_unsupported(_unsupported(config))
         # The precompute of reference log-probs runs inside DPOTrainer.__init__ and calls our
