@@ -146,7 +146,7 @@ def run(M=128, H=64, V=8192, dtype=torch.bfloat16, cases=CASES, thresholds=None,
                 "filter_eps": eps, "density": density, "llama_v_density": big_density,
                 "d_hidden_rel_err": errs[0], "d_weight_rel_err": errs[1], "d_weight_tail_rel_err": tail_err,
                 "d_hidden_vs_unfiltered": errs[0] / base[0], "d_weight_vs_unfiltered": errs[1] / base[1],
-                "modeled_bwd_ms": {gpu: (t["bwd_filtered_ms"] if eps else t["bwd_dense_ms"]) for gpu, t in times.items()},
+                "modeled_bwd_ms": {g: (t["bwd_filtered_ms"] if eps else t["bwd_dense_ms"]) for g, t in times.items()},
             })  # fmt: skip
     return rows
 
@@ -157,7 +157,8 @@ def markdown(rows) -> str:
     out = [
         f"| case (mean entropy at V {r['V']} / {LLAMA_V}) | filter | eps | ρ kernels, V {r['V']} (measured) "
         f"| d_hidden max rel err (measured) | d_weight max rel err (measured) | × unfiltered bf16 err "
-        f"| d_weight non-label rows rel err (measured) | ρ at V {LLAMA_V} (torch) | Llama-3-8B bwd ms, {gpu} (modeled) |",
+        f"| d_weight non-label rows rel err (measured) | ρ at V {LLAMA_V} (torch) "
+        f"| Llama-3-8B bwd ms, {gpu} (modeled) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

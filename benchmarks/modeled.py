@@ -223,7 +223,8 @@ def _kept_tiles(M, V, BM, BV, chunk_cols, keep):
         if isinstance(keep, (int, float)):
             out.append((cols, R, T, keep * R * T, keep * M * cols, keep * cols * R, keep * M * T))
             continue
-        tiles = [(min(BM, M - i * BM), min(BV, cols - j * BV)) for i in range(R) for j in range(T) if int(keep[n][i][j])]
+        flags = keep[n]
+        tiles = [(min(BM, M - i * BM), min(BV, cols - j * BV)) for i in range(R) for j in range(T) if int(flags[i][j])]
         out.append((cols, R, T, len(tiles), sum(r * c for r, c in tiles), sum(c for _, c in tiles),
                     sum(r for r, _ in tiles)))  # fmt: skip
     return out

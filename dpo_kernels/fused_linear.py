@@ -372,7 +372,8 @@ def fused_linear_dpo_loss(
     def tokens(hidden, head, head_bias, with_stats):
         chunk_elements = 0 if memory_budget is None else memory_budget // 4
         resolved = ops.resolve_backend(backend, hidden.device, hidden.dtype)
-        filter_eps = resolve_gradient_filter(gradient_filter, hidden.dtype, resolved) if torch.is_grad_enabled() else 0.0
+        grads = torch.is_grad_enabled()  # the reference side runs without autograd: no backward to filter
+        filter_eps = resolve_gradient_filter(gradient_filter, hidden.dtype, resolved) if grads else 0.0
         out = torch.ops.dpo_kernels.fused_linear_token_logps(
             hidden, head, head_bias, labels, ignore_index, shift, float(logit_scale),
             None if softcap is None else float(softcap), float(temperature), chunk_elements, resolved, with_stats,

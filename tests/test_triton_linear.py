@@ -159,7 +159,8 @@ def filter_bounds(hidden, weight, b, grad, eps, **transform):
     eps (an upper bound: every entry below eps counts, dropped or not), times |W| / |h| / 1."""
     z = reference.lm_head_logits(hidden.double(), weight.double(), b.double(), **transform)
     p = torch.softmax(z, dim=-1)
-    small = torch.where(p < eps, p, 0.0) * grad.double().abs()[:, None] * abs(transform["logit_scale"] / transform["temperature"])
+    factor = abs(transform["logit_scale"] / transform["temperature"])
+    small = torch.where(p < eps, p, 0.0) * grad.double().abs()[:, None] * factor
     return small @ weight.double().abs(), small.T @ hidden.double().abs(), small.sum(0)
 
 
