@@ -222,6 +222,56 @@ def cublas_forward_counts(M, V, with_stats=False):
     return out
 
 
+def _kept_tiles(M, V, BM, BV, chunk_cols, keep):
+    """Per chunk (cols, R, T, n, area, width, height): its width, row blocks, V tiles and, over its kept
+    (BLOCK_M, BLOCK_V) tiles, their number, Σ rows · columns, Σ columns and Σ rows (ragged edge tiles are
+    smaller). ``keep``: the launcher's per-chunk flag arrays (``keep_out``), exact; or a kept-tile density
+    ρ in [0, 1], every tile counted at weight ρ (the expectation for kept tiles spread evenly)."""
+    out = []
+    for n, c0 in enumerate(range(0, V, chunk_cols)):
+        cols = min(chunk_cols, V - c0)
+        R, T = cdiv(M, BM), cdiv(cols, BV)
+        if isinstance(keep, (int, float)):
+            out.append((cols, R, T, keep * R * T, keep * M * cols, keep * cols * R, keep * M * T))
+            continue
+        flags = keep[n]
+        tiles = [(min(BM, M - i * BM), min(BV, cols - j * BV)) for i in range(R) for j in range(T) if int(flags[i][j])]
+        out.append((cols, R, T, len(tiles), sum(r * c for r, c in tiles), sum(c for _, c in tiles),
+                    sum(r for r, _ in tiles)))  # fmt: skip
+    return out
+
+
+def triton_filtered_counts(M, H, V, e, cfg, prod, chunk_cols, keep, bias=False):
+    """Exact loads / stores (bytes) and tl.dot FLOPs of the gradient-filtered backward (filter_eps > 0): the
+    dz kernel with FILTER (kept tiles stored, a flag byte per tile) and the Triton d_hidden / d_weight
+    products that skip dropped tiles, without any cache, as the interpreter counts them.
+
+    cfg: LinearConfig (the flag tiles BLOCK_M x BLOCK_V); prod: ProductConfig (BLOCK_N); keep: the per-chunk
+    flags or a kept-tile density ρ (``_kept_tiles``). Per chunk of T tiles per row block, R row blocks,
+    HB = cdiv(H, BLOCK_N) H blocks and kept tiles (rows_i, cols_j): d_hidden reads every flag once per H
+    block, a kept dz tile once per H block (HB · Σ rows_i · cols_j · e) and its W rows once (Σ cols_j · H ·
+    e), the fp32 accumulator once (and writes it once); d_weight the same with h rows (Σ rows_i · H · e)
+    for W rows, writing the chunk's d_weight (and d_bias) once; each kept tile costs HB · 2 · BLOCK_M ·
+    BLOCK_V · BLOCK_N FLOPs (padded) in each product. At density ρ the products' FLOPs and dz reads are ρ
+    times the dense ones; the recompute (the dz kernel's loads and dots) does not change."""
+    BM, BV, BH = cfg.BLOCK_M, cfg.BLOCK_V, cfg.BLOCK_H
+    HB, Hp = cdiv(H, prod.BLOCK_N), cdiv(H, BH) * BH
+    tile_flops = HB * 2 * BM * BV * prod.BLOCK_N
+    dz, dh, dw = ({"ld": 0, "st": 0, "dot_flops": 0} for _ in range(3))
+    for cols, R, T, n, area, width, height in _kept_tiles(M, V, BM, BV, chunk_cols, keep):
+        dz["ld"] += (8 + 4 + 4) * M * T + M * H * e * T + cols * H * e * R + (cols * e * R if bias else 0)
+        dz["st"] += area * e + R * T
+        dz["dot_flops"] += 2 * R * BM * T * BV * Hp
+        dh["ld"] += HB * R * T + HB * area * e + width * H * e + 4 * M * H
+        dh["st"] += 4 * M * H
+        dh["dot_flops"] += n * tile_flops
+        dw["ld"] += HB * R * T + HB * area * e + height * H * e
+        dw["st"] += cols * H * e + (4 * cols if bias else 0)
+        dw["dot_flops"] += n * tile_flops
+    return {"fused_linear_logps_bwd_dz_kernel": dz, "fused_linear_logps_bwd_dh_kernel": dh,
+            "fused_linear_logps_bwd_dw_kernel": dw}  # fmt: skip
+
+
 def aten_linear_flops(M, H, V) -> int:
     """FLOPs of the backward's cuBLAS products: d_weight = dzᵀ · h and d_hidden += dz · W per chunk."""
     return 4 * M * H * V
@@ -231,15 +281,22 @@ def _kernel(name, flops, hbm, rate, note=""):
     return {"kernel": name, "flops": flops, "hbm_bytes": hbm, "rate": rate, "note": note}
 
 
-def fused_linear_kernels(N, H, V, gpu, e=2, group_m=None, chunk_bytes=None, forward="cublas"):
+def fused_linear_kernels(N, H, V, gpu, e=2, group_m=None, chunk_bytes=None, forward="cublas", density=None):
     """The launches of the fused LM head fwd + bwd at N scored rows (bf16, launch configs of the GPU
     path), each with FLOPs, modeled HBM bytes (L2 reuse where the working set of the programs in flight
     fits in L2_SHARE of it) and the rate its products run at. ``forward``: "cublas", the op's forward
     without a softcap (row chunks of fp32 logits from cuBLAS, scored by the logits path's kernel), or
     "fused", the fused Triton kernel (``fused_linear_logps_fwd``), the op's forward with a softcap, whose
-    tanh would cost the cuBLAS route three more passes over the fp32 logits (24 bytes per logit)."""
+    tanh would cost the cuBLAS route three more passes over the fp32 logits (24 bytes per logit).
+
+    ``density``: the gradient filter's kept-tile density ρ (filter_eps > 0): the dz kernel stores ρ of the
+    tiles (and a flag each), and the two Triton products that skip dropped tiles replace the cuBLAS ones:
+    ρ · 2·N·H·V FLOPs each at the Triton dot rate; their kept dz tiles are re-read once per group of H
+    blocks in flight (sms / GROUP_M of them), their W / h rows once per group of GROUP_M row blocks / V
+    tiles (the K-step working set of the programs in flight is a few MB, in L2)."""
     from dpo_kernels.triton.linear import (
-        DZ_CHUNK_BYTES, GROUP_M, LAUNCH_CONFIGS, _vocab_splits, dz_chunk_columns, forward_chunk_rows, forward_splits,
+        DZ_CHUNK_BYTES, GROUP_M, LAUNCH_CONFIGS, PRODUCT_LAUNCH_CONFIGS, _vocab_splits, dz_chunk_columns,
+        forward_chunk_rows, forward_splits,
     )  # fmt: skip
 
     bw, gemm_rate, sms, l2 = GPUS[gpu]
@@ -271,6 +328,22 @@ def fused_linear_kernels(N, H, V, gpu, e=2, group_m=None, chunk_bytes=None, forw
     fits = g * slab + v_in_flight * BV * H * e <= budget
     w_reads = cdiv(R, g) if fits else R
     dz_bytes = chunks * N * H * e + w_reads * V * H * e + N * V * e + 16 * N * chunks
+    if density is not None:
+        flags = R * T
+        rho = float(density)
+        dz_bytes += flags - (1 - rho) * N * V * e
+        out.append(_kernel("Triton bwd dz (recompute + softmax grad, filter flags)", 2 * N * H * V, dz_bytes,
+                           TRITON_DOT_RATE, f"{chunks} chunks of {vc} columns, W read {w_reads}x, "
+                           f"kept-tile density {rho:.3f}"))  # fmt: skip
+        HB = cdiv(H, PRODUCT_LAUNCH_CONFIGS[(torch.bfloat16, True)].BLOCK_N)
+        dz_reads = cdiv(HB, max(1, sms // g))
+        dh = rho * (dz_reads * N * V * e + cdiv(R, g) * V * H * e) + HB * flags + chunks * 8 * N * H
+        dw = rho * (dz_reads * N * V * e + cdiv(T, g) * N * H * e) + HB * flags + V * H * e
+        out.append(_kernel("Triton d_hidden += dz·W (kept tiles)", rho * 2 * N * H * V, dh, TRITON_DOT_RATE,
+                           f"dz re-read {dz_reads}x"))  # fmt: skip
+        out.append(_kernel("Triton d_weight = dzᵀ·h (kept tiles)", rho * 2 * N * H * V, dw, TRITON_DOT_RATE))
+        out.append(_kernel("d_hidden cast fp32 -> bf16", 0, N * H * (4 + e), gemm_rate))
+        return out, bw
     out.append(_kernel("Triton bwd dz (recompute + softmax grad)", 2 * N * H * V, dz_bytes, TRITON_DOT_RATE,
                        f"{chunks} chunks of {vc} columns, W read {w_reads}x"))  # fmt: skip
     out.append(_kernel("cuBLAS d_weight = dzᵀ·h", 2 * N * H * V, N * V * e + chunks * N * H * e + V * H * e,
@@ -279,6 +352,17 @@ def fused_linear_kernels(N, H, V, gpu, e=2, group_m=None, chunk_bytes=None, forw
                        N * V * e + V * H * e + chunks * 8 * N * H, gemm_rate))  # fmt: skip
     out.append(_kernel("d_hidden cast fp32 -> bf16", 0, N * H * (4 + e), gemm_rate))
     return out, bw
+
+
+def filtered_backward_ms(model: str, gpu: str, density: float, n=N_SEQ, t=SEQ_LEN) -> dict:
+    """Modeled ms of the fused LM head at ``model`` scale: forward, backward without the filter (cuBLAS
+    products) and with it at kept-tile density ``density`` (Triton products over the kept tiles)."""
+    V, H = MODELS[model]
+    dense, bw = fused_linear_kernels(n * t, H, V, gpu)
+    filtered, _ = fused_linear_kernels(n * t, H, V, gpu, density=density)
+    fwd = sum(kernel_ms(k, bw) for k in dense[:2])
+    return {"fwd_ms": fwd, "bwd_dense_ms": sum(kernel_ms(k, bw) for k in dense[2:]),
+            "bwd_filtered_ms": sum(kernel_ms(k, bw) for k in filtered[2:]), "density": density}  # fmt: skip
 
 
 def naive_lm_head_kernels(N, H, V, gpu, e=2):

@@ -65,3 +65,25 @@ def check_ref(ref, policy_logits: torch.Tensor, n_sequences=None) -> None:
 def check_beta(beta) -> None:
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0 or beta == float("inf"):
         raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+
+
+# The gradient filter's "auto" threshold: finfo(dtype).eps / 32 (bf16 2^-12, fp16 2^-15, fp32 2^-28).
+AUTO_FILTER_DIVISOR = 32
+
+
+def gradient_filter_eps(gradient_filter, dtype: torch.dtype) -> float:
+    """The fused LM head's ``gradient_filter`` as the kernels' float threshold (0.0 = off).
+
+    None: off. "auto": ``torch.finfo(dtype).eps / 32`` of the inputs' dtype, the threshold below which a
+    softmax entry's gradient g · p is under 1/32 of an ulp of a gradient of magnitude g in that dtype
+    (Cut Cross-Entropy's choice). A float in [0, 1): that threshold (0 = off)."""
+    if gradient_filter is None:
+        return 0.0
+    if isinstance(gradient_filter, str):
+        if gradient_filter != "auto":
+            raise ValueError(f"gradient_filter must be None, 'auto' or a float in [0, 1), got {gradient_filter!r}")
+        return torch.finfo(dtype).eps / AUTO_FILTER_DIVISOR
+    valid = isinstance(gradient_filter, (int, float)) and not isinstance(gradient_filter, bool)
+    if not valid or not 0 <= gradient_filter < 1:
+        raise ValueError(f"gradient_filter must be None, 'auto' or a float in [0, 1), got {gradient_filter!r}")
+    return float(gradient_filter)

@@ -416,7 +416,8 @@ class _VocabParallelLogits(torch.autograd.Function):
 
 class _VocabParallelLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, vocab_start, ignore_index, shift, transform, chunk, backend, group):
+    def forward(ctx, hidden, weight, bias, labels, vocab_start, ignore_index, shift, transform, chunk, backend, group,
+                filter_eps=0.0):  # fmt: skip
         N, T, _ = hidden.shape
         V_r = weight.shape[0]
         T_out = max(T - int(shift), 0)
@@ -436,15 +437,15 @@ class _VocabParallelLinear(torch.autograd.Function):
             lse_r = torch.full((N, T_out), -math.inf, dtype=acc, device=hidden.device)
         logp, lse = _combine(lse_r, label_logit, owned, scored, group, acc)
         ctx.save_for_backward(hidden, weight, bias, local, lse, scored & ~owned)
-        ctx.args = (ignore_index, shift, transform, chunk, backend, group)
+        ctx.args = (ignore_index, shift, transform, chunk, backend, group, filter_eps)
         ctx.mark_non_differentiable(lse)
         return logp, lse
 
     @staticmethod
     def backward(ctx, grad_logp, grad_lse):
         hidden, weight, bias, local, lse, not_owned = ctx.saved_tensors
-        ignore_index, shift, transform, chunk, backend, group = ctx.args
-        nones = (None,) * 8
+        ignore_index, shift, transform, chunk, backend, group, filter_eps = ctx.args
+        nones = (None,) * 9
         if grad_logp is None:
             return None, None, None, *nones
         acc = lse.dtype
@@ -454,7 +455,7 @@ class _VocabParallelLinear(torch.autograd.Function):
             d_weight, d_bias = torch.zeros_like(weight), (torch.zeros_like(bias) if bias is not None else None)
         else:
             d_hidden, d_weight, d_bias = torch.ops.dpo_kernels.fused_linear_token_logps_backward(
-                g, hidden, weight, bias, local, lse, ignore_index, shift, *transform, chunk, backend
+                g, hidden, weight, bias, local, lse, ignore_index, shift, *transform, chunk, backend, filter_eps
             )
             d_hidden = d_hidden.to(acc)
             d_bias = d_bias if bias is not None else None
@@ -579,6 +580,7 @@ def vocab_parallel_fused_linear_token_logps(
     memory_budget: Optional[int] = None,
     backend: str = "auto",
     with_stats: bool = False,
+    gradient_filter=None,
 ):
     """Per-token ``(token_logp, lse)`` (+ ``stats``) of the fused LM head with the vocabulary split over
     ``process_group``: rank r holds ``weight_shard`` (V_r, H) = rows ``[vocab_start, vocab_start + V_r)``
@@ -587,8 +589,9 @@ def vocab_parallel_fused_linear_token_logps(
     hidden (gradient all-reduced over the group, so every rank gets the full gradient of its replica),
     the weight shard and the bias shard (their slices of the full gradient, no communication).
     The transform is that of :func:`dpo_kernels.fused_linear_sequence_logps` (logit_scale, softcap,
-    temperature)."""
-    from .fused_linear import _check_transform
+    temperature), and so is ``gradient_filter`` (each rank filters its shard's tiles against the global
+    log-sum-exp)."""
+    from .fused_linear import _check_transform, resolve_gradient_filter
 
     weight, group, start, _ = _unwrap_sharded("weight_shard", weight_shard, 0, process_group, vocab_start)
     bias = None
@@ -606,9 +609,10 @@ def vocab_parallel_fused_linear_token_logps(
     _check_same_tokens(labels, group, "weight_shard")
     start = _vocab_start(weight.shape[0], group, weight.device) if start is None else int(start)
     backend = _check_backend(backend, hidden.device, hidden.dtype)
+    filter_eps = resolve_gradient_filter(gradient_filter, hidden.dtype, backend)
     transform = (float(logit_scale), None if softcap is None else float(softcap), float(temperature))
     logp, lse = _VocabParallelLinear.apply(
-        hidden, weight, bias, labels, start, ignore_index, shift, transform, chunk, backend, group
+        hidden, weight, bias, labels, start, ignore_index, shift, transform, chunk, backend, group, filter_eps
     )
     if not with_stats:
         return logp, lse
@@ -634,13 +638,14 @@ def vocab_parallel_fused_linear_sequence_logps(
     temperature: float = 1.0,
     memory_budget: Optional[int] = None,
     backend: str = "auto",
+    gradient_filter=None,
 ) -> torch.Tensor:
     """:func:`dpo_kernels.fused_linear_sequence_logps` with the LM head split over the vocabulary; see
     :func:`vocab_parallel_fused_linear_token_logps`. Returns (N,) fp32, the same on every rank."""
     logp, _ = vocab_parallel_fused_linear_token_logps(
         hidden, weight_shard, labels, bias_shard, process_group=process_group, vocab_start=vocab_start,
         ignore_index=ignore_index, shift=shift, logit_scale=logit_scale, softcap=softcap,
-        temperature=temperature, memory_budget=memory_budget, backend=backend,
+        temperature=temperature, memory_budget=memory_budget, backend=backend, gradient_filter=gradient_filter,
     )  # fmt: skip
     return _reduce(logp, _local(labels), ignore_index, shift, average)
 
@@ -742,6 +747,7 @@ def vocab_parallel_fused_linear_dpo_loss(
     memory_budget: Optional[int] = None,
     backend: str = "auto",
     token_metrics: bool = False,
+    gradient_filter=None,
     **loss_options,
 ):
     """:func:`dpo_kernels.fused_linear_dpo_loss` with the LM head split over the vocabulary across
@@ -763,7 +769,7 @@ def vocab_parallel_fused_linear_dpo_loss(
     )  # fmt: skip
     wants_stats = token_metrics or bool(loss_options.get("use_weighting"))
     out = vocab_parallel_fused_linear_token_logps(
-        policy_hidden, weight_shard, labels, bias_shard, with_stats=wants_stats, **kw
+        policy_hidden, weight_shard, labels, bias_shard, with_stats=wants_stats, gradient_filter=gradient_filter, **kw
     )
     tokens, lse = out[0], out[1]
     stats = out[2] if wants_stats else None

@@ -10,12 +10,13 @@ While a CUDA graph is being captured every row runs instead (``_scored_rows``: n
 """
 
 import math
+import warnings
 from typing import Optional
 
 import torch
 
 from . import distributed, ops, packing
-from ._validation import FLOAT_DTYPES, check_beta, check_labels, check_pairs
+from ._validation import FLOAT_DTYPES, check_beta, check_labels, check_pairs, gradient_filter_eps
 from .functional import _per_sequence
 from .reference import STATS
 
@@ -52,6 +53,27 @@ def _static_rows(labels: torch.Tensor) -> bool:
     graph is being captured (``torch.cuda.graph``, torch.compile's "reduce-overhead" mode) nothing may wait
     for the device, and a replay reuses the captured grids whatever the next batch's labels are."""
     return labels.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _filter(backend: str, gradient_filter: float) -> dict:
+    """The Triton backward's ``filter_eps`` (only a Triton kernel has tiles to skip; elsewhere: exact)."""
+    return {"filter_eps": gradient_filter} if backend == "triton" and gradient_filter > 0 else {}
+
+
+_FILTER_WARNED = []  # the portable / native backends' one warning that gradient_filter does not apply
+
+
+def resolve_gradient_filter(gradient_filter, dtype: torch.dtype, backend: str) -> float:
+    """``gradient_filter`` (None | "auto" | float) as the ops' float (0.0 = off), ValueError on a bad value;
+    warns once when it is set on a backend without tiles to skip (the gradients there stay exact)."""
+    eps = gradient_filter_eps(gradient_filter, dtype)
+    if eps > 0 and backend != "triton" and not _FILTER_WARNED:
+        _FILTER_WARNED.append(True)
+        warnings.warn(
+            f"gradient_filter applies to the Triton backend only; the {backend!r} backend computes exact "
+            "gradients", UserWarning, stacklevel=3,
+        )  # fmt: skip
+    return eps if backend == "triton" else 0.0
 
 
 def _scored_rows(labels: torch.Tensor, ignore_index: int, shift: bool, T_out: int):
@@ -108,6 +130,7 @@ def fused_linear_token_logps(
     chunk_elements: int,
     backend: str,
     with_stats: bool,
+    gradient_filter: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     ops._check_label_range(labels, ignore_index, shift, weight.shape[0])
     N, T, _ = hidden.shape
@@ -129,7 +152,7 @@ def fused_linear_token_logps(
 
 @fused_linear_token_logps.register_fake
 def _(hidden, weight, bias, labels, ignore_index, shift, logit_scale, softcap, temperature, chunk_elements, backend,
-      with_stats):  # fmt: skip
+      with_stats, gradient_filter=0.0):  # fmt: skip
     N, T, _ = hidden.shape
     shape = (N, max(T - int(shift), 0))
     dtype = _out_dtype(hidden)
@@ -152,8 +175,10 @@ def fused_linear_token_logps_backward(
     temperature: float,
     chunk_elements: int,
     backend: str,
+    gradient_filter: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (d_hidden, d_weight, d_bias); d_bias is empty when there is no bias."""
+    """-> (d_hidden, d_weight, d_bias); d_bias is empty when there is no bias. ``gradient_filter``: the
+    Triton backward's filter_eps (0.0 = off; other backends compute exact gradients)."""
     T_out = lse.shape[1]
     n, t, y, keep = _scored_rows(labels, ignore_index, shift, T_out)
     d_hidden = torch.zeros_like(hidden)
@@ -162,7 +187,7 @@ def fused_linear_token_logps_backward(
         return d_hidden, torch.zeros_like(weight), d_bias
     dh, d_weight, d_bias = _kernels(backend).fused_linear_logps_bwd(
         _zeroed(grad_logp[n, t], keep), _zeroed(hidden[n, t], keep), weight, bias, y, _unscored_lse(lse[n, t], keep),
-        logit_scale, softcap, temperature, **_budget(backend, chunk_elements),
+        logit_scale, softcap, temperature, **_budget(backend, chunk_elements), **_filter(backend, gradient_filter),
     )  # fmt: skip
     d_hidden[n, t] = _zeroed(dh, keep)
     return d_hidden, d_weight, d_bias if d_bias is not None else weight.new_empty(0)
@@ -175,9 +200,9 @@ def _(grad_logp, hidden, weight, bias, labels, lse, *args):
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, *args, _with_stats = inputs
+    hidden, weight, bias, labels, *args, _with_stats, gradient_filter = inputs
     ctx.save_for_backward(hidden, weight, bias, labels, output[1])
-    ctx.args = tuple(args)  # the backward op's scalar arguments: everything but with_stats
+    ctx.args = (*args, gradient_filter)  # the backward op's scalar arguments: everything but with_stats
     ctx.mark_non_differentiable(output[2])
 
 
@@ -187,7 +212,7 @@ def _backward(ctx, grad_logp, grad_lse, grad_stats):
         grad_logp.to(lse.dtype), hidden, weight, bias, labels, lse, *ctx.args
     )
     d_hidden, d_weight, d_bias = grads
-    return (d_hidden, d_weight, d_bias if bias is not None else None) + (None,) * 9
+    return (d_hidden, d_weight, d_bias if bias is not None else None) + (None,) * 10
 
 
 fused_linear_token_logps.register_autograd(_backward, setup_context=_setup_context)
@@ -260,6 +285,7 @@ def fused_linear_sequence_logps(
     vocab_start: Optional[int] = None,
     cu_seqlens=None,
     position_ids=None,
+    gradient_filter=None,
 ) -> torch.Tensor:
     """Per-sequence log-probs of ``labels`` under the LM head ``weight`` applied to ``hidden``.
 
@@ -275,6 +301,14 @@ def fused_linear_sequence_logps(
     scored rows' logit gradients in the inputs' dtype (default 1 GiB each, one at a time; beside the dz
     buffer an fp32 (rows, H) d_hidden accumulator); larger means fewer, larger GEMMs.
 
+    ``gradient_filter`` (Triton backend; default None, off): the backward drops each (64-row, 128-column)
+    tile of the logits' gradient whose softmax entries are all below the threshold and that holds no label,
+    and its products skip those tiles (Cut Cross-Entropy's gradient filter, deterministic here). "auto":
+    ``torch.finfo(dtype).eps / 32`` of the inputs' dtype (bf16 2^-12); a float: that threshold. Each
+    dropped entry p moves a gradient by at most g · p · |logit_scale / temperature| times |W_v| (hidden)
+    or |h| (weight); the forward is untouched. It saves time only where few tiles are kept, see
+    docs/gradient_filter.md; the other backends compute exact gradients (with a warning).
+
     Vocabulary parallelism: with ``process_group`` (or ``vocab_start``, or ``weight`` a DTensor sharded on
     dim 0 over a 1-D mesh, e.g. ``ColwiseParallel``) ``weight``/``bias`` are this rank's rows of the head
     and every rank passes the same ``hidden`` and global ``labels``; see
@@ -288,7 +322,7 @@ def fused_linear_sequence_logps(
         return distributed.vocab_parallel_fused_linear_sequence_logps(
             hidden, weight, labels, bias, process_group=process_group, vocab_start=vocab_start,
             ignore_index=ignore_index, shift=shift, average=average, logit_scale=logit_scale, softcap=softcap,
-            temperature=temperature, memory_budget=memory_budget, backend=backend,
+            temperature=temperature, memory_budget=memory_budget, backend=backend, gradient_filter=gradient_filter,
         )  # fmt: skip
     _check_lm_head("hidden", hidden, "weight", weight, "bias", bias)
     check_labels(labels, hidden, "hidden")
@@ -298,12 +332,13 @@ def fused_linear_sequence_logps(
         raise ValueError(f"memory_budget must be None or a number of bytes >= 4, got {memory_budget!r}")
     chunk_elements = 0 if memory_budget is None else memory_budget // 4
     backend = ops.resolve_backend(backend, hidden.device, hidden.dtype)
+    filter_eps = resolve_gradient_filter(gradient_filter, hidden.dtype, backend)
     pk = packing.resolve(labels, cu_seqlens, position_ids, tokens_name="hidden") if packing.wanted(
         cu_seqlens, position_ids) else None  # fmt: skip
     labels, shift = packing.kernel_labels(labels, pk, ignore_index, shift)
     token_logp, _, _ = torch.ops.dpo_kernels.fused_linear_token_logps(
         hidden, weight, bias, labels, ignore_index, shift, float(logit_scale),
-        None if softcap is None else float(softcap), float(temperature), chunk_elements, backend, False,
+        None if softcap is None else float(softcap), float(temperature), chunk_elements, backend, False, filter_eps,
     )  # fmt: skip
     scored = lambda: packing.scored(labels, shift, pk, ignore_index)  # noqa: E731  (only average needs it)
     return _per_sequence(packing.layout(token_logp, pk), scored, average)
@@ -335,6 +370,7 @@ def fused_linear_dpo_loss(
     vocab_start: Optional[int] = None,
     cu_seqlens=None,
     position_ids=None,
+    gradient_filter=None,
     **loss_options,
 ):
     """The DPO loss of :func:`dpo_kernels.fused_dpo_loss` straight from the last hidden states.
@@ -349,6 +385,9 @@ def fused_linear_dpo_loss(
 
     Packed batches (``cu_seqlens`` / ``position_ids``) as in :func:`dpo_kernels.fused_dpo_loss`:
     ``ref_hidden`` packed like ``policy_hidden``, or ``ref_logps`` (S,).
+
+    ``gradient_filter`` (None | "auto" | float) as in :func:`fused_linear_sequence_logps`: the policy
+    head's backward only (the reference side has none).
     """
     if distributed.wanted(process_group, vocab_start, weight, bias, ref_weight, ref_bias):
         packing.refuse_vocab_parallel(cu_seqlens, position_ids)
@@ -358,7 +397,7 @@ def fused_linear_dpo_loss(
             ref_bias_shard=ref_bias, beta=beta, ignore_index=ignore_index, average=average,
             logit_scale=logit_scale, softcap=softcap, temperature=temperature, memory_budget=memory_budget,
             backend=backend, token_metrics=token_metrics, loss_type=loss_type, ld_alpha=ld_alpha,
-            use_weighting=use_weighting, **loss_options,
+            use_weighting=use_weighting, gradient_filter=gradient_filter, **loss_options,
         )  # fmt: skip
     check_beta(beta)
     _check_lm_head("policy_hidden", policy_hidden, "weight", weight, "bias", bias)
@@ -377,9 +416,12 @@ def fused_linear_dpo_loss(
     def tokens(hidden, head, head_bias, with_stats):
         chunk_elements = 0 if memory_budget is None else memory_budget // 4
         resolved = ops.resolve_backend(backend, hidden.device, hidden.dtype)
+        grads = torch.is_grad_enabled()  # the reference side runs without autograd: no backward to filter
+        filter_eps = resolve_gradient_filter(gradient_filter, hidden.dtype, resolved) if grads else 0.0
         out = torch.ops.dpo_kernels.fused_linear_token_logps(
             hidden, head, head_bias, labels, ignore_index, shift, float(logit_scale),
             None if softcap is None else float(softcap), float(temperature), chunk_elements, resolved, with_stats,
+            filter_eps,
         )  # fmt: skip
         return tuple(packing.layout(t, pk) for t in out)
 
@@ -387,6 +429,7 @@ def fused_linear_dpo_loss(
     valid_budget = isinstance(memory_budget, int) and not isinstance(memory_budget, bool) and memory_budget >= 4
     if memory_budget is not None and not valid_budget:
         raise ValueError(f"memory_budget must be None or a number of bytes >= 4, got {memory_budget!r}")
+    gradient_filter_eps(gradient_filter, policy_hidden.dtype)  # a bad value raises before any kernel runs
     with_stats = preference.needs_stats(token_metrics, use_weighting)
     token_logp, lse, stats = tokens(policy_hidden, weight, bias, with_stats)
     mask = packing.scored(labels, shift, pk, ignore_index)

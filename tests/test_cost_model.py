@@ -67,6 +67,44 @@ def test_cublas_forward_counts_match_interpreter_counts(bias, with_stats):
     assert flops.get_total_flops() == 2 * M * H * V
 
 
+@pytest.mark.parametrize(
+    "M, H, V, dtype, chunk_cols, bias",
+    [(37, 40, 150, torch.float32, 64, True), (20, 24, 100, torch.bfloat16, 64, False)],
+    ids=["fp32-ragged-bias", "bf16-ragged"],
+)
+def test_filtered_formulas_match_interpreter_counts(M, H, V, dtype, chunk_cols, bias):
+    """The gradient filter (filter_eps > 0) on a peaked softmax: the dz kernel stores kept tiles and flags,
+    the Triton products load and multiply kept tiles only; the formulas at the launch's flags are exact, and
+    the products' dot FLOPs fall with the kept-tile density."""
+    products = linear.ProductConfig(BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)
+    hidden = torch.randn(M, H).to(dtype)
+    weight = (torch.randn(V, H) / H**0.5).to(dtype)
+    head = torch.arange(V) < 10  # the first V tile holds the mass, and the labels but row 0's
+    b = torch.where(head, 6.0, -6.0).to(dtype)
+    labels = torch.randint(0, 10, (M,))
+    labels[0] = V - 1
+    if not bias:  # a peak through the logits alone: the head tokens' rows point along the mean h
+        b = None
+        weight = torch.where(head[:, None], weight + 8.0 * hidden.float().sum(0).sign() / H**0.5, weight).to(dtype)
+    _, lse, _ = fused_linear_logps_fwd(hidden, weight, b, labels, config=SMALL)
+    keep = []
+    chunk = M * chunk_cols * hidden.element_size() // 4
+    with traffic.count() as c:
+        fused_linear_logps_bwd(torch.randn(M), hidden, weight, b, labels, lse, config=SMALL, chunk_elements=chunk,
+                               filter_eps=1e-4, products=products, keep_out=keep)  # fmt: skip
+    flags = [k.tolist() for k in keep]
+    density = sum(map(sum, sum(flags, []))) / sum(len(f) * len(f[0]) for f in flags)
+    assert 0 < density < 0.75, density  # some tiles dropped, some kept
+    e = torch.empty(0, dtype=dtype).element_size()
+    model = modeled.triton_filtered_counts(M, H, V, e, SMALL, products, chunk_cols, flags, bias=bias)
+    for kernel, expected in model.items():
+        got = {k: c.totals[kernel][k] for k in ("ld", "st", "dot_flops")}
+        assert got == expected, (kernel, got, expected)
+    dense = modeled.triton_filtered_counts(M, H, V, e, SMALL, products, chunk_cols, 1.0, bias=bias)
+    for kernel in ("fused_linear_logps_bwd_dh_kernel", "fused_linear_logps_bwd_dw_kernel"):
+        assert c.totals[kernel]["dot_flops"] <= density * dense[kernel]["dot_flops"] * 1.0001
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("forward", ["cublas", "fused"])
 def test_issue_budget_at_m128_h1024_v2048_bf16(forward):
@@ -93,3 +131,12 @@ def test_modeled_llama3_8b_h100_within_target():
     assert fused["ms"] < weighed["ms"]  # the op's forward is the model's pick
     assert rows["fused-linear, previous design (by count)", "H100 SXM (datasheet)"]["ms"] > 5 * fused["ms"]
     assert modeled.triton_linear_scratch_bytes(8 * 4096, 4096, 128256) <= 2 * 2**30
+
+
+def test_modeled_filtered_backward_scales_with_the_density():
+    """At Llama-3-8B scale the filtered backward's products scale with ρ; at ρ = 1 they are slower than
+    cuBLAS (the Triton dot rate), so the filter pays only below a break-even density."""
+    at = {rho: modeled.filtered_backward_ms("Llama-3-8B", "H100 SXM (datasheet)", rho) for rho in (1.0, 0.5, 0.1)}
+    filtered = [at[rho]["bwd_filtered_ms"] for rho in (1.0, 0.5, 0.1)]
+    assert filtered[0] > at[1.0]["bwd_dense_ms"] > filtered[1] > filtered[2]
+    assert at[0.1]["bwd_filtered_ms"] > at[0.1]["bwd_dense_ms"] / 3  # the recompute does not shrink

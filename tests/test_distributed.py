@@ -222,6 +222,37 @@ def check_fused_linear_path(rank, world):
             close(b_shard.grad, b_full.grad[start : start + b_shard.shape[0]])
 
 
+def check_fused_linear_gradient_filter(rank, world):
+    """gradient_filter on the vocabulary-parallel path reaches each rank's Triton backward (filtering its
+    shard's tiles against the global lse); a threshold below every probability keeps them all: the
+    reference's gradients. World 2 only (Triton under the interpreter is slow)."""
+    if world != 2 or "triton" not in _backends(world):
+        return
+    from dpo_kernels import distributed as D
+    from dpo_kernels import reference
+    from dpo_kernels.triton import linear as triton_linear
+
+    seen, real = [], triton_linear.fused_linear_logps_bwd
+    triton_linear.fused_linear_logps_bwd = lambda *a, **k: seen.append(k.get("filter_eps")) or real(*a, **k)
+    try:
+        N, T, H, V = 4, 5, 16, 37
+        hidden, weight = torch.randn(N, T, H), torch.randn(V, H) * 0.5
+        _, labels = _batch(N, T, V)
+        h_full, w_full = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        ref_seq = reference.sequence_logps(reference.lm_head_logits(h_full, w_full), labels)
+        (ref_seq * _weights(N)).sum().backward()
+        w_shard, start = _shard(weight, 0, rank, world)
+        h = hidden.clone().requires_grad_()
+        w_shard.requires_grad_()
+        seq = D.vocab_parallel_fused_linear_sequence_logps(h, w_shard, labels, backend="triton", gradient_filter=1e-30)
+        (seq * _weights(N)).sum().backward()
+        close(h.grad, h_full.grad)
+        close(w_shard.grad, w_full.grad[start : start + w_shard.shape[0]])
+        assert seen == [1e-30], seen
+    finally:
+        triton_linear.fused_linear_logps_bwd = real
+
+
 def check_fused_linear_dpo_loss(rank, world):
     import dpo_kernels
     from dpo_kernels import distributed as D
@@ -563,7 +594,8 @@ def check_hf_model_under_fsdp2(rank, world):
 
 # ------------------------------------------------------------------------------------------- tests
 
-_FAST = ("check_logits_path", "check_logits_dpo_loss", "check_fused_linear_path", "check_fused_linear_dpo_loss",
+_FAST = ("check_logits_path", "check_logits_dpo_loss", "check_fused_linear_path", "check_fused_linear_gradient_filter",
+         "check_fused_linear_dpo_loss",
          "check_dtensor", "check_entry_points", "check_fsdp2_and_ddp_step", "check_hf_model_under_fsdp2")  # fmt: skip
 
 

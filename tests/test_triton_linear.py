@@ -23,6 +23,7 @@ from conftest import assert_low_precision_grad
 from dpo_kernels import reference
 from dpo_kernels.triton.linear import (
     LinearConfig,
+    ProductConfig,
     fused_linear_logps_bwd,
     fused_linear_logps_fwd,
     fused_linear_logps_fwd_cublas,
@@ -31,6 +32,7 @@ from dpo_kernels.triton.linear import (
 
 RTOL, ATOL = 1e-4, 1e-5
 SMALL = LinearConfig(BLOCK_M=16, BLOCK_V=32, BLOCK_H=16, num_warps=4, num_stages=2)
+SMALL_PRODUCTS = ProductConfig(BLOCK_N=16, BLOCK_K=16, num_warps=4, num_stages=1)  # the filtered products
 
 # id -> (M, H, V, bias, logit_scale, softcap, temperature, config, fwd splits, bwd dz chunk columns)
 CASES = {
@@ -63,13 +65,14 @@ def reference_logps(hidden, weight, bias, labels, grad, dtype, **transform):
 
 
 def run_kernels(hidden, weight, bias, labels, grad, config=None, splits=None, chunk_columns=None,
-                filter_eps=0.0, **transform):  # fmt: skip
+                filter_eps=0.0, keep_out=None, **transform):  # fmt: skip
     """chunk_columns: the backward's dz chunk width (a chunk_elements budget for that many columns)."""
     logp, lse, _ = fused_linear_logps_fwd(hidden, weight, bias, labels, **transform, splits=splits, config=config)
     chunk = None if chunk_columns is None else hidden.shape[0] * chunk_columns * hidden.element_size() // 4
+    products = SMALL_PRODUCTS if config is SMALL else None
     grads = fused_linear_logps_bwd(
         grad, hidden, weight, bias, labels, lse, **transform,
-        filter_eps=filter_eps, chunk_elements=chunk, config=config,
+        filter_eps=filter_eps, chunk_elements=chunk, config=config, products=products, keep_out=keep_out,
     )  # fmt: skip
     return logp, lse, *grads
 
@@ -161,6 +164,87 @@ def test_gradient_filter(device):
     bound_db = small.sum(0)
     for actual, expected, bound in zip(filtered[2:], truth[2:], (bound_dh, bound_dw, bound_db)):
         assert ((actual.double() - expected).abs() <= bound + ATOL + RTOL * expected.abs()).all()
+
+
+def peaked_inputs(M, H, V, dtype, device):
+    """A peaked softmax: the first 20 tokens hold nearly all the mass (p < 1e-5 elsewhere), the labels lie
+    among them but for row 0, whose label (100) keeps one tail tile of its row block."""
+    hidden, weight, _, _, grad = make_inputs(M, H, V, False, dtype, device)
+    b = torch.full((V,), -4.0)
+    b[:20] = 8.0
+    labels = torch.randint(0, 20, (M,))
+    labels[0] = 100
+    return hidden, weight, b.to(dtype).to(device), labels.to(device), grad
+
+
+def filter_bounds(hidden, weight, b, grad, eps, **transform):
+    """Per-element bounds of the filtered gradients' extra error: g · p · |scale / T| per dropped entry p <
+    eps (an upper bound: every entry below eps counts, dropped or not), times |W| / |h| / 1."""
+    z = reference.lm_head_logits(hidden.double(), weight.double(), b.double(), **transform)
+    p = torch.softmax(z, dim=-1)
+    factor = abs(transform["logit_scale"] / transform["temperature"])
+    small = torch.where(p < eps, p, 0.0) * grad.double().abs()[:, None] * factor
+    return small @ weight.double().abs(), small.T @ hidden.double().abs(), small.sum(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_filtered_products_skip_dropped_tiles(dtype, device):
+    """With a filter the products run on Triton over the kept tiles only: M = 37, H = 40, V = 123 are ragged
+    in row blocks (16), H blocks (16), V tiles (32) and dz chunks (64 columns). The flags drop the tail tiles
+    but the one holding row 0's label; the gradients stay within the analytic bound of the same-dtype
+    unfiltered error; two runs give the same bits."""
+    M, H, V, eps = 37, 40, 123, 1e-3
+    transform = dict(logit_scale=1.0, softcap=None, temperature=1.0)
+    hidden, weight, b, labels, grad = peaked_inputs(M, H, V, dtype, device)
+    keep = []
+    filtered = run_kernels(hidden, weight, b, labels, grad, SMALL, 1, 64, filter_eps=eps, keep_out=keep, **transform)
+    again = run_kernels(hidden, weight, b, labels, grad, SMALL, 1, 64, filter_eps=eps, **transform)
+    for x, y in zip(filtered, again):
+        assert torch.equal(x, y)  # deterministic: no atomics, fixed loop orders
+
+    # chunks of 2 and 2 V tiles (the second ragged: 59 columns) over 3 row blocks; tile 0 holds the mass,
+    # tile 3 (columns 96-122, chunk 1's second) row 0's label: kept in row block 0 only
+    assert [tuple(k.shape) for k in keep] == [(3, 2), (3, 2)]
+    expected = torch.tensor([[1, 0, 0, 1], [1, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.int8)
+    assert torch.equal(torch.cat(keep, dim=1).cpu(), expected)
+
+    truth = reference_logps(hidden, weight, b, labels, grad, torch.float64, **transform)
+    bounds = filter_bounds(hidden, weight, b, grad, eps, **transform)
+    if dtype == torch.float32:
+        for actual, expected, bound in zip(filtered[2:], truth[2:], bounds):
+            assert ((actual.double() - expected).abs() <= bound + ATOL + RTOL * expected.abs()).all()
+    else:  # the same-dtype reference's own error, plus the dropped mass (small here: p < 1e-5)
+        same_dtype = reference_logps(hidden, weight, b, labels, grad, torch.float32, **transform)
+        for actual, ref, expected, bound in zip(filtered[2:], same_dtype[2:], truth[2:], bounds):
+            kernel_err = (actual.double() - expected).abs().max().item()
+            reference_err = (ref.to(dtype).double() - expected).abs().max().item()
+            margin = torch.finfo(dtype).eps * expected.abs().max().item() + bound.max().item()
+            assert kernel_err <= reference_err + margin, (kernel_err, reference_err, margin)
+    # d_weight rows whose every tile was dropped are written (as zeros), not left uninitialized
+    assert (filtered[3][32:96] == 0).all() and (filtered[3][20:32] != 0).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_filtered_products_keeping_every_tile_match_the_dense_path(dtype, device):
+    """A filter below every probability keeps every tile: the Triton products then compute what cuBLAS
+    does (fp32: to rounding; bf16: both within an ulp of the fp64 truth beyond the reference's error),
+    and filter 0 is the dense path itself (no flags)."""
+    M, H, V = 21, 24, 70
+    hidden, weight, b, labels, grad = make_inputs(M, H, V, True, dtype, device)
+    transform = dict(logit_scale=0.7, softcap=10.0, temperature=1.3)
+    keep = []
+    dense = run_kernels(hidden, weight, b, labels, grad, SMALL, 1, 64, filter_eps=0.0, keep_out=keep, **transform)
+    assert keep == []  # the dense cuBLAS path: no flags
+    every = run_kernels(hidden, weight, b, labels, grad, SMALL, 1, 64, filter_eps=1e-30, keep_out=keep, **transform)
+    assert all(bool((k == 1).all()) for k in keep) and len(keep) == 2
+    if dtype == torch.float32:
+        for x, y in zip(every[2:], dense[2:]):
+            close(x, y)
+    else:
+        truth = reference_logps(hidden, weight, b, labels, grad, torch.float64, **transform)
+        same_dtype = reference_logps(hidden, weight, b, labels, grad, torch.float32, **transform)
+        for actual, ref, expected in zip(every[2:], same_dtype[2:], truth[2:]):
+            assert_low_precision_grad(actual, ref.to(dtype), expected)
 
 
 def test_label_out_of_range_gives_nan_and_empty_batch(device):

@@ -30,7 +30,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .. import distributed, ops, packing
-from .. import fused_linear as _fused_linear  # noqa: F401  (registers torch.ops.dpo_kernels.fused_linear_*)
+from .. import fused_linear as _fused_linear  # registers torch.ops.dpo_kernels.fused_linear_*
 
 # The keyword our forward patch answers to; any other call goes to the model's own forward.
 HIDDEN_FLAG = "dpo_kernels_hidden_states"
@@ -260,6 +260,7 @@ def token_logps_from_hidden(
     memory_budget: Optional[int] = None,
     backend: str = "auto",
     cu_seqlens: Optional[torch.Tensor] = None,
+    gradient_filter=None,
 ) -> TokenLogps:
     """The fused op on (N, T, H) hidden states: position t scores ``labels[:, t + 1]``.
 
@@ -268,6 +269,7 @@ def token_logps_from_hidden(
 
     ``cu_seqlens``: the (1, total, H) hidden states of a packed batch (:mod:`dpo_kernels.packing`); the
     outputs are then laid out as (S, L) rows, one per sequence, with the shift inside each sequence.
+    ``gradient_filter``: as in :func:`dpo_kernels.fused_linear_sequence_logps` (None: off).
     """
     if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
@@ -286,12 +288,13 @@ def token_logps_from_hidden(
             out = distributed.vocab_parallel_fused_linear_token_logps(
                 hidden, weight, labels, bias, ignore_index=int(ignore_index), logit_scale=float(head.logit_scale),
                 softcap=head.softcap, temperature=float(temperature), memory_budget=memory_budget, backend=backend,
-                with_stats=with_stats,
+                with_stats=with_stats, gradient_filter=gradient_filter,
             )  # fmt: skip
         stats = out[2] if with_stats else out[0].new_empty(*out[0].shape, 0)
         return TokenLogps(out[0], out[1], stats, mask)
     chunk_elements = 0 if memory_budget is None else int(memory_budget) // 4
     backend = ops.resolve_backend(backend, hidden.device, hidden.dtype)
+    filter_eps = _fused_linear.resolve_gradient_filter(gradient_filter, hidden.dtype, backend)
     pk = None if cu_seqlens is None else packing.resolve(labels, cu_seqlens.to(labels.device), tokens_name="hidden")
     labels, shift = packing.kernel_labels(labels, pk, int(ignore_index), True)
     args = (
@@ -299,7 +302,7 @@ def token_logps_from_hidden(
         None if head.softcap is None else float(head.softcap), float(temperature), chunk_elements, backend,
     )  # fmt: skip
     with torch.autocast(hidden.device.type, enabled=False):
-        out = torch.ops.dpo_kernels.fused_linear_token_logps(*args, bool(with_stats))
+        out = torch.ops.dpo_kernels.fused_linear_token_logps(*args, bool(with_stats), filter_eps)
     return TokenLogps(*(packing.layout(t, pk) for t in out), packing.scored(labels, shift, pk, int(ignore_index)))
 
 
@@ -317,6 +320,7 @@ def token_logps_from_model(
     with_stats: bool = False,
     memory_budget: Optional[int] = None,
     backend: str = "auto",
+    gradient_filter=None,
     **model_kwargs,
 ) -> TokenLogps:
     """Per-token outputs of :class:`TokenLogps` for a causal LM: backbone, then the fused head.
@@ -333,7 +337,7 @@ def token_logps_from_model(
         raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
     install_hidden_forward(model)
     options = dict(labels=labels, ignore_index=ignore_index, temperature=temperature, with_stats=with_stats,
-                   memory_budget=memory_budget, backend=backend)  # fmt: skip
+                   memory_budget=memory_budget, backend=backend, gradient_filter=gradient_filter)  # fmt: skip
     out = model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs, **{TOKENS_FLAG: options})
     return out.tokens
 
@@ -350,6 +354,7 @@ def sequence_logps_from_model(
     backend: str = "auto",
     temperature: float = 1.0,
     memory_budget: Optional[int] = None,
+    gradient_filter=None,
     **model_kwargs,
 ):
     """(N,) fp32 per-sequence log-probs of ``labels`` under a causal LM, never forming its logits.
@@ -365,7 +370,8 @@ def sequence_logps_from_model(
     """
     tokens = token_logps_from_model(
         model, input_ids, attention_mask, labels, ignore_index=ignore_index, temperature=temperature,
-        with_stats=with_stats, memory_budget=memory_budget, backend=backend, **model_kwargs,
+        with_stats=with_stats, memory_budget=memory_budget, backend=backend, gradient_filter=gradient_filter,
+        **model_kwargs,
     )  # fmt: skip
     total = tokens.logps.sum(-1)
     if average:

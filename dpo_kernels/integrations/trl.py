@@ -39,6 +39,7 @@ from importlib import metadata
 import torch
 
 from .. import packing, preference
+from .._validation import gradient_filter_eps
 from ..reference import STATS
 from . import hf
 from .collate import PackedPreferenceCollator
@@ -101,12 +102,15 @@ class _FusedLoss:
 
     _dpo_kernels_backend = "auto"
     _dpo_kernels_memory_budget = None
+    _dpo_kernels_gradient_filter = None
 
-    def _dpo_kernels_configure(self, backend: str, memory_budget) -> None:
+    def _dpo_kernels_configure(self, backend: str, memory_budget, gradient_filter=None) -> None:
         if memory_budget is not None and not (isinstance(memory_budget, int) and memory_budget >= 4):
             raise ValueError(f"memory_budget must be None or a number of bytes >= 4, got {memory_budget!r}")
+        gradient_filter_eps(gradient_filter, torch.float32)  # a bad value raises here, at construction
         self._dpo_kernels_backend = backend
         self._dpo_kernels_memory_budget = memory_budget
+        self._dpo_kernels_gradient_filter = gradient_filter
         found = _unsupported(self.args)
         if getattr(self, "_is_vlm", False) or getattr(self, "_is_vision_dataset", False):
             found.append("vision-language models and image datasets (untested with the backbone call)")
@@ -192,6 +196,7 @@ class _FusedLoss:
         hf.install_hidden_forward(model)  # idempotent; the precompute may run before configure
         options = dict(labels=labels, with_stats=with_stats, backend=self._dpo_kernels_backend,
                        memory_budget=self._dpo_kernels_memory_budget,
+                       gradient_filter=self._dpo_kernels_gradient_filter if torch.is_grad_enabled() else None,
                        cu_seqlens=None if pk is None else pk.cu_seqlens)  # fmt: skip
         out = model(**model_kwargs, **{hf.TOKENS_FLAG: options})  # the head runs inside the model's forward
         return out.tokens, out.aux_loss, out.vocab_size
@@ -321,19 +326,23 @@ class FusedDPOTrainer(_FusedLoss, DPOTrainer):
     metrics and gradients, without the (B, T, V) logits.
 
     Extra keyword arguments: ``backend`` (``"auto"``, ``"native"``, ``"triton"``, ``"torch"``: the
-    fused op's backend) and ``memory_budget`` (bytes of fp32 logits the portable path forms at a time).
+    fused op's backend), ``memory_budget`` (bytes of fp32 logits the portable path forms at a time) and
+    ``gradient_filter`` (None, "auto" or a float: the Triton backward's gradient filter, see
+    :func:`dpo_kernels.fused_linear_sequence_logps`).
     Raises at construction outside :data:`SUPPORTED_TRL` and for the options listed in the module's
     documentation.
     """
 
-    def __init__(self, *args, backend: str = "auto", memory_budget: int | None = None, **kwargs):
+    def __init__(self, *args, backend: str = "auto", memory_budget: int | None = None, gradient_filter=None, **kwargs):
         check_trl_version()
+        gradient_filter_eps(gradient_filter, torch.float32)  # a bad value raises before the model is set up
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         _raise_unsupported(_unsupported(config))
         # The precompute of reference log-probs runs inside DPOTrainer.__init__ and calls our
         # compute_ref_log_probs, which reads these.
         self._dpo_kernels_backend = backend
         self._dpo_kernels_memory_budget = memory_budget
+        self._dpo_kernels_gradient_filter = gradient_filter
         # TRL 1.16 turns padding_free off with a warning that does not apply here: keep it from seeing it
         padding_free = getattr(config, "padding_free", False)
         if padding_free:
@@ -343,7 +352,7 @@ class FusedDPOTrainer(_FusedLoss, DPOTrainer):
         finally:
             if padding_free:
                 config.padding_free = True
-        self._dpo_kernels_configure(backend, memory_budget)
+        self._dpo_kernels_configure(backend, memory_budget, gradient_filter)
 
 
 @functools.lru_cache(maxsize=None)
@@ -353,7 +362,7 @@ def _fused_class(cls: type) -> type:
     return type(f"Fused{cls.__name__}", (_FusedLoss, cls), {"__module__": cls.__module__, "__doc__": cls.__doc__})
 
 
-def apply_fused_dpo(trainer, *, backend: str = "auto", memory_budget: int | None = None):
+def apply_fused_dpo(trainer, *, backend: str = "auto", memory_budget: int | None = None, gradient_filter=None):
     """Turn a constructed ``DPOTrainer`` (or subclass) into its fused version, in place; returns it.
 
     Reference log-probs that TRL already precomputed are kept (they are the same numbers). Raises like
@@ -364,7 +373,7 @@ def apply_fused_dpo(trainer, *, backend: str = "auto", memory_budget: int | None
         raise TypeError(f"apply_fused_dpo expects a trl.DPOTrainer, got {type(trainer).__name__}")
     if not isinstance(trainer, _FusedLoss):
         trainer.__class__ = _fused_class(type(trainer))
-    trainer._dpo_kernels_configure(backend, memory_budget)
+    trainer._dpo_kernels_configure(backend, memory_budget, gradient_filter)
     return trainer
 
 

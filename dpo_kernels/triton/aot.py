@@ -15,7 +15,10 @@ TRITON_INTERPRET.
 The fused LM-head kernels (dpo_kernels.triton.linear) are compiled per dtype at their launch config,
 with every combination of bias and softcap for H, row strides and pointers divisible by 16
 ("aligned"), and without / with both for neither ("unaligned"); the forward and merge kernels also
-WITH_STATS (the per-token statistics), named "... stats ...". Their checks: no spills, shared
+WITH_STATS (the per-token statistics), named "... stats ..."; the backward's dz kernel also with FILTER (the
+gradient filter's keep flags), named "... filter ...", and the filter's two product kernels (d_hidden,
+d_weight; blocks BLOCK_M x BLOCK_V x BLOCK_N/kBLOCK_K from ``linear.product_config``) per dtype, aligned
+and unaligned, d_weight with and without its d_bias sum ("bias"). Their checks: no spills, shared
 memory within the architecture's per-block limit, bf16/fp16 products on tensor cores (mma.sync /
 wgmma in the PTX; HMMA on sm_80, HGMMA on sm_90 in the SASS when aligned), fp32 products off them
 (IEEE fp32, no TF32), a CTA barrier in the kernels that reduce across warps, and 16-byte global loads
@@ -154,9 +157,24 @@ LINEAR_POINTERS = {  # pointer argument -> element type ("X" hidden/weight dtype
     },
     "fused_linear_logps_bwd_dz_kernel": {
         "dz_ptr": "X", "grad_ptr": "fp32", "hidden_ptr": "X", "weight_ptr": "X", "bias_ptr": "X",
-        "labels_ptr": "i64", "lse_ptr": "fp32",
+        "labels_ptr": "i64", "lse_ptr": "fp32", "keep_ptr": "i8",
+    },
+    "fused_linear_logps_bwd_dh_kernel": {"dh_ptr": "fp32", "dz_ptr": "X", "weight_ptr": "X", "keep_ptr": "i8"},
+    "fused_linear_logps_bwd_dw_kernel": {
+        "dw_ptr": "X", "db_ptr": "fp32", "dz_ptr": "X", "hidden_ptr": "X", "keep_ptr": "i8",
     },
 }  # fmt: skip
+# The gradient filter's products (filter_eps > 0): blocked over H by ``linear.product_config``, not by the
+# logits tiles' launch config; d_weight also sums d_bias (HAS_BIAS), d_hidden has no features.
+LINEAR_PRODUCT_KERNELS = {
+    "fused_linear_logps_bwd_dh_kernel": ("plain",),
+    "fused_linear_logps_bwd_dw_kernel": ("plain", "bias"),
+}
+# The dz kernel also compiles FILTER (stores keep flags, writes kept tiles only), named "... filter ...".
+LINEAR_FILTER_KERNELS = ("fused_linear_logps_bwd_dz_kernel",)
+# The dz buffer's row stride (its chunk width VC, a multiple of BLOCK_V for a chunked vocabulary) and
+# d_weight's (H): divisible by 16 in the aligned layout, as at V = 128256, H = 4096.
+LINEAR_PRODUCT_ALIGNED_INTS = ("stride_dz", "stride_dw")
 LINEAR_FLOATS = ("logit_scale", "softcap", "temperature", "filter_eps")
 LINEAR_UNIT_STRIDES = ("stride_y", "stride_g")
 # Kernels whose tiles are reduced across warps (row max / sums of the online log-sum-exp, the softmax of
@@ -188,23 +206,38 @@ class LinearVariant:
     layout: str
     arch: int
     stats: bool = False  # WITH_STATS
+    filter: bool = False  # the dz kernel's FILTER variant (keep flags, kept tiles stored)
+
+    @property
+    def _torch_dtype(self):
+        import torch
+
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
 
     @property
     def config(self):
-        import torch
-
         from .linear import launch_config
 
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.dtype]
-        return launch_config(dtype, aligned=self.layout == "aligned", with_stats=self.stats)
+        return launch_config(self._torch_dtype, aligned=self.layout == "aligned", with_stats=self.stats)
+
+    @property
+    def product(self):
+        """The filtered products' ProductConfig (H block, warps, stages); None for the other kernels."""
+        from .linear import product_config
+
+        if self.kernel not in LINEAR_PRODUCT_KERNELS:
+            return None
+        return product_config(self._torch_dtype, aligned=self.layout == "aligned")
 
     @property
     def warps(self):
-        return 4 if self.kernel == "fused_linear_logps_merge_kernel" else self.config.num_warps
+        if self.kernel == "fused_linear_logps_merge_kernel":
+            return 4
+        return (self.product or self.config).num_warps
 
     @property
     def stages(self):
-        return self.config.num_stages
+        return (self.product or self.config).num_stages
 
     @property
     def name(self):
@@ -212,10 +245,11 @@ class LinearVariant:
         if self.kernel == "fused_linear_logps_merge_kernel":
             return f"{self.kernel} fp32/i64 BLOCK={self._merge_block()} warps={self.warps}{stats} sm_{self.arch}"
         c = self.config
-        blocks = f"{c.BLOCK_M}x{c.BLOCK_V}x{c.BLOCK_H}"
+        p = self.product
+        blocks = f"{c.BLOCK_M}x{c.BLOCK_V}x{p.BLOCK_N}/k{p.BLOCK_K}" if p else f"{c.BLOCK_M}x{c.BLOCK_V}x{c.BLOCK_H}"
         return (
             f"{self.kernel} {self.dtype}/i64 {blocks} warps={self.warps} stages={self.stages} "
-            f"{self.features}{stats} {self.layout} sm_{self.arch}"
+            f"{self.features}{stats}{' filter' if self.filter else ''} {self.layout} sm_{self.arch}"
         )
 
     @staticmethod
@@ -228,15 +262,22 @@ class LinearVariant:
 def linear_variants(archs):
     for arch in archs:
         for kernel in LINEAR_POINTERS:
+            if kernel in LINEAR_PRODUCT_KERNELS:
+                for dtype in DTYPES:
+                    for layout in ("aligned", "unaligned"):
+                        for features in LINEAR_PRODUCT_KERNELS[kernel]:
+                            yield LinearVariant(kernel, dtype, features, layout, arch)
+                continue
             for stats in (False, True) if kernel in LINEAR_STATS_KERNELS else (False,):
                 if kernel == "fused_linear_logps_merge_kernel":  # no products, no dtype: one variant
                     yield LinearVariant(kernel, "fp32", "plain", "aligned", arch, stats)
                     continue
-                for dtype in DTYPES:
-                    for features in LINEAR_FEATURES:
-                        yield LinearVariant(kernel, dtype, features, "aligned", arch, stats)
-                    for features in ("plain", "bias+softcap"):
-                        yield LinearVariant(kernel, dtype, features, "unaligned", arch, stats)
+                for filtered in (False, True) if kernel in LINEAR_FILTER_KERNELS else (False,):
+                    for dtype in DTYPES:
+                        for features in LINEAR_FEATURES:
+                            yield LinearVariant(kernel, dtype, features, "aligned", arch, stats, filtered)
+                        for features in ("plain", "bias+softcap"):
+                            yield LinearVariant(kernel, dtype, features, "unaligned", arch, stats, filtered)
 
 
 def linear_source(variant: LinearVariant):
@@ -249,6 +290,18 @@ def linear_source(variant: LinearVariant):
     has_bias, has_softcap = LINEAR_FEATURES[variant.features]
     if variant.kernel == "fused_linear_logps_merge_kernel":
         constexprs = {"BLOCK": variant._merge_block()}
+    elif variant.product:
+        from .linear import GROUP_M
+
+        c, p = variant.config, variant.product
+        constexprs = {
+            "BLOCK_M": c.BLOCK_M, "BLOCK_V": c.BLOCK_V, "BLOCK_N": p.BLOCK_N, "BLOCK_K": p.BLOCK_K, "GROUP_M": GROUP_M,
+            "UPCAST_DOT": False,
+        }  # fmt: skip
+        if "HAS_BIAS" in fn.arg_names:
+            constexprs["HAS_BIAS"] = has_bias
+        if "RNE_BF16" in fn.arg_names:  # the interpreter's rounding fix, off on the GPU
+            constexprs["RNE_BF16"] = False
     else:
         c = variant.config
         constexprs = {
@@ -259,6 +312,7 @@ def linear_source(variant: LinearVariant):
             from .linear import GROUP_M
 
             constexprs["GROUP_M"] = GROUP_M
+            constexprs["FILTER"] = variant.filter
     if variant.kernel in LINEAR_STATS_KERNELS:
         constexprs["WITH_STATS"] = variant.stats
     signature, attrs = {}, {}
@@ -266,7 +320,7 @@ def linear_source(variant: LinearVariant):
         if arg in pointers:
             kind = pointers[arg]
             signature[arg] = "*" + (variant.dtype if kind == "X" else kind)
-            if variant.layout == "aligned" or arg not in ("hidden_ptr", "weight_ptr"):
+            if variant.layout == "aligned" or arg not in ("hidden_ptr", "weight_ptr", "dw_ptr"):
                 attrs[(index,)] = [["tt.divisibility", 16]]
         elif arg in constexprs:
             signature[arg] = "constexpr"
@@ -277,7 +331,8 @@ def linear_source(variant: LinearVariant):
             signature[arg] = "fp32"
         else:
             signature[arg] = "i32"
-            if arg in ("v_per_split", "chunk_start") or (arg in LINEAR_ALIGNED_INTS and variant.layout == "aligned"):
+            aligned_ints = LINEAR_ALIGNED_INTS + (LINEAR_PRODUCT_ALIGNED_INTS if variant.product else ())
+            if arg in ("v_per_split", "chunk_start") or (arg in aligned_ints and variant.layout == "aligned"):
                 attrs[(index,)] = [["tt.divisibility", 16]]
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
 

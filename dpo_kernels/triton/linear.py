@@ -15,6 +15,13 @@ chunk's dz = g · (onehot − softmax) (chained through the transform) in the in
 cuBLAS GEMMs consume it (d_weight rows of the chunk written once, d_hidden accumulated in fp32):
 8 · M · H · V FLOPs for forward + backward, no float atomics, deterministic.
 
+With a gradient filter (``filter_eps`` > 0, Cut Cross-Entropy's idea) the dz kernel also stores one keep
+flag per (BLOCK_M, BLOCK_V) tile, false where every softmax entry is below filter_eps and no label lies in
+it, and two Triton kernels replace the cuBLAS products: d_hidden (a program per row block and H block,
+looping over the chunk's V tiles) and d_weight (a program per V tile and H block, looping over the row
+blocks), each skipping the unkept tiles and owning its output tile outright, so the products cost ρ ·
+4 · M · H · V FLOPs at a kept-tile density ρ, still without atomics and deterministic.
+
 fp32 inputs multiply in IEEE fp32 (FMA, no TF32: the exact path); bf16/fp16 inputs go to tensor cores
 with fp32 accumulation, and the backward rounds dz to the input dtype before the second product, as a
 bf16 autograd graph would. The bases of row blocks, V tiles, the forward's per-split partials and the
@@ -24,7 +31,9 @@ inside a tile (r · stride_hm, c · stride_wv) are int32.
 The interpreter (TRITON_INTERPRET=1) runs these same kernels; it multiplies bf16 ``tl.dot`` operands as
 their raw uint16 bit patterns (triton-lang/triton#11584), so under it the launchers set UPCAST_DOT and
 the operands are widened to fp32 first. bf16 × bf16 products are exact in fp32, so only the
-summation order differs from the tensor-core path.
+summation order differs from the tensor-core path. Its fp32 -> bf16 cast truncates where the GPU's
+rounds to nearest; the filtered d_weight kernel, whose output is such a cast, rounds by hand there
+(RNE_BF16); the dz tiles, stored the same way in both paths, keep the interpreter's cast.
 """
 
 import contextlib
@@ -43,6 +52,15 @@ def _dot(a, b, acc, UPCAST_DOT: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision="ieee")
+
+
+@triton.jit
+def _bf16_rne(x):
+    """fp32 -> bf16 rounded to nearest even, from the bits: the interpreter's cast truncates (the GPU's
+    rounds), which would double a bf16 output's rounding error in the CPU tests; NaN stays NaN."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return tl.where(x != x, x.to(tl.bfloat16), rounded)
 
 
 @triton.jit
@@ -329,6 +347,17 @@ def fused_linear_logps_merge_kernel(
 
 
 @triton.jit
+def _grouped(pid, row_tiles, col_tiles, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program ``pid`` in groups of GROUP_M row tiles (the matmul tutorial's
+    L2 swizzle): consecutive programs walk a group's row tiles first, then its column tiles."""
+    group = pid // (GROUP_M * col_tiles)
+    first = group * GROUP_M
+    group_rows = tl.minimum(row_tiles - first, GROUP_M)
+    in_group = pid % (GROUP_M * col_tiles)
+    return first + in_group % group_rows, in_group // group_rows
+
+
+@triton.jit
 def fused_linear_logps_bwd_dz_kernel(
     dz_ptr,  # (M, VC) dtype of hidden, strides (stride_dz, 1): d loss / d(h · Wᵀ) of the chunk's logits
     grad_ptr,  # (M,) fp32, stride stride_g (0 for an expand): d loss / d logp
@@ -337,6 +366,7 @@ def fused_linear_logps_bwd_dz_kernel(
     bias_ptr,  # (VC,) the chunk's bias entries, contiguous; not read without HAS_BIAS
     labels_ptr,  # (M,) int64, stride stride_y, in [0, V): global vocabulary indices
     lse_ptr,  # (M,) fp32, contiguous, from the forward
+    keep_ptr,  # (cdiv(M, BLOCK_M), cdiv(VC, BLOCK_V)) int8, contiguous: 1 where the tile is kept; FILTER only
     M,
     VC,
     H,
@@ -357,6 +387,7 @@ def fused_linear_logps_bwd_dz_kernel(
     BLOCK_H: tl.constexpr,
     GROUP_M: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    FILTER: tl.constexpr = False,
 ):
     """dz[rows, cols] = dacc of _dlogits_tile, rounded to the inputs' dtype: one (BLOCK_M, BLOCK_V) tile
     per program, its logits recomputed from h and W (2 · BLOCK_M · BLOCK_V · H FLOPs, the tile's h rows
@@ -369,17 +400,15 @@ def fused_linear_logps_bwd_dz_kernel(
     ordered in groups of GROUP_M row blocks (the matmul tutorial's swizzle): the programs in flight
     cover GROUP_M row blocks × (programs / GROUP_M) V tiles, whose h and W rows stay in L2 while they
     are re-read, so each W chunk comes from HBM once per group of row blocks, not once per row block.
-    A tile dropped by filter_eps is stored as zeros.
+    Without FILTER a tile dropped by filter_eps is stored as zeros (the dense cuBLAS products read every
+    tile). With FILTER the kernel stores the tile's keep flag (1 byte) and writes dz only in kept tiles:
+    the filtered products (``fused_linear_logps_bwd_dh_kernel``, ``..._dw_kernel``) read the flag and
+    never touch a dropped tile, so the stores fall to ρ · M · VC · b for a kept-tile density ρ.
     """
-    pid = tl.program_id(0)
-    row_tiles = tl.cdiv(M, BLOCK_M)
     v_tiles = tl.cdiv(VC, BLOCK_V)
-    group = pid // (GROUP_M * v_tiles)
-    first = group * GROUP_M
-    group_rows = tl.minimum(row_tiles - first, GROUP_M)
-    in_group = pid % (GROUP_M * v_tiles)
-    row0 = (first + in_group % group_rows) * BLOCK_M
-    col0 = (in_group // group_rows) * BLOCK_V
+    row_tile, col_tile = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), v_tiles, GROUP_M)
+    row0 = row_tile * BLOCK_M
+    col0 = col_tile * BLOCK_V
     r = tl.arange(0, BLOCK_M)
     c = tl.arange(0, BLOCK_V)
     ks = tl.arange(0, BLOCK_H)
@@ -402,9 +431,145 @@ def fused_linear_logps_bwd_dz_kernel(
         z, t, _label_column(labels, chunk_start + col0, BLOCK_V), row_mask, g, lse,
         logit_scale, temperature, filter_eps, HAS_SOFTCAP, BLOCK_V,
     )  # fmt: skip
-    dacc = tl.where(keep, dacc, 0.0)
     out = dz_ptr + rows[:, None] * stride_dz + (col0 + c)[None, :]
-    tl.store(out, dacc.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    if FILTER:
+        tl.store(keep_ptr + tl.cast(row_tile, tl.int64) * v_tiles + col_tile, keep.to(tl.int8))
+        in_tile = row_mask[:, None] & col_mask[None, :]
+        tl.store(out, dacc.to(dz_ptr.dtype.element_ty), mask=tl.where(keep, in_tile, False))
+    else:
+        dacc = tl.where(keep, dacc, 0.0)
+        tl.store(out, dacc.to(dz_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def fused_linear_logps_bwd_dh_kernel(
+    dh_ptr,  # (M, H) fp32, contiguous: the d_hidden accumulator; += this chunk's dz · W[chunk]
+    dz_ptr,  # (M, VC) dtype of hidden, strides (stride_dz, 1): the chunk's dz, valid in kept tiles only
+    weight_ptr,  # (VC, H) the chunk's rows of weight (dtype of hidden), strides (stride_wv, 1)
+    keep_ptr,  # (cdiv(M, BLOCK_M), cdiv(VC, BLOCK_V)) int8, contiguous: the dz kernel's keep flags
+    M,
+    VC,
+    H,
+    stride_dz,
+    stride_wv,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """d_hidden[rows, h0 : h0 + BLOCK_N] += Σ_{kept V tiles j} dz[rows, j] · W[j, h0 : h0 + BLOCK_N]: one
+    program per (row block, H block) of the filtered backward, its V tiles in a fixed order, the tiles the
+    dz kernel dropped (flag 0) skipped, the products summed in an fp32 accumulator (tensor cores for bf16 /
+    fp16, IEEE fp32 for fp32: ``_dot``) and added once into the fp32 accumulator tile this program alone
+    owns for the chunk: no atomics, the same bits run to run.
+
+    Per chunk of VC columns with k kept tiles of T = cdiv(M, BLOCK_M) · cdiv(VC, BLOCK_V) (density ρ = k / T)
+    and b bytes per element: 2 · BLOCK_M · BLOCK_V · BLOCK_N FLOPs per kept tile and H block, i.e. ρ · 2 ·
+    M · VC · H padded to whole tiles; reads the flags (T bytes per H block), each kept dz tile once per H
+    block (ρ · M · VC · b · cdiv(H, BLOCK_N)) and its W rows once per row block (ρ · VC · H · b · T_rows),
+    without a cache; reads and writes the fp32 accumulator once (8 · M · H)
+    (``benchmarks.modeled.triton_filtered_counts``). Programs are grouped by GROUP_M row blocks so that the
+    programs in flight share their W columns (``_grouped``).
+    """
+    v_tiles = tl.cdiv(VC, BLOCK_V)
+    row_tile, h_tile = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(H, BLOCK_N), GROUP_M)
+    row0 = row_tile * BLOCK_M
+    h0 = h_tile * BLOCK_N
+    r = tl.arange(0, BLOCK_M)
+    ks = tl.arange(0, BLOCK_K)
+    n = tl.arange(0, BLOCK_N)
+    row_mask = r < M - row0
+    n_mask = n < H - h0
+    dz_base = dz_ptr + tl.cast(row0, tl.int64) * stride_dz
+    dz_offs = r[:, None] * stride_dz + ks[None, :]
+    w_offs = ks[:, None] * stride_wv + n[None, :]
+    keep_row = keep_ptr + tl.cast(row_tile, tl.int64) * v_tiles
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for j in range(0, v_tiles):
+        if tl.load(keep_row + j) != 0:
+            for k in tl.static_range(0, BLOCK_V, BLOCK_K):  # the tile's columns in BLOCK_K slices
+                col0 = j * BLOCK_V + k
+                k_mask = ks < VC - col0
+                dz = tl.load(dz_base + col0 + dz_offs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                w_base = weight_ptr + tl.cast(col0, tl.int64) * stride_wv + h0
+                w = tl.load(w_base + w_offs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = _dot(dz, w, acc, UPCAST_DOT)
+    rows = (row0 + r).to(tl.int64)
+    out = dh_ptr + rows[:, None] * H + (h0 + n)[None, :]
+    mask = row_mask[:, None] & n_mask[None, :]
+    tl.store(out, tl.load(out, mask=mask, other=0.0) + acc, mask=mask)
+
+
+@triton.jit
+def fused_linear_logps_bwd_dw_kernel(
+    dw_ptr,  # (VC, H) the chunk's rows of d_weight (dtype of weight), strides (stride_dw, 1): written once
+    db_ptr,  # (VC,) fp32, contiguous: the chunk's d_bias entries; not written without HAS_BIAS
+    dz_ptr,  # (M, VC) dtype of hidden, strides (stride_dz, 1): the chunk's dz, valid in kept tiles only
+    hidden_ptr,  # (M, H) fp32 | bf16 | fp16, strides (stride_hm, 1)
+    keep_ptr,  # (cdiv(M, BLOCK_M), cdiv(VC, BLOCK_V)) int8, contiguous: the dz kernel's keep flags
+    M,
+    VC,
+    H,
+    stride_dz,
+    stride_hm,
+    stride_dw,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    RNE_BF16: tl.constexpr = False,
+):
+    """d_weight[cols, h0 : h0 + BLOCK_N] = Σ_{row blocks i kept at this V tile} dz[i, cols]ᵀ · h[i, h0 :
+    h0 + BLOCK_N]: one program per (V tile, H block) of the filtered backward, its row blocks in a fixed
+    order, dropped tiles skipped, an fp32 accumulator (``_dot``), the rows of d_weight written once in
+    weight's dtype (zeros where no tile is kept). HAS_BIAS: the H block 0 programs also write d_bias[cols]
+    = Σ_rows dz in fp32, summed in the same order.
+
+    Per chunk, with ρ and b as in ``fused_linear_logps_bwd_dh_kernel``: ρ · 2 · M · VC · H FLOPs (padded
+    tiles); reads the flags (T bytes per H block), each kept dz tile once per H block and its h rows once
+    per V tile (ρ · M · H · b · cdiv(VC, BLOCK_V)) without a cache; writes VC · H · b (+ 4 · VC with a
+    bias). Programs are grouped by GROUP_M V tiles so that the programs in flight share their h columns.
+    """
+    row_tiles = tl.cdiv(M, BLOCK_M)
+    v_tiles = tl.cdiv(VC, BLOCK_V)
+    v_tile, h_tile = _grouped(tl.program_id(0), v_tiles, tl.cdiv(H, BLOCK_N), GROUP_M)
+    col0 = v_tile * BLOCK_V
+    h0 = h_tile * BLOCK_N
+    ks = tl.arange(0, BLOCK_K)
+    c = tl.arange(0, BLOCK_V)
+    n = tl.arange(0, BLOCK_N)
+    col_mask = c < VC - col0
+    n_mask = n < H - h0
+    dz_offs = ks[:, None] * stride_dz + c[None, :]
+    h_offs = ks[:, None] * stride_hm + n[None, :]
+    acc = tl.zeros([BLOCK_V, BLOCK_N], dtype=tl.float32)
+    if HAS_BIAS:
+        db = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for i in range(0, row_tiles):
+        if tl.load(keep_ptr + tl.cast(i, tl.int64) * v_tiles + v_tile) != 0:
+            for k in tl.static_range(0, BLOCK_M, BLOCK_K):  # the tile's rows in BLOCK_K slices
+                row0 = i * BLOCK_M + k
+                k_mask = ks < M - row0
+                dz_base = dz_ptr + tl.cast(row0, tl.int64) * stride_dz + col0
+                dz = tl.load(dz_base + dz_offs, mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+                h_base = hidden_ptr + tl.cast(row0, tl.int64) * stride_hm + h0
+                h = tl.load(h_base + h_offs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = _dot(tl.trans(dz), h, acc, UPCAST_DOT)
+                if HAS_BIAS:
+                    db += tl.sum(dz.to(tl.float32), axis=0)
+    cols = (col0 + c).to(tl.int64)
+    out = dw_ptr + cols[:, None] * stride_dw + (h0 + n)[None, :]
+    if RNE_BF16:  # interpreter only (``_bf16_rne``)
+        tl.store(out, _bf16_rne(acc), mask=col_mask[:, None] & n_mask[None, :])
+    else:
+        tl.store(out, acc.to(dw_ptr.dtype.element_ty), mask=col_mask[:, None] & n_mask[None, :])
+    if HAS_BIAS:
+        tl.store(db_ptr + cols, db, mask=col_mask & (h_tile == 0))
 
 
 # --------------------------------------------------------------------------------------------- launchers
@@ -440,6 +605,28 @@ STATS_LAUNCH_CONFIGS = {
     (torch.float32, False): LinearConfig(32, 64, 16, 8, 1),
 }
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class ProductConfig(NamedTuple):
+    BLOCK_N: int  # H columns per program of the filtered products
+    BLOCK_K: int  # their reduction step: a slice of a keep-flag tile's BLOCK_V columns / BLOCK_M rows
+    num_warps: int
+    num_stages: int
+
+
+# The filtered backward's two products (gradient_filter > 0): their tiles are the dz kernel's (BLOCK_M,
+# BLOCK_V) keep-flag tiles, so only the H block is free. bf16/fp16: 64-wide H blocks, i.e. 64 x 64 (d_hidden)
+# and 128 x 64 (d_weight) fp32 accumulators over 8 warps on tensor cores, 3 stages of (64 x 128 dz + 128 x 64
+# operand) tiles = 96 KiB of shared memory, within sm_80's 163 KiB; 2 stages where rows load element-wise.
+# fp32 (FMA, 64 x 64 flag tiles): 64-wide H blocks, unpipelined, as the dz kernel.
+PRODUCT_LAUNCH_CONFIGS = {  # (dtype, aligned) -> config
+    (torch.float32, True): ProductConfig(64, 16, 8, 1),
+    (torch.float32, False): ProductConfig(64, 16, 8, 1),
+    (torch.bfloat16, True): ProductConfig(64, 64, 8, 3),
+    (torch.bfloat16, False): ProductConfig(64, 32, 8, 2),
+    (torch.float16, True): ProductConfig(64, 64, 8, 3),
+    (torch.float16, False): ProductConfig(64, 32, 8, 2),
+}
 MERGE_BLOCK = 1024
 GROUP_M = 16  # row blocks per program group of the backward's dz kernel (its L2 swizzle)
 # The backward's dz chunk buffer: (M, VC) in the inputs' dtype, VC a multiple of BLOCK_V. The default
@@ -460,6 +647,12 @@ def launch_config(dtype: torch.dtype, aligned: bool = True, with_stats: bool = F
     if with_stats and key in STATS_LAUNCH_CONFIGS:
         return STATS_LAUNCH_CONFIGS[key]
     return LAUNCH_CONFIGS[key]
+
+
+def product_config(dtype: torch.dtype, aligned: bool = True) -> ProductConfig:
+    """H block, warps and stages of the filtered backward's d_hidden / d_weight kernels (``aligned`` as in
+    ``launch_config``)."""
+    return PRODUCT_LAUNCH_CONFIGS[(dtype, bool(aligned))]
 
 
 def _aligned(hidden, weight) -> bool:
@@ -675,7 +868,8 @@ def fused_linear_logps_fwd_cublas(hidden, weight, bias, labels, logit_scale=1.0,
 
 
 def fused_linear_logps_bwd(grad, hidden, weight, bias, labels, lse, logit_scale=1.0, softcap=None, temperature=1.0,
-                           *, filter_eps=0.0, chunk_elements=None, config=None):  # fmt: skip
+                           *, filter_eps=0.0, chunk_elements=None, config=None, products=None,
+                           keep_out=None):  # fmt: skip
     """(d_hidden, d_weight, d_bias) of sum_m grad[m] · logp[m], recomputing the logits once.
 
     grad: (M,) fp32 (any stride); lse: (M,) fp32 from ``fused_linear_logps_fwd``; the other arguments as
@@ -691,10 +885,15 @@ def fused_linear_logps_bwd(grad, hidden, weight, bias, labels, lse, logit_scale=
     the dz buffer + M·H fp32 (+ V fp32 with a bias). Deterministic: no atomics, fixed chunk order. fp32
     inputs stay IEEE fp32 throughout (the kernel's products and the GEMMs, ``_ieee_fp32_matmuls``).
 
-    ``filter_eps`` > 0 zeroes the dz of every (row block, V tile) whose softmax entries are all below
-    filter_eps and that holds no label, at a gradient error of at most g · p · |logit_scale /
-    temperature| per dropped entry p < filter_eps, times |W_v| for d_hidden and |h_m| for d_weight
-    (times 1 for d_bias); the GEMMs still run over those tiles. 0 (default) drops nothing.
+    ``filter_eps`` > 0 (the gradient filter) drops every (BLOCK_M, BLOCK_V) tile whose softmax entries are
+    all below filter_eps and that holds no label, at a gradient error of at most g · p · |logit_scale /
+    temperature| per dropped entry p < filter_eps, times |W_v| for d_hidden and |h_m| for d_weight (times
+    1 for d_bias). The dz kernel then also stores a keep flag per tile, and two Triton kernels replace the
+    cuBLAS products, skipping dropped tiles (``fused_linear_logps_bwd_dh_kernel``, ``..._dw_kernel``, at
+    ``products`` or ``product_config``): the products' 4·M·H·V FLOPs and their dz reads scale with the
+    kept-tile density ρ, the recompute does not. Still deterministic (fixed loop orders, no atomics).
+    0 (default) drops nothing and runs the dense cuBLAS path above. ``keep_out``: a list that receives
+    each chunk's (row blocks, V tiles) int8 keep flags (filtered path only; tests and benchmarks).
     """
     _check(hidden, weight, bias, labels)
     M, H = hidden.shape
@@ -704,7 +903,8 @@ def fused_linear_logps_bwd(grad, hidden, weight, bias, labels, lse, logit_scale=
     if M == 0:
         d_weight.zero_()
         return torch.empty_like(hidden), d_weight, torch.zeros_like(bias) if bias is not None else None
-    cfg = config or launch_config(hidden.dtype, _aligned(hidden, weight))
+    aligned = _aligned(hidden, weight)
+    cfg = config or launch_config(hidden.dtype, aligned)
     _check_offsets(hidden, weight, cfg)
     grad = grad.to(torch.float32)
     lse = lse.to(torch.float32).contiguous()
@@ -715,19 +915,42 @@ def fused_linear_logps_bwd(grad, hidden, weight, bias, labels, lse, logit_scale=
     d_hidden = torch.zeros((M, H), dtype=torch.float32, device=device)
     d_bias = torch.empty(V, dtype=torch.float32, device=device) if bias is not None else None
     row_blocks = triton.cdiv(M, cfg.BLOCK_M)
+    filtered = float(filter_eps) > 0
+    upcast = _interpreting() and hidden.dtype == torch.bfloat16
+    if filtered:
+        prod = products or product_config(hidden.dtype, aligned)
+        keep = torch.empty((row_blocks, triton.cdiv(min(vc, V), cfg.BLOCK_V)), dtype=torch.int8, device=device)
+        h_blocks = triton.cdiv(H, prod.BLOCK_N)
     with _ieee_fp32_matmuls(hidden.dtype, device):
         for c0 in range(0, V, vc):
             cols = min(vc, V - c0)
             dz = dz_buf[:, :cols]
-            fused_linear_logps_bwd_dz_kernel[(row_blocks * triton.cdiv(cols, cfg.BLOCK_V),)](
+            v_tiles = triton.cdiv(cols, cfg.BLOCK_V)
+            # the chunk's flags, contiguous (row blocks, v_tiles); a dummy pointer, never touched, without a filter
+            chunk_keep = keep.view(-1)[: row_blocks * v_tiles].view(row_blocks, v_tiles) if filtered else lse
+            fused_linear_logps_bwd_dz_kernel[(row_blocks * v_tiles,)](
                 dz, grad, hidden, weight[c0:], bias_arg[c0:] if bias is not None else bias_arg, labels, lse,
-                M, cols, H, dz_buf.stride(0), hidden.stride(0), weight.stride(0), labels.stride(0), grad.stride(0),
-                c0, scale, cap, temp, float(filter_eps),
+                chunk_keep, M, cols, H, dz_buf.stride(0), hidden.stride(0), weight.stride(0), labels.stride(0),
+                grad.stride(0), c0, scale, cap, temp, float(filter_eps),
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
                 BLOCK_M=cfg.BLOCK_M, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H, GROUP_M=GROUP_M,
-                UPCAST_DOT=_interpreting() and hidden.dtype == torch.bfloat16,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                UPCAST_DOT=upcast, FILTER=filtered, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )  # fmt: skip
+            if filtered:
+                if keep_out is not None:
+                    keep_out.append(chunk_keep.clone())
+                blocks = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_V=cfg.BLOCK_V, BLOCK_N=prod.BLOCK_N, BLOCK_K=prod.BLOCK_K)
+                launch = dict(GROUP_M=GROUP_M, UPCAST_DOT=upcast, num_warps=prod.num_warps, num_stages=prod.num_stages)
+                fused_linear_logps_bwd_dh_kernel[(row_blocks * h_blocks,)](
+                    d_hidden, dz, weight[c0:], chunk_keep, M, cols, H, dz_buf.stride(0), weight.stride(0),
+                    **blocks, **launch,
+                )  # fmt: skip
+                fused_linear_logps_bwd_dw_kernel[(v_tiles * h_blocks,)](
+                    d_weight[c0:], d_bias[c0:] if bias is not None else d_hidden, dz, hidden, chunk_keep,
+                    M, cols, H, dz_buf.stride(0), hidden.stride(0), d_weight.stride(0),
+                    HAS_BIAS=bias is not None, RNE_BF16=upcast, **blocks, **launch,
+                )  # fmt: skip
+                continue
             torch.mm(dz.T, hidden, out=d_weight[c0 : c0 + cols])
             _add_product(d_hidden, dz, weight[c0 : c0 + cols])
             if d_bias is not None:
