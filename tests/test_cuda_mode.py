@@ -67,4 +67,4 @@ def test_the_guard_covers_every_backend_launcher():
         for name in names:
             assert callable(getattr(module, name)), f"{module_name}.{name}"
         uses = "fused_linear_logps" if "linear" in module_name else "token_logps"
-        assert {n for n in vars(module) if n.startswith(uses) and n.endswith(("_fwd", "_bwd"))} == set(names)
+        assert {n for n in vars(module) if n.startswith(uses) and n.endswith(("_fwd", "_bwd", "_fwd_cublas"))} == set(names)
