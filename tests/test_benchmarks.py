@@ -3,6 +3,7 @@ memory shows what the kernels are for."""
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,18 @@ def test_packed_benchmark_runs_and_removes_the_padding():
     padded, packed_row = result["layouts"]["padded"], result["layouts"]["packed"]
     assert packed_row["padding_share"] == 0.0 and padded["padding_share"] > 0.2
     assert packed_row["peak_mib"] < padded["peak_mib"]
+
+
+def test_gradient_filter_benchmark_runs_on_a_tiny_config():
+    """python -m benchmarks.gradient_filter at a tiny size: one row per case and threshold, the unfiltered
+    row dense, a large threshold dropping tiles of the flat case, finite errors, a table that renders."""
+    from benchmarks import gradient_filter
+
+    rows = gradient_filter.run(M=32, H=16, V=512, cases=("peaked-sorted", "flat"), thresholds=[None, 1e-2],
+                               big_rows=16)  # fmt: skip
+    assert [(r["case"], r["filter"]) for r in rows] == [
+        ("peaked-sorted", "off"), ("peaked-sorted", "0.01"), ("flat", "off"), ("flat", "0.01")]
+    assert rows[0]["density"] is None and rows[0]["d_hidden_vs_unfiltered"] == 1.0
+    assert rows[3]["llama_v_density"] < 1.0
+    assert all(math.isfinite(r["d_hidden_rel_err"]) and math.isfinite(r["d_weight_rel_err"]) for r in rows)
+    assert gradient_filter.markdown(rows).count("\n| ") == len(rows)
