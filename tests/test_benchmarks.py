@@ -129,3 +129,11 @@ def test_gradient_filter_benchmark_runs_on_a_tiny_config():
     assert rows[3]["llama_v_density"] < 1.0
     assert all(math.isfinite(r["d_hidden_rel_err"]) and math.isfinite(r["d_weight_rel_err"]) for r in rows)
     assert gradient_filter.markdown(rows).count("\n| ") == len(rows)
+
+
+def test_portable_ab_times_the_old_and_the_current_code():
+    """python -m benchmarks.portable_ab against HEAD (always in the clone): three timed entries per pass."""
+    from benchmarks import portable_ab
+
+    times = portable_ab.main(["--old", "HEAD", "--t", "8", "--v", "300", "--h", "32", "--reps", "2"])
+    assert list(times) == ["reference", "old (HEAD)", "now"] and all(len(v) == 2 for v in times.values())
