@@ -98,7 +98,7 @@ def env_facts() -> dict:
         facts["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
                         "multiprocessors": props.multi_processor_count, "memory_free_gib": round(free / GiB, 1),
                         "memory_total_gib": round(total / GiB, 1)}  # fmt: skip
-    from dpo_kernels import native
+    from dpo_kernels.ops import native
 
     facts["native"] = {"cpu": native.has_kernel("cpu"), "cuda": native.has_kernel("cuda")}
     return facts
@@ -178,7 +178,8 @@ def routes(device, n: int, t: int, h: int, v: int) -> dict:
     compacted or all run (see the module docstring), bf16."""
     import torch
 
-    from dpo_kernels import fused_linear, fused_linear_dpo_loss
+    from dpo_kernels import fused_linear_dpo_loss
+    from dpo_kernels.ops import linear as linear_ops
     from dpo_kernels.triton import linear
 
     gen = torch.Generator().manual_seed(0)
@@ -200,17 +201,17 @@ def routes(device, n: int, t: int, h: int, v: int) -> dict:
         loss, _ = fused_linear_dpo_loss(leaf_h, leaf_w, y, beta=0.1, backend="triton", token_metrics=False)
         loss.backward()
 
-    every_row = fused_linear._static_rows
+    every_row = linear_ops._static_rows
     for share in (0.0, 0.5):
         y = labels.view(n, t).clone()
         y[:, : int(t * share)] = -100
         tag = f"prompt{int(100 * share)}"
         out[f"step_compacted_{tag}_s"] = _time(lambda: step(y), device, warmup=2, reps=5)
-        fused_linear._static_rows = lambda labels: True  # the path taken under graph capture
+        linear_ops._static_rows = lambda labels: True  # the path taken under graph capture
         try:
             out[f"step_all_rows_{tag}_s"] = _time(lambda: step(y), device, warmup=2, reps=5)
         finally:
-            fused_linear._static_rows = every_row
+            linear_ops._static_rows = every_row
     return out
 
 

@@ -143,7 +143,7 @@ do_build() {
     "$PY" setup.py build_ext --inplace || exit 1
   fi
   local took=$(($(date +%s) - t0))
-  "$PY" -c "from dpo_kernels import native; import sys; print('native kernels: cpu', native.has_kernel('cpu'),
+  "$PY" -c "from dpo_kernels.ops import native; import sys; print('native kernels: cpu', native.has_kernel('cpu'),
 'cuda', native.has_kernel('cuda')); sys.exit(0 if native.has_kernel('cuda') else 1)" || exit 1
   echo "build time ${took} s (sm_90, MAX_JOBS=16)" | tee "$WORK/build.detail"
 }

@@ -65,7 +65,7 @@ def _always(device):
 
 def _backend_available(backend: str):
     def check(device):
-        from dpo_kernels import native
+        from dpo_kernels.ops import native
 
         if backend == "torch":
             return None

@@ -8,7 +8,9 @@ Public API:
   states and the LM head weight, without ever forming the logits;
 - :mod:`dpo_kernels.losses`: the loss family on per-sequence log-probs (``preference_loss``,
   ``kto_loss``, ``listwise_loss``);
-- :mod:`dpo_kernels.distributed`: vocabulary-parallel log-probs and losses, ``FusedLMHeadLoss``;
+- vocabulary parallelism: ``process_group=`` (or a DTensor sharded over the vocabulary) on every entry
+  point above (:mod:`dpo_kernels.sharding`); :mod:`dpo_kernels.distributed`: ``FusedLMHeadLoss`` and the
+  ``vocab_parallel_*`` names;
 - :mod:`dpo_kernels.integrations`: TRL's ``DPOTrainer`` drop-in and Hugging Face helpers (imported
   on demand: they need the ``trl`` extra);
 - :mod:`dpo_kernels.reference`: the naive reference everything is tested against.

@@ -1,19 +1,22 @@
 """Argument checks shared by the public entry points: a clear error naming the argument, up front."""
 
+import math
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 LABEL_DTYPES = (torch.int64, torch.int32)
 
 
-def check_logits(name: str, logits) -> None:
+def check_logits(name: str, logits, *, slice_of_vocabulary: bool = False) -> None:
+    """``slice_of_vocabulary``: a rank's slice of a sharded vocabulary, which may be empty."""
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, bfloat16, float16 or float64, got {logits.dtype}")
     if logits.dim() != 3:
         raise ValueError(f"{name} must have shape (N, T, V), got {tuple(logits.shape)}")
-    if logits.shape[-1] == 0:
+    if logits.shape[-1] == 0 and not slice_of_vocabulary:
         raise ValueError(f"{name} has an empty vocabulary dimension: shape {tuple(logits.shape)}")
 
 
@@ -87,3 +90,55 @@ def gradient_filter_eps(gradient_filter, dtype: torch.dtype) -> float:
     if not valid or not 0 <= gradient_filter < 1:
         raise ValueError(f"gradient_filter must be None, 'auto' or a float in [0, 1), got {gradient_filter!r}")
     return float(gradient_filter)
+
+
+def check_lm_head(hidden_name, hidden, weight_name, weight, bias_name, bias) -> None:
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"{hidden_name} must be a torch.Tensor, got {type(hidden).__name__}")
+    if hidden.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{hidden_name} must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
+    if hidden.dim() != 3:
+        raise ValueError(f"{hidden_name} must have shape (N, T, H), got {tuple(hidden.shape)}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"{weight_name} must have shape (V, H) with H = {hidden.shape[2]}, got {shape}")
+    for name, t in ((weight_name, weight), (bias_name, bias)):
+        if t is None:
+            continue
+        if t.dtype != hidden.dtype:
+            raise TypeError(f"{name} must have {hidden_name}'s dtype {hidden.dtype}, got {t.dtype}")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but {hidden_name} is on {hidden.device}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{bias_name} must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+def check_ref_head(policy_hidden, weight, ref_hidden, ref_weight, ref_bias) -> None:
+    """The reference head must score the policy's tokens: the same (N, T) and vocabulary size V."""
+    head_name = "weight (scoring ref_hidden)" if ref_weight is None else "ref_weight"
+    check_lm_head("ref_hidden", ref_hidden, head_name, weight if ref_weight is None else ref_weight, "ref_bias", ref_bias)
+    if ref_hidden.shape[:2] != policy_hidden.shape[:2]:
+        raise ValueError(
+            f"ref_hidden must have shape (N, T, H) with the (N, T) of policy_hidden {tuple(policy_hidden.shape)}, "
+            f"got {tuple(ref_hidden.shape)}"
+        )
+    if ref_weight is not None and ref_weight.shape[0] != weight.shape[0]:
+        raise ValueError(
+            f"ref_weight must cover the policy's vocabulary: weight has shape {tuple(weight.shape)}, "
+            f"ref_weight {tuple(ref_weight.shape)}"
+        )
+
+
+def check_transform(logit_scale, softcap, temperature) -> None:
+    if not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale):
+        raise ValueError(f"logit_scale must be a finite number, got {logit_scale!r}")
+    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
+        raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}")
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+
+
+def check_memory_budget(memory_budget) -> None:
+    valid = isinstance(memory_budget, int) and not isinstance(memory_budget, bool) and memory_budget >= 4
+    if memory_budget is not None and not valid:
+        raise ValueError(f"memory_budget must be None or a number of bytes >= 4, got {memory_budget!r}")

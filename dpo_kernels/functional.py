@@ -1,9 +1,27 @@
-"""The public entry points: fused per-sequence log-probs and the drop-in DPO loss."""
+"""The public entry points on logits: fused per-sequence log-probs and the drop-in DPO loss."""
 
 import torch
 
-from . import distributed, ops, packing
+from . import packing, preference, sharding, tokens
 from ._validation import check_beta, check_labels, check_logits, check_pairs, check_ref
+
+
+def _check_inplace(inplace_backward: bool, logits, name: str, shard) -> None:
+    if not inplace_backward:
+        return
+    if shard is not None:
+        raise ValueError("inplace_backward=True is not supported on the vocabulary-parallel path (process_group=)")
+    if logits.is_leaf and logits.requires_grad:
+        raise ValueError(
+            f"inplace_backward=True would overwrite the leaf tensor `{name}` with its own gradient; "
+            "use it on logits produced by a model (a non-leaf tensor)"
+        )
+
+
+def _packed(labels, cu_seqlens, position_ids, tokens_name="logits"):
+    if not packing.wanted(cu_seqlens, position_ids):
+        return None
+    return packing.resolve(labels, sharding.local(cu_seqlens), sharding.local(position_ids), tokens_name=tokens_name)
 
 
 def sequence_logps(
@@ -37,50 +55,26 @@ def sequence_logps(
     Under torch.compile the gradient is written out of place.
 
     Vocabulary parallelism: with ``process_group`` (or ``vocab_start``, or ``logits`` a DTensor sharded on
-    its last dimension) each rank passes its slice of the vocabulary and the global labels; see
-    :func:`dpo_kernels.distributed.vocab_parallel_sequence_logps`.
+    its last dimension over a 1-D mesh) ``logits`` is this rank's slice [vocab_start, vocab_start + V_r) of
+    the vocabulary, every rank of the group passing the same global ``labels``; ``vocab_start`` defaults to
+    the sum of the lower ranks' V_r (one small all-gather). Same result on every rank; the gradient is the
+    slice's part of the whole (``dpo_kernels.sharding``).
 
     Padding-free packed batches: logits (1, total, V), labels (1, total) and ``cu_seqlens`` ((S + 1,)
     sequence starts) or ``position_ids`` ((1, total), restarting at 0 per sequence) give the (S,)
     per-sequence values of the padded layout; with ``shift`` no sequence predicts its successor's first
     token (:mod:`dpo_kernels.packing`).
     """
-    if distributed.wanted(process_group, vocab_start, logits):
-        _no_inplace(inplace_backward)
-        packing.refuse_vocab_parallel(cu_seqlens, position_ids)
-        return distributed.vocab_parallel_sequence_logps(
-            logits, labels, process_group=process_group, vocab_start=vocab_start, ignore_index=ignore_index,
-            shift=shift, average=average, backend=backend,
-        )  # fmt: skip
-    check_logits("logits", logits)
-    backend = ops.resolve_backend(backend, logits.device, logits.dtype)
+    shard, local = sharding.resolve(process_group, vocab_start, {"logits": (logits, -1)})
+    logits, labels = local["logits"], sharding.local(labels)
+    check_logits("logits", logits, slice_of_vocabulary=shard is not None)
     check_labels(labels, logits, "logits")
-    pk = packing.resolve(labels, cu_seqlens, position_ids) if packing.wanted(cu_seqlens, position_ids) else None
-    if inplace_backward and logits.is_leaf and logits.requires_grad:
-        raise ValueError(
-            "inplace_backward=True would overwrite the leaf tensor `logits` with its own gradient; "
-            "use it on logits produced by a model (a non-leaf tensor)"
-        )
-    labels, shift = packing.kernel_labels(labels, pk, ignore_index, shift)
-    token_logp, _, _ = torch.ops.dpo_kernels.token_logps(
-        logits, labels, ignore_index, shift, backend, inplace_backward, False
-    )
-    scored = lambda: packing.scored(labels, shift, pk, ignore_index)  # noqa: E731  (only average needs it)
-    return _per_sequence(packing.layout(token_logp, pk), scored, average)
-
-
-def _no_inplace(inplace_backward: bool) -> None:
-    if inplace_backward:
-        raise ValueError("inplace_backward=True is not supported on the vocabulary-parallel path (process_group=)")
-
-
-def _per_sequence(token_logp, scored, average: bool) -> torch.Tensor:
-    """Sum (or mean over the tokens of the mask ``scored()`` gives, 0 where there are none) of (N, T')
-    per-token log-probs."""
-    total = token_logp.sum(-1)
-    if average:
-        return total / scored().sum(-1).clamp(min=1)
-    return total
+    _check_inplace(inplace_backward, logits, "logits", shard)
+    toks = tokens.from_logits(
+        logits, labels, ignore_index=ignore_index, shift=shift, backend=backend, inplace_backward=inplace_backward,
+        packed=_packed(labels, cu_seqlens, position_ids), shard=shard,
+    )  # fmt: skip
+    return tokens.per_sequence(toks, average)
 
 
 def fused_dpo_loss(
@@ -90,6 +84,7 @@ def fused_dpo_loss(
     beta: float = 0.1,
     *,
     ignore_index: int = -100,
+    shift: bool = True,
     average: bool = False,
     backend: str = "auto",
     inplace_backward: bool = False,
@@ -119,51 +114,31 @@ def fused_dpo_loss(
     Packed batches as in :func:`sequence_logps` (``cu_seqlens`` / ``position_ids``): sequences 0..B-1
     are the chosen and B..2B-1 the rejected; ``ref_logits`` is then packed the same way, or (2B,).
     """
-    from . import preference
-
-    if distributed.wanted(process_group, vocab_start, policy_logits, ref_logits):
-        _no_inplace(inplace_backward)
-        packing.refuse_vocab_parallel(cu_seqlens, position_ids)
-        return distributed.vocab_parallel_dpo_loss(
-            policy_logits, ref_logits, labels, beta, process_group=process_group, vocab_start=vocab_start,
-            ignore_index=ignore_index, average=average, backend=backend, token_metrics=token_metrics,
-            loss_type=loss_type, ld_alpha=ld_alpha, use_weighting=use_weighting, **loss_options,
-        )  # fmt: skip
+    ref_is_logits = isinstance(ref_logits, torch.Tensor) and ref_logits.dim() == 3
+    shard, local = sharding.resolve(process_group, vocab_start, {
+        "policy_logits": (policy_logits, -1), "ref_logits": (ref_logits if ref_is_logits else None, -1)})  # fmt: skip
+    policy_logits, labels = local["policy_logits"], sharding.local(labels)
+    ref_logits = local["ref_logits"] if ref_is_logits else sharding.local(ref_logits)
     check_beta(beta)
     preference.check_options(average=average, ld_alpha=ld_alpha, use_weighting=use_weighting)
-    check_logits("policy_logits", policy_logits)
-    backend = ops.resolve_backend(backend, policy_logits.device, policy_logits.dtype)
+    check_logits("policy_logits", policy_logits, slice_of_vocabulary=shard is not None)
     check_labels(labels, policy_logits, "policy_logits")
-    pk = packing.resolve(labels, cu_seqlens, position_ids) if packing.wanted(cu_seqlens, position_ids) else None
-    if pk is None:
+    packed = _packed(labels, cu_seqlens, position_ids)
+    if packed is None:
         check_pairs("policy_logits", policy_logits.shape[0])
     else:
-        check_pairs("the packed batch (cu_seqlens / position_ids)", len(pk.bounds) - 1)
-    check_ref(ref_logits, policy_logits, n_sequences=None if pk is None else len(pk.bounds) - 1)
-    if inplace_backward and policy_logits.is_leaf and policy_logits.requires_grad:
-        raise ValueError(
-            "inplace_backward=True would overwrite the leaf tensor `policy_logits` with its own gradient; "
-            "use it on logits produced by a model (a non-leaf tensor)"
-        )
+        check_pairs("the packed batch (cu_seqlens / position_ids)", len(packed.bounds) - 1)
+    check_ref(ref_logits, policy_logits, n_sequences=None if packed is None else len(packed.bounds) - 1)
+    _check_inplace(inplace_backward, policy_logits, "policy_logits", shard)
     with_stats = preference.needs_stats(token_metrics, use_weighting)
-    labels, shift = packing.kernel_labels(labels, pk, ignore_index, True)
-    token_logp, lse, stats = torch.ops.dpo_kernels.token_logps(
-        policy_logits, labels, ignore_index, shift, backend, inplace_backward, with_stats
-    )
-    token_logp, lse, stats = (packing.layout(t, pk) for t in (token_logp, lse, stats))
-    mask = packing.scored(labels, shift, pk, ignore_index)
-    if ref_logits is None or ref_logits.dim() == 1:
-        ref = ref_logits
-    else:
+    common = dict(ignore_index=ignore_index, shift=shift, backend=backend, packed=packed, shard=shard)
+    policy = tokens.from_logits(policy_logits, labels, inplace_backward=inplace_backward, with_stats=with_stats,
+                                **common)  # fmt: skip
+    ref = ref_logits
+    if ref_is_logits:
         with torch.no_grad():
-            ref_tokens, _, _ = torch.ops.dpo_kernels.token_logps(
-                ref_logits, labels, ignore_index, shift, backend, False, False
-            )
-            ref_tokens = packing.layout(ref_tokens, pk)
-            ref = preference.reduce_sequences(ref_tokens, mask, average=average, ld_alpha=ld_alpha)
-    return preference.dpo_from_tokens(
-        token_logp, mask, ref, stats=stats if with_stats else None, lse=ops.lse_value(lse),
-        vocab_size=policy_logits.shape[-1],
-        beta=beta, loss_type=loss_type, average=average, ld_alpha=ld_alpha, use_weighting=use_weighting,
-        **loss_options,
+            ref = tokens.from_logits(ref_logits, labels, **common)
+    return preference.dpo_from_passes(
+        policy, ref, with_stats=with_stats, beta=beta, loss_type=loss_type, average=average, ld_alpha=ld_alpha,
+        use_weighting=use_weighting, **loss_options,
     )  # fmt: skip

@@ -1,270 +1,34 @@
-"""Fused LM head + per-sequence log-probs: the (N, T, V) logits are never materialized.
+"""The public entry points on hidden states: the fused LM head's per-sequence log-probs and DPO loss,
+the (N, T, V) logits never formed (the ops: ``dpo_kernels.ops.linear``)."""
 
-``dpo_kernels::fused_linear_token_logps(hidden, weight, bias, labels, ..., with_stats)`` -> (logp, lse,
-stats): logp and lse (N, T - shift), stats (N, T - shift, 4) per-token statistics of the logits from the
-same pass (``reference.token_stats``) with ``with_stats``, else (N, T - shift, 0). It is a
-torch.library custom op with a fake implementation and registered autograd (gradients of logp w.r.t.
-hidden, weight and bias; stats are not differentiable). Only scored rows reach the kernels (a
-compacted row list), so prompt and padding tokens cost no FLOPs; their hidden gradient is an exact zero.
-While a CUDA graph is being captured every row runs instead (``_scored_rows``: no host synchronization).
-"""
-
-import math
-import warnings
 from typing import Optional
 
 import torch
 
-from . import distributed, ops, packing
-from ._validation import FLOAT_DTYPES, check_beta, check_labels, check_pairs, gradient_filter_eps
-from .functional import _per_sequence
-from .reference import STATS
+from . import packing, preference, sharding, tokens
+from ._validation import (
+    check_beta,
+    check_labels,
+    check_lm_head,
+    check_memory_budget,
+    check_pairs,
+    check_ref_head,
+    check_transform,
+    gradient_filter_eps,
+)
 
 
-def _kernels(backend: str):
-    if backend == "triton":
-        from .triton import linear
-    else:  # "torch", and "native": the native library has no matmul kernels; ATen's matmuls serve both
-        from .portable import linear
-    return linear
-
-
-def _forward(backend: str, softcap: Optional[float]):
-    """The forward's launcher. Triton without a softcap: the logits of row chunks as cuBLAS products, scored
-    by the logits path's kernel (``fused_linear_logps_fwd_cublas``), which the cost model puts ahead of the
-    fused tensor-core kernel (``benchmarks.modeled``: 40 against 50 ms at Llama-3-8B scale on an H100, as
-    long as a Triton tl.dot loop runs below 0.87 of the GEMM rate; the GPU check times both). With a softcap
-    the fused kernel, whose tanh costs nothing in registers and three passes over the fp32 logits there."""
-    if backend == "triton":
-        from .triton import linear
-
-        return linear.fused_linear_logps_fwd if softcap is not None else linear.fused_linear_logps_fwd_cublas
-    return _kernels(backend).fused_linear_logps_fwd
-
-
-def _budget(backend: str, chunk_elements: int) -> dict:
-    """The chunk size (0: the default): the portable path's fp32 logits per chunk, the Triton backward's
-    dz chunk buffer (``chunk_elements`` · 4 bytes)."""
-    return {} if chunk_elements == 0 else {"chunk_elements": chunk_elements}
-
-
-def _static_rows(labels: torch.Tensor) -> bool:
-    """Whether the op must run with shapes known on the host, without reading the labels: while a CUDA
-    graph is being captured (``torch.cuda.graph``, torch.compile's "reduce-overhead" mode) nothing may wait
-    for the device, and a replay reuses the captured grids whatever the next batch's labels are."""
-    return labels.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def _filter(backend: str, gradient_filter: float) -> dict:
-    """The Triton backward's ``filter_eps`` (only a Triton kernel has tiles to skip; elsewhere: exact)."""
-    return {"filter_eps": gradient_filter} if backend == "triton" and gradient_filter > 0 else {}
-
-
-_FILTER_WARNED = []  # the portable / native backends' one warning that gradient_filter does not apply
-
-
-def resolve_gradient_filter(gradient_filter, dtype: torch.dtype, backend: str) -> float:
-    """``gradient_filter`` (None | "auto" | float) as the ops' float (0.0 = off), ValueError on a bad value;
-    warns once when it is set on a backend without tiles to skip (the gradients there stay exact)."""
-    eps = gradient_filter_eps(gradient_filter, dtype)
-    if eps > 0 and backend != "triton" and not _FILTER_WARNED:
-        _FILTER_WARNED.append(True)
-        warnings.warn(
-            f"gradient_filter applies to the Triton backend only; the {backend!r} backend computes exact "
-            "gradients", UserWarning, stacklevel=3,
-        )  # fmt: skip
-    return eps if backend == "triton" else 0.0
-
-
-def _scored_rows(labels: torch.Tensor, ignore_index: int, shift: bool, T_out: int):
-    """(n, t, y, keep): the rows the kernels score, their labels, and None, or a (rows,) bool mask of the
-    scored ones among them when every row runs (``_static_rows``).
-
-    Compaction (the eager default) makes prompt and padding rows cost nothing, which at DPO's 30-60 %
-    prompt share is worth far more than its nonzero()'s host synchronization (one in the forward, one in
-    the backward): the CPU waits for the stream to drain up to the labels' mask, and the GPU then idles
-    for the time the host takes to enqueue the next kernels (index gathers and a Triton launch, tens of
-    µs; modeled in docs/fused_head.md, timed by the GPU check's routes step). Under graph capture
-    every row runs instead, an unscored one with its hidden state zeroed and label 0, so that it adds
-    exact zeros to the weight's gradient; it costs the unscored rows' FLOPs."""
-    y = labels[:, int(shift) : int(shift) + T_out]
-    if not _static_rows(labels):
-        n_idx, t_idx = (y != ignore_index).nonzero(as_tuple=True)
-        return n_idx, t_idx, y[n_idx, t_idx].long(), None
-    N = y.shape[0]
-    n_idx = torch.arange(N, device=y.device).repeat_interleave(T_out)
-    t_idx = torch.arange(T_out, device=y.device).repeat(N)
-    keep = (y != ignore_index).flatten()
-    return n_idx, t_idx, torch.where(keep, y.flatten(), 0).long(), keep
-
-
-def _unscored_lse(lse: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
-    """The backward's lse with +inf in unscored rows: their softmax is then exp(z − inf) = 0 whatever the
-    bias makes of their zeroed hidden state, so their dz is an exact 0 (not 0 · an overflowed exp)."""
-    return lse if keep is None else torch.where(keep, lse, torch.inf)
-
-
-def _zeroed(rows: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
-    """rows with the unscored ones (``keep`` false) zeroed."""
-    return rows if keep is None else torch.where(keep.view(-1, *(1,) * (rows.dim() - 1)), rows, 0)
-
-
-N_STATS = len(STATS)  # columns of the optional per-token statistics
-
-
-def _out_dtype(hidden: torch.Tensor) -> torch.dtype:
-    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
-
-
-@torch.library.custom_op("dpo_kernels::fused_linear_token_logps", mutates_args=())
-def fused_linear_token_logps(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    labels: torch.Tensor,
-    ignore_index: int,
-    shift: bool,
-    logit_scale: float,
-    softcap: Optional[float],
-    temperature: float,
-    chunk_elements: int,
-    backend: str,
-    with_stats: bool,
-    gradient_filter: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    ops._check_label_range(labels, ignore_index, shift, weight.shape[0])
-    N, T, _ = hidden.shape
-    T_out = max(T - int(shift), 0)
-    logp = hidden.new_zeros((N, T_out), dtype=_out_dtype(hidden))
-    lse = torch.zeros_like(logp)
-    stats = hidden.new_zeros((N, T_out, N_STATS if with_stats else 0), dtype=logp.dtype)
-    n, t, y, keep = _scored_rows(labels, ignore_index, shift, T_out)
-    if n.numel():
-        out_logp, out_lse, out_stats = _forward(backend, softcap)(
-            _zeroed(hidden[n, t], keep), weight, bias, y, logit_scale, softcap, temperature,
-            **_budget(backend, chunk_elements), with_stats=with_stats,
-        )  # fmt: skip
-        logp[n, t], lse[n, t] = _zeroed(out_logp, keep).to(logp.dtype), _zeroed(out_lse, keep).to(logp.dtype)
-        if with_stats:
-            stats[n, t] = _zeroed(out_stats, keep).to(stats.dtype)
-    return logp, lse, stats
-
-
-@fused_linear_token_logps.register_fake
-def _(hidden, weight, bias, labels, ignore_index, shift, logit_scale, softcap, temperature, chunk_elements, backend,
-      with_stats, gradient_filter=0.0):  # fmt: skip
-    N, T, _ = hidden.shape
-    shape = (N, max(T - int(shift), 0))
-    dtype = _out_dtype(hidden)
-    stats = hidden.new_empty((*shape, N_STATS if with_stats else 0), dtype=dtype)
-    return hidden.new_empty(shape, dtype=dtype), hidden.new_empty(shape, dtype=dtype), stats
-
-
-@torch.library.custom_op("dpo_kernels::fused_linear_token_logps_backward", mutates_args=())
-def fused_linear_token_logps_backward(
-    grad_logp: torch.Tensor,
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    labels: torch.Tensor,
-    lse: torch.Tensor,
-    ignore_index: int,
-    shift: bool,
-    logit_scale: float,
-    softcap: Optional[float],
-    temperature: float,
-    chunk_elements: int,
-    backend: str,
-    gradient_filter: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (d_hidden, d_weight, d_bias); d_bias is empty when there is no bias. ``gradient_filter``: the
-    Triton backward's filter_eps (0.0 = off; other backends compute exact gradients)."""
-    T_out = lse.shape[1]
-    n, t, y, keep = _scored_rows(labels, ignore_index, shift, T_out)
-    d_hidden = torch.zeros_like(hidden)
-    if n.numel() == 0:
-        d_bias = torch.zeros_like(bias) if bias is not None else weight.new_empty(0)
-        return d_hidden, torch.zeros_like(weight), d_bias
-    dh, d_weight, d_bias = _kernels(backend).fused_linear_logps_bwd(
-        _zeroed(grad_logp[n, t], keep), _zeroed(hidden[n, t], keep), weight, bias, y, _unscored_lse(lse[n, t], keep),
-        logit_scale, softcap, temperature, **_budget(backend, chunk_elements), **_filter(backend, gradient_filter),
-    )  # fmt: skip
-    d_hidden[n, t] = _zeroed(dh, keep)
-    return d_hidden, d_weight, d_bias if d_bias is not None else weight.new_empty(0)
-
-
-@fused_linear_token_logps_backward.register_fake
-def _(grad_logp, hidden, weight, bias, labels, lse, *args):
-    d_bias = torch.empty_like(bias) if bias is not None else weight.new_empty(0)
-    return torch.empty_like(hidden), torch.empty_like(weight), d_bias
-
-
-def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, labels, *args, _with_stats, gradient_filter = inputs
-    ctx.save_for_backward(hidden, weight, bias, labels, output[1])
-    ctx.args = (*args, gradient_filter)  # the backward op's scalar arguments: everything but with_stats
-    ctx.mark_non_differentiable(output[2])
-
-
-def _backward(ctx, grad_logp, grad_lse, grad_stats):
-    hidden, weight, bias, labels, lse = ctx.saved_tensors
-    grads = torch.ops.dpo_kernels.fused_linear_token_logps_backward(
-        grad_logp.to(lse.dtype), hidden, weight, bias, labels, lse, *ctx.args
-    )
-    d_hidden, d_weight, d_bias = grads
-    return (d_hidden, d_weight, d_bias if bias is not None else None) + (None,) * 10
-
-
-fused_linear_token_logps.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ------------------------------------------------------------------------------------------------ API
-
-
-def _check_lm_head(hidden_name, hidden, weight_name, weight, bias_name, bias) -> None:
-    if not isinstance(hidden, torch.Tensor):
-        raise TypeError(f"{hidden_name} must be a torch.Tensor, got {type(hidden).__name__}")
-    if hidden.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{hidden_name} must be float32, bfloat16, float16 or float64, got {hidden.dtype}")
-    if hidden.dim() != 3:
-        raise ValueError(f"{hidden_name} must have shape (N, T, H), got {tuple(hidden.shape)}")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
-        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
-        raise ValueError(f"{weight_name} must have shape (V, H) with H = {hidden.shape[2]}, got {shape}")
-    for name, t in ((weight_name, weight), (bias_name, bias)):
-        if t is None:
-            continue
-        if t.dtype != hidden.dtype:
-            raise TypeError(f"{name} must have {hidden_name}'s dtype {hidden.dtype}, got {t.dtype}")
-        if t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but {hidden_name} is on {hidden.device}")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(f"{bias_name} must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-
-
-def _check_ref_head(policy_hidden, weight, ref_hidden, ref_weight, ref_bias) -> None:
-    """The reference head must score the policy's tokens: the same (N, T) and vocabulary size V."""
-    head_name = "weight (scoring ref_hidden)" if ref_weight is None else "ref_weight"
-    _check_lm_head("ref_hidden", ref_hidden, head_name, weight if ref_weight is None else ref_weight, "ref_bias", ref_bias)
-    if ref_hidden.shape[:2] != policy_hidden.shape[:2]:
-        raise ValueError(
-            f"ref_hidden must have shape (N, T, H) with the (N, T) of policy_hidden {tuple(policy_hidden.shape)}, "
-            f"got {tuple(ref_hidden.shape)}"
-        )
-    if ref_weight is not None and ref_weight.shape[0] != weight.shape[0]:
-        raise ValueError(
-            f"ref_weight must cover the policy's vocabulary: weight has shape {tuple(weight.shape)}, "
-            f"ref_weight {tuple(ref_weight.shape)}"
-        )
-
-
-def _check_transform(logit_scale, softcap, temperature) -> None:
-    if not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale):
-        raise ValueError(f"logit_scale must be a finite number, got {logit_scale!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and 0 < softcap < math.inf):
-        raise ValueError(f"softcap must be None or a positive finite number, got {softcap!r}")
-    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
+def _head_call(process_group, vocab_start, hidden_name, hidden, labels, heads: dict, cu_seqlens, position_ids):
+    """(shard, local heads, hidden, labels, packed) of an entry point's arguments, checked."""
+    shard, local = sharding.resolve(process_group, vocab_start, {name: (t, 0) for name, t in heads.items()})
+    hidden, labels = sharding.local(hidden), sharding.local(labels)
+    check_lm_head(hidden_name, hidden, "weight", local["weight"], "bias", local["bias"])
+    check_labels(labels, hidden, hidden_name)
+    packed = None
+    if packing.wanted(cu_seqlens, position_ids):
+        packed = packing.resolve(labels, sharding.local(cu_seqlens), sharding.local(position_ids),
+                                 tokens_name=hidden_name)  # fmt: skip
+    return shard, local, hidden, labels, packed
 
 
 def fused_linear_sequence_logps(
@@ -310,38 +74,24 @@ def fused_linear_sequence_logps(
     docs/gradient_filter.md; the other backends compute exact gradients (with a warning).
 
     Vocabulary parallelism: with ``process_group`` (or ``vocab_start``, or ``weight`` a DTensor sharded on
-    dim 0 over a 1-D mesh, e.g. ``ColwiseParallel``) ``weight``/``bias`` are this rank's rows of the head
-    and every rank passes the same ``hidden`` and global ``labels``; see
-    :func:`dpo_kernels.distributed.vocab_parallel_fused_linear_sequence_logps`.
+    dim 0 over a 1-D mesh, e.g. ``ColwiseParallel``) ``weight``/``bias`` are this rank's rows
+    [vocab_start, vocab_start + V_r) of the head and every rank passes the same ``hidden`` and global
+    ``labels``; ``hidden``'s gradient is summed over the group (``dpo_kernels.sharding``).
 
     Packed batches (hidden (1, total, H), ``cu_seqlens`` or ``position_ids``) as in
     :func:`dpo_kernels.sequence_logps`: returns the (S,) per-sequence values.
     """
-    if distributed.wanted(process_group, vocab_start, weight, bias):
-        packing.refuse_vocab_parallel(cu_seqlens, position_ids)
-        return distributed.vocab_parallel_fused_linear_sequence_logps(
-            hidden, weight, labels, bias, process_group=process_group, vocab_start=vocab_start,
-            ignore_index=ignore_index, shift=shift, average=average, logit_scale=logit_scale, softcap=softcap,
-            temperature=temperature, memory_budget=memory_budget, backend=backend, gradient_filter=gradient_filter,
-        )  # fmt: skip
-    _check_lm_head("hidden", hidden, "weight", weight, "bias", bias)
-    check_labels(labels, hidden, "hidden")
-    _check_transform(logit_scale, softcap, temperature)
-    valid_budget = isinstance(memory_budget, int) and not isinstance(memory_budget, bool) and memory_budget >= 4
-    if memory_budget is not None and not valid_budget:
-        raise ValueError(f"memory_budget must be None or a number of bytes >= 4, got {memory_budget!r}")
-    chunk_elements = 0 if memory_budget is None else memory_budget // 4
-    backend = ops.resolve_backend(backend, hidden.device, hidden.dtype)
-    filter_eps = resolve_gradient_filter(gradient_filter, hidden.dtype, backend)
-    pk = packing.resolve(labels, cu_seqlens, position_ids, tokens_name="hidden") if packing.wanted(
-        cu_seqlens, position_ids) else None  # fmt: skip
-    labels, shift = packing.kernel_labels(labels, pk, ignore_index, shift)
-    token_logp, _, _ = torch.ops.dpo_kernels.fused_linear_token_logps(
-        hidden, weight, bias, labels, ignore_index, shift, float(logit_scale),
-        None if softcap is None else float(softcap), float(temperature), chunk_elements, backend, False, filter_eps,
+    shard, head, hidden, labels, packed = _head_call(
+        process_group, vocab_start, "hidden", hidden, labels, {"weight": weight, "bias": bias}, cu_seqlens, position_ids
+    )
+    check_transform(logit_scale, softcap, temperature)
+    check_memory_budget(memory_budget)
+    toks = tokens.from_hidden(
+        hidden, head["weight"], head["bias"], labels, ignore_index=ignore_index, shift=shift, logit_scale=logit_scale,
+        softcap=softcap, temperature=temperature, memory_budget=memory_budget, backend=backend,
+        gradient_filter=gradient_filter, packed=packed, shard=shard,
     )  # fmt: skip
-    scored = lambda: packing.scored(labels, shift, pk, ignore_index)  # noqa: E731  (only average needs it)
-    return _per_sequence(packing.layout(token_logp, pk), scored, average)
+    return tokens.per_sequence(toks, average)
 
 
 def fused_linear_dpo_loss(
@@ -356,6 +106,7 @@ def fused_linear_dpo_loss(
     ref_bias: Optional[torch.Tensor] = None,
     beta: float = 0.1,
     ignore_index: int = -100,
+    shift: bool = True,
     average: bool = False,
     logit_scale: float = 1.0,
     softcap: Optional[float] = None,
@@ -389,70 +140,41 @@ def fused_linear_dpo_loss(
     ``gradient_filter`` (None | "auto" | float) as in :func:`fused_linear_sequence_logps`: the policy
     head's backward only (the reference side has none).
     """
-    if distributed.wanted(process_group, vocab_start, weight, bias, ref_weight, ref_bias):
-        packing.refuse_vocab_parallel(cu_seqlens, position_ids)
-        return distributed.vocab_parallel_fused_linear_dpo_loss(
-            policy_hidden, weight, labels, process_group=process_group, vocab_start=vocab_start,
-            ref_logps=ref_logps, ref_hidden=ref_hidden, ref_weight_shard=ref_weight, bias_shard=bias,
-            ref_bias_shard=ref_bias, beta=beta, ignore_index=ignore_index, average=average,
-            logit_scale=logit_scale, softcap=softcap, temperature=temperature, memory_budget=memory_budget,
-            backend=backend, token_metrics=token_metrics, loss_type=loss_type, ld_alpha=ld_alpha,
-            use_weighting=use_weighting, gradient_filter=gradient_filter, **loss_options,
-        )  # fmt: skip
+    heads = {"weight": weight, "bias": bias, "ref_weight": ref_weight, "ref_bias": ref_bias}
+    shard, head, policy_hidden, labels, packed = _head_call(
+        process_group, vocab_start, "policy_hidden", policy_hidden, labels, heads, cu_seqlens, position_ids
+    )
     check_beta(beta)
-    _check_lm_head("policy_hidden", policy_hidden, "weight", weight, "bias", bias)
-    from . import preference
-
     preference.check_options(average=average, ld_alpha=ld_alpha, use_weighting=use_weighting)
-    check_labels(labels, policy_hidden, "policy_hidden")
-    pk = packing.resolve(labels, cu_seqlens, position_ids, tokens_name="policy_hidden") if packing.wanted(
-        cu_seqlens, position_ids) else None  # fmt: skip
-    if pk is None:
-        check_pairs("policy_hidden", policy_hidden.shape[0])
-    else:
-        check_pairs("the packed batch (cu_seqlens / position_ids)", len(pk.bounds) - 1)
-    labels, shift = packing.kernel_labels(labels, pk, ignore_index, True)
-
-    def tokens(hidden, head, head_bias, with_stats):
-        chunk_elements = 0 if memory_budget is None else memory_budget // 4
-        resolved = ops.resolve_backend(backend, hidden.device, hidden.dtype)
-        grads = torch.is_grad_enabled()  # the reference side runs without autograd: no backward to filter
-        filter_eps = resolve_gradient_filter(gradient_filter, hidden.dtype, resolved) if grads else 0.0
-        out = torch.ops.dpo_kernels.fused_linear_token_logps(
-            hidden, head, head_bias, labels, ignore_index, shift, float(logit_scale),
-            None if softcap is None else float(softcap), float(temperature), chunk_elements, resolved, with_stats,
-            filter_eps,
-        )  # fmt: skip
-        return tuple(packing.layout(t, pk) for t in out)
-
-    _check_transform(logit_scale, softcap, temperature)
-    valid_budget = isinstance(memory_budget, int) and not isinstance(memory_budget, bool) and memory_budget >= 4
-    if memory_budget is not None and not valid_budget:
-        raise ValueError(f"memory_budget must be None or a number of bytes >= 4, got {memory_budget!r}")
+    check_pairs(*(("policy_hidden", policy_hidden.shape[0]) if packed is None else
+                  ("the packed batch (cu_seqlens / position_ids)", len(packed.bounds) - 1)))  # fmt: skip
+    check_transform(logit_scale, softcap, temperature)
+    check_memory_budget(memory_budget)
     gradient_filter_eps(gradient_filter, policy_hidden.dtype)  # a bad value raises before any kernel runs
-    with_stats = preference.needs_stats(token_metrics, use_weighting)
-    token_logp, lse, stats = tokens(policy_hidden, weight, bias, with_stats)
-    mask = packing.scored(labels, shift, pk, ignore_index)
-    policy = token_logp.sum(-1)
     if ref_logps is not None and ref_hidden is not None:
         raise ValueError("give the reference as ref_logps or as ref_hidden, not both")
+    if ref_hidden is None and (ref_weight is not None or ref_bias is not None):
+        raise ValueError("ref_weight / ref_bias score ref_hidden: give ref_hidden too, or leave them out")
+    n_sequences = policy_hidden.shape[0] if packed is None else len(packed.bounds) - 1
+    ref = None
     if ref_logps is not None:
-        if not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) != (policy.shape[0],):
+        ref_logps = sharding.local(ref_logps)
+        if not isinstance(ref_logps, torch.Tensor) or tuple(ref_logps.shape) != (n_sequences,):
             shape = tuple(ref_logps.shape) if isinstance(ref_logps, torch.Tensor) else type(ref_logps).__name__
-            raise ValueError(f"ref_logps must have shape ({policy.shape[0]},), got {shape}")
-        ref = ref_logps.detach().to(policy.dtype)
-    elif ref_hidden is not None:
-        head = weight if ref_weight is None else ref_weight
-        _check_ref_head(policy_hidden, weight, ref_hidden, ref_weight, ref_bias)
+            raise ValueError(f"ref_logps must have shape ({n_sequences},), got {shape}")
+        ref = ref_logps.detach()
+    with_stats = preference.needs_stats(token_metrics, use_weighting)
+    common = dict(ignore_index=ignore_index, shift=shift, logit_scale=logit_scale, softcap=softcap,
+                  temperature=temperature, memory_budget=memory_budget, backend=backend, packed=packed, shard=shard)  # fmt: skip
+    policy = tokens.from_hidden(policy_hidden, head["weight"], head["bias"], labels, with_stats=with_stats,
+                                gradient_filter=gradient_filter, **common)  # fmt: skip
+    if ref_hidden is not None:
+        ref_hidden = sharding.local(ref_hidden)
+        check_ref_head(policy_hidden, head["weight"], ref_hidden, head["ref_weight"], head["ref_bias"])
+        ref_head = head["weight"] if head["ref_weight"] is None else head["ref_weight"]
         with torch.no_grad():
-            ref_tokens = tokens(ref_hidden, head, ref_bias, False)[0]
-            ref = preference.reduce_sequences(ref_tokens, mask, average=average, ld_alpha=ld_alpha)
-    else:
-        if ref_weight is not None or ref_bias is not None:
-            raise ValueError("ref_weight / ref_bias score ref_hidden: give ref_hidden too, or leave them out")
-        ref = None
-    return preference.dpo_from_tokens(
-        token_logp, mask, ref, stats=stats if with_stats else None, lse=lse, vocab_size=weight.shape[0],
-        beta=beta, loss_type=loss_type, average=average, ld_alpha=ld_alpha, use_weighting=use_weighting,
-        **loss_options,
+            ref = tokens.from_hidden(ref_hidden, ref_head, head["ref_bias"], labels, **common)
+    return preference.dpo_from_passes(
+        policy, ref, with_stats=with_stats, beta=beta, loss_type=loss_type, average=average, ld_alpha=ld_alpha,
+        use_weighting=use_weighting, **loss_options,
     )  # fmt: skip

@@ -142,11 +142,3 @@ def layout(tokens: torch.Tensor, pk) -> torch.Tensor:
 def scored(labels: torch.Tensor, shift: bool, pk, ignore_index: int) -> torch.Tensor:
     """The scored-token mask, in :func:`layout`'s layout, of the kernels' (labels, shift)."""
     return layout(labels[:, int(shift) :] != ignore_index, pk)
-
-
-def refuse_vocab_parallel(cu_seqlens, position_ids) -> None:
-    if wanted(cu_seqlens, position_ids):
-        raise NotImplementedError(
-            "packed batches (cu_seqlens= / position_ids=) are not supported on the vocabulary-parallel path "
-            "(process_group=, vocab_start= or vocabulary-sharded DTensors); pass the padded batch there"
-        )

@@ -118,6 +118,19 @@ def dpo_from_tokens(
     return out.loss, metrics
 
 
+def dpo_from_passes(policy, ref, *, with_stats: bool, average: bool, ld_alpha: Optional[float], **options):
+    """(loss, metrics) from the policy's :class:`dpo_kernels.tokens.Tokens` and the reference: None
+    (reference-free), (2B,) precomputed log-probs, or the reference's Tokens (reduced like the policy's)."""
+    if isinstance(ref, torch.Tensor) or ref is None:
+        ref_logps = ref
+    else:
+        ref_logps = reduce_sequences(ref.logps, policy.mask, average=average, ld_alpha=ld_alpha)
+    return dpo_from_tokens(
+        policy.logps, policy.mask, ref_logps, stats=policy.stats if with_stats else None, lse=policy.lse,
+        vocab_size=policy.vocab_size, average=average, ld_alpha=ld_alpha, **options,
+    )  # fmt: skip
+
+
 def reward_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps) -> dict:
     """TRL's ``rewards/*`` and ``logps/*``: means over the pairs of the batch, detached 0-dim tensors."""
     chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()

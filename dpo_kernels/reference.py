@@ -7,7 +7,7 @@ that the tests and the benchmarks compare the fused kernels against, so it stays
 import torch
 import torch.nn.functional as F
 
-from . import packing
+from . import packing, preference
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100, shift: bool = True):
@@ -83,6 +83,7 @@ def dpo_loss(
     beta: float = 0.1,
     *,
     ignore_index: int = -100,
+    shift: bool = True,
     average: bool = False,
     loss_type="sigmoid",
     ld_alpha=None,
@@ -96,7 +97,8 @@ def dpo_loss(
     ``loss_type`` of :func:`dpo_kernels.losses.preference_loss`.
 
     policy_logits: (2B, T, V), chosen sequences first, rejected second; labels: (2B, T) with
-    ``ignore_index`` on prompt and padding. ``ref_logits`` is (2B, T, V) logits of the frozen reference,
+    ``ignore_index`` on prompt and padding; with ``shift``, logits position t predicts label t + 1.
+    ``ref_logits`` is (2B, T, V) logits of the frozen reference,
     a (2B,) tensor of precomputed reference log-probs, or None (reference-free: ref log-probs are 0).
 
     Returns ``(loss, metrics)``; the metrics are detached 0-dim tensors (``float()`` them to log) under
@@ -105,21 +107,20 @@ def dpo_loss(
     ``nll_loss`` where an NLL term is used), and the hand-rolled loss's ``reward_chosen``,
     ``reward_rejected`` and ``accuracy`` (:func:`dpo_kernels.losses.lesson_metrics`).
     """
-    from . import preference
-
     if packing.wanted(cu_seqlens, position_ids):  # sequences 0..B-1 chosen, B..2B-1 rejected
         pk = packing.resolve(labels, cu_seqlens, position_ids)
         policy_logits, labels = padded(policy_logits, pk), padded(labels, pk, fill=ignore_index)
         if ref_logits is not None and ref_logits.dim() == 3:
             ref_logits = padded(ref_logits, pk)
     preference.check_options(average=average, ld_alpha=ld_alpha, use_weighting=use_weighting)
-    kw = dict(ignore_index=ignore_index, shift=True)
-    mask = labels[:, 1:] != ignore_index
+    kw = dict(ignore_index=ignore_index, shift=shift)
+    mask = labels[:, int(shift) :] != ignore_index
     policy_tokens = token_logps(policy_logits, labels, **kw)
     stats = lse = None
     if preference.needs_stats(token_metrics, use_weighting):
         stats = token_stats(policy_logits, labels, **kw)
-        lse = torch.logsumexp(policy_logits[:, :-1].to(policy_tokens.dtype), dim=-1)
+        scored_logits = policy_logits[:, : policy_logits.shape[1] - int(shift)]
+        lse = torch.logsumexp(scored_logits.to(policy_tokens.dtype), dim=-1)
     if ref_logits is None:
         ref = None
     elif ref_logits.dim() == 1:

@@ -49,7 +49,7 @@ KERNEL_ENTRY_POINTS = {
     "dpo_kernels.triton.linear": ("fused_linear_logps_fwd", "fused_linear_logps_fwd_cublas", "fused_linear_logps_bwd"),
     "dpo_kernels.portable.logprobs": ("token_logps_fwd", "token_logps_bwd"),
     "dpo_kernels.portable.linear": ("fused_linear_logps_fwd", "fused_linear_logps_bwd"),
-    "dpo_kernels.native": ("token_logps_fwd", "token_logps_bwd"),
+    "dpo_kernels.ops.native": ("token_logps_fwd", "token_logps_bwd"),
 }
 
 

@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from conftest import BACKENDS, DTYPES, LOW_PRECISION_ULPS
-from dpo_kernels import native, reference, sequence_logps
+from dpo_kernels import reference, sequence_logps
+from dpo_kernels.ops import native
 
 N_CASES = 200  # each on every backend
 SEED = 1234

@@ -65,7 +65,8 @@ def _backends(world=None):
     """torch, native where built, and (world size 2 only, it is slow) Triton under its CPU interpreter."""
     import importlib.util
 
-    from dpo_kernels import native, ops
+    from dpo_kernels import ops
+    from dpo_kernels.ops import native
 
     backends = ["torch", "native"] if native.has_kernel("cpu") else ["torch"]
     if world == 2 and ops.triton_interpreting() and importlib.util.find_spec("triton") is not None:
@@ -170,7 +171,9 @@ def check_logits_dpo_loss(rank, world):
     _, with_tokens = D.vocab_parallel_dpo_loss(shard.detach(), None, labels, token_metrics=True, backend="torch")
     expected_tokens = _token_logps(logits, labels)
     mask = labels[:, 1:] != -100
-    _, expected = D._loss_from_tokens(
+    from dpo_kernels import preference
+
+    _, expected = preference.dpo_from_tokens(
         expected_tokens, mask, None, stats=reference.token_stats(logits, labels),
         lse=torch.logsumexp(logits[:, :-1], -1), vocab_size=29, beta=0.1, average=False,
     )  # fmt: skip
@@ -316,14 +319,12 @@ def check_dtensor(rank, world):
     reference.sequence_logps(expected, labels).sum().backward()
     close(l_dt.grad.full_tensor(), expected.grad)
 
-    # the module wrapper routes a vocabulary-sharded DTensor head to the vocabulary-parallel path
+    # the module wrapper takes a vocabulary-sharded DTensor head as fused_linear_dpo_loss does: the
+    # vocabulary-parallel path (whose label check refuses an FSDP2 shard used outside its forward)
     head = nn.Linear(H, V, bias=False)
     head.weight = nn.Parameter(distribute_tensor(weight, mesh, [Shard(0)]))
     ref_logps = torch.randn(N)
-    with pytest.raises(ValueError, match="DTensor sharded"):  # could be an FSDP2 shard: refused unless told
-        D.FusedLMHeadLoss(head, backend="torch")(hidden, labels, ref_logps=ref_logps)
-    head_loss = D.FusedLMHeadLoss(head, vocab_parallel=True, beta=0.1, backend="torch")
-    loss, _ = head_loss(hidden, labels, ref_logps=ref_logps)
+    loss, _ = D.FusedLMHeadLoss(head, beta=0.1, backend="torch")(hidden, labels, ref_logps=ref_logps)
     import dpo_kernels
 
     expected_loss, _ = dpo_kernels.fused_linear_dpo_loss(hidden, weight, labels, ref_logps=ref_logps, backend="torch")
@@ -440,6 +441,98 @@ def check_entry_points(rank, world):
         dpo_kernels.fused_linear_sequence_logps(hidden, w_dt, mine, backend="torch")
     with pytest.raises(ValueError, match="labels differ across the ranks"):
         hf.token_logps_from_hidden(hidden, hf.LMHead(w_hf, None, 1.0, None), mine, backend="torch")
+
+
+def check_collectives_and_syncs(rank, world):
+    """One vocabulary-parallel fused_linear_dpo_loss with a reference hidden state and the default metrics,
+    forward + backward: at most 4 collective calls per rank and no more host synchronizations than the same
+    call on one device; the same numbers."""
+    from torch._library.custom_ops import OPDEFS
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import dpo_kernels
+
+    syncing = {"_local_scalar_dense", "nonzero", "_assert_async", "equal", "is_nonzero", "item"}
+
+    class Syncs(TorchDispatchMode):
+        """Counts the aten ops that make the host wait for the device, inside the library's custom ops too."""
+
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name
+            if name.split("::")[-1] in syncing:
+                self.seen.append(name)
+            if name in OPDEFS:  # run the op's Python body under this mode, so that its aten ops are seen
+                with self:
+                    return OPDEFS[name]._init_fn(*args, **(kwargs or {}))
+            return func(*args, **(kwargs or {}))
+
+    calls = []
+    names = ("all_gather", "all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "all_to_all")
+    real = {name: getattr(dist, name) for name in names}
+
+    def counted(name):
+        return lambda *a, **k: calls.append(name) or real[name](*a, **k)
+
+    N, T, H, V = 4, 8, 12, 31
+    hidden, ref_hidden, weight = torch.randn(N, T, H), torch.randn(N, T, H), torch.randn(V, H) * 0.5
+    _, labels = _batch(N, T, V)
+    w_shard, start = _shard(weight, 0, rank, world)
+
+    def run(w, **kw):
+        h, w = hidden.clone().requires_grad_(), w.clone().requires_grad_()
+        with Syncs() as mode:
+            loss, metrics = dpo_kernels.fused_linear_dpo_loss(h, w, labels, ref_hidden=ref_hidden, backend="torch", **kw)
+            loss.backward()
+        return loss.detach(), metrics, h.grad, w.grad, mode.seen
+
+    one = run(weight)
+    for name in names:
+        setattr(dist, name, counted(name))
+    try:
+        sharded = run(w_shard, process_group=dist.group.WORLD, vocab_start=start)
+    finally:
+        for name in names:
+            setattr(dist, name, real[name])
+    assert len(calls) <= 4, calls
+    assert len(sharded[-1]) <= len(one[-1]), (sharded[-1], one[-1])
+    close(sharded[0], one[0])
+    for key in one[1]:
+        close(sharded[1][key], one[1][key])
+    close(sharded[2], one[2])
+    close(sharded[3], one[3][start : start + w_shard.shape[0]])
+
+
+def check_packed(rank, world):
+    """Packed batches (cu_seqlens / position_ids) on the vocabulary-parallel path equal the padded layout."""
+    import dpo_kernels
+    from dpo_kernels import reference
+
+    group = dist.group.WORLD
+    lengths = [5, 3, 6, 4]
+    total, V, H = sum(lengths), 23, 8
+    cu = torch.tensor([0, 5, 8, 14, 18])
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    hidden, weight = torch.randn(1, total, H), torch.randn(V, H)
+    labels = torch.randint(0, V, (1, total))
+    labels[0, cu[:-1]] = -100  # each sequence's first token is prompt
+    w_shard, start = _shard(weight, 0, rank, world)
+    logits = reference.lm_head_logits(hidden, weight)
+    l_shard, _ = _shard(logits, 2, rank, world)
+    padded = reference.sequence_logps(logits, labels, cu_seqlens=cu)
+    close(dpo_kernels.sequence_logps(l_shard, labels, process_group=group, cu_seqlens=cu, backend="torch"), padded)
+    close(dpo_kernels.fused_linear_sequence_logps(hidden, w_shard, labels, process_group=group, position_ids=position_ids,
+                                                  backend="torch"), padded)  # fmt: skip
+    ref_logps = torch.randn(4)
+    loss, metrics = dpo_kernels.fused_linear_dpo_loss(hidden, w_shard, labels, ref_logps=ref_logps, cu_seqlens=cu,
+                                                      process_group=group, backend="torch")  # fmt: skip
+    want, want_metrics = reference.dpo_loss(logits, ref_logps, labels, cu_seqlens=cu)
+    close(loss, want)
+    for key in want_metrics:
+        close(metrics[key], want_metrics[key])
 
 
 # ----------------------------------------------------------------------------------- FSDP2 and DDP
@@ -595,7 +688,7 @@ def check_hf_model_under_fsdp2(rank, world):
 # ------------------------------------------------------------------------------------------- tests
 
 _FAST = ("check_logits_path", "check_logits_dpo_loss", "check_fused_linear_path", "check_fused_linear_gradient_filter",
-         "check_fused_linear_dpo_loss",
+         "check_fused_linear_dpo_loss", "check_collectives_and_syncs", "check_packed",
          "check_dtensor", "check_entry_points", "check_fsdp2_and_ddp_step", "check_hf_model_under_fsdp2")  # fmt: skip
 
 
@@ -604,6 +697,7 @@ def test_world_2():
     _spawn(2, *_FAST)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_world_4():
     _spawn(4, *_FAST)

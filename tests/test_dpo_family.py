@@ -189,3 +189,33 @@ def test_listwise_on_fused_log_probs(backend, device):
     dpo, _ = fused_dpo_loss(logits[: 2 * B][order], ref2.T.reshape(-1), pair_labels[order], beta=0.2,
                             backend=backend, token_metrics=False)  # fmt: skip
     assert_fp32_close(loss2, dpo)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shift_false_on_every_entry_point(backend, device):
+    """``shift=False`` (labels already aligned with the positions that predict them) on the four entry points,
+    against the reference with ``shift=False``; a reference side scored the same way."""
+    from dpo_kernels import fused_linear_sequence_logps
+
+    policy, labels = family_batch()
+    policy, labels = policy.to(device), labels.to(device)
+    labels[:, -1] = 5  # the last position is scored without a shift
+    ref = torch.randn(4, 9, 123).to(device)
+    assert_fp32_close(sequence_logps(policy, labels, shift=False, backend=backend),
+                      reference.sequence_logps(policy, labels, shift=False))  # fmt: skip
+    options = dict(beta=0.5, loss_type="sigmoid", rpo_alpha=0.5, use_weighting=True, shift=False)
+    actual = run(fused_dpo_loss, policy, ref, labels, backend=backend, **options)
+    assert_same(actual, run(reference.dpo_loss, policy, ref, labels, **options))
+    hidden, ref_hidden = torch.randn(4, 9, 24).to(device), torch.randn(4, 9, 24).to(device)
+    weight = (torch.randn(123, 24) / 24**0.5).to(device)
+    linear_backend = backend if backend != "triton" else "torch"  # the Triton head has its own tests
+    assert_fp32_close(fused_linear_sequence_logps(hidden, weight, labels, shift=False, backend=linear_backend),
+                      reference.sequence_logps(reference.lm_head_logits(hidden, weight), labels, shift=False))  # fmt: skip
+
+    def linear(h, r, y, **kw):
+        return fused_linear_dpo_loss(h, weight, y, ref_hidden=r, backend=linear_backend, **kw)
+
+    def naive(h, r, y, **kw):
+        return reference.dpo_loss(reference.lm_head_logits(h, weight), reference.lm_head_logits(r, weight), y, **kw)
+
+    assert_same(run(linear, hidden, ref_hidden, labels, **options), run(naive, hidden, ref_hidden, labels, **options))

@@ -103,7 +103,7 @@ def test_unknown_backend_and_environment_override(monkeypatch):
 
 
 def test_environment_selects_the_backend(monkeypatch, device):
-    from dpo_kernels import native
+    from dpo_kernels.ops import native
     from dpo_kernels.triton import logprobs
 
     logits, labels = batch()

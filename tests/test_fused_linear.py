@@ -186,7 +186,7 @@ def test_static_rows_match_the_compacted_rows(monkeypatch, backend, dtype, devic
     numbers: the same per-row log-probs, statistics and lse, zeros in unscored rows, and gradients equal up
     to the GEMMs' summation order over more (zeroed) rows. A NaN in an unscored row's hidden state, which
     compaction never reads, must not leak into the weight's gradient, nor a large bias overflow there."""
-    from dpo_kernels import fused_linear
+    from dpo_kernels.ops import linear as linear_ops
 
     n, t, h, v = 4, 9, 40, 123
     hidden, weight, b = lm_head(n, t, h, v, dtype, True, device)
@@ -206,7 +206,7 @@ def test_static_rows_match_the_compacted_rows(monkeypatch, backend, dtype, devic
         return [x.detach() for x in out] + [leaf.grad for leaf in leaves]
 
     compacted = step()
-    monkeypatch.setattr(fused_linear, "_static_rows", lambda labels: True)
+    monkeypatch.setattr(linear_ops, "_static_rows", lambda labels: True)
     static = step()
     scored = labels[:, 1:] != -100
     for name, x, y in zip(["logp", "lse", "stats", "d_hidden", "d_weight", "d_bias"], static, compacted):

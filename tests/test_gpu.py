@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from conftest import assert_low_precision_grad, make_batch
-from dpo_kernels import fused_dpo_loss, fused_linear_dpo_loss, native, reference, sequence_logps
+from dpo_kernels import fused_dpo_loss, fused_linear_dpo_loss, reference, sequence_logps
+from dpo_kernels.ops import native
 from dpo_kernels.triton import linear as triton_linear
 from dpo_kernels.triton import logprobs as triton_logprobs
 from test_fused_linear_stats import NEAR_TIE
@@ -315,7 +316,7 @@ def test_cuda_graph_of_a_fused_linear_dpo_loss_step(monkeypatch, device):
     (no compaction, whose nonzero() synchronizes: issue 14's item 5); the eager runs here take that path
     too, so that the sync check covers it and the replay matches it bitwise. The compacted eager step
     gives the same numbers up to the GEMMs' summation order."""
-    from dpo_kernels import fused_linear
+    from dpo_kernels.ops import linear as linear_ops
 
     n, t, h, v = 4, 64, 512, 32000
     _, labels = make_batch(n, t, v)
@@ -329,7 +330,7 @@ def test_cuda_graph_of_a_fused_linear_dpo_loss_step(monkeypatch, device):
         loss.backward()
         return [loss.detach(), *metrics.values(), hidden.grad, weight.grad]
 
-    monkeypatch.setattr(fused_linear, "_static_rows", lambda labels: labels.is_cuda)
+    monkeypatch.setattr(linear_ops, "_static_rows", lambda labels: labels.is_cuda)
     graph, static = capture(step)
     for seed in (1, 2):
         torch.manual_seed(seed)
@@ -343,7 +344,7 @@ def test_cuda_graph_of_a_fused_linear_dpo_loss_step(monkeypatch, device):
         graph.replay()
         assert_bitwise_equal(static, linear_step(new_hidden, new_weight, new_ref, labels, "triton"))
         with monkeypatch.context() as m:
-            m.setattr(fused_linear, "_static_rows", lambda labels: False)
+            m.setattr(linear_ops, "_static_rows", lambda labels: False)
             compacted = linear_step(new_hidden, new_weight, new_ref, labels, "triton")
         for a, b in zip(static, compacted):
             torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * b.abs().max().item())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import make_batch
-from dpo_kernels import fused_linear, fused_linear_dpo_loss, fused_linear_sequence_logps
+from dpo_kernels import fused_linear_dpo_loss, fused_linear_sequence_logps, tokens
 from dpo_kernels._validation import gradient_filter_eps
 from dpo_kernels.triton import linear as triton_linear
 
@@ -39,11 +39,11 @@ def test_bad_values_raise_naming_the_argument(bad, device):
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
 def test_backends_without_tiles_compute_exact_gradients_and_warn_once(backend, device, monkeypatch):
-    from dpo_kernels import native
+    from dpo_kernels.ops import native
 
     if backend == "native" and not native.has_kernel(device.type):
         pytest.skip("native kernels not built for this device")
-    monkeypatch.setattr(fused_linear, "_FILTER_WARNED", [])
+    monkeypatch.setattr(tokens, "_FILTER_WARNED", [])
     hidden, weight, labels = inputs(device)
     grads = []
     for setting in (None, "auto", 1e-2):

@@ -219,18 +219,18 @@ def test_apply_fused_dpo_on_a_built_trainer(tmp_path):
 def test_gradient_filter_is_a_constructor_option(tmp_path, monkeypatch):
     """FusedDPOTrainer(gradient_filter=...) reaches the fused head of the policy pass (the reference pass,
     without autograd, gets none); a bad value raises at construction, naming it."""
-    from dpo_kernels import fused_linear
+    from dpo_kernels import tokens
 
     with pytest.raises(ValueError, match="gradient_filter"):
         FusedDPOTrainer(model=gpt2(0), args=config(tmp_path / "bad"), train_dataset=make_dataset(),
                         processing_class=make_tokenizer(), gradient_filter="high")  # fmt: skip
-    seen, real = [], fused_linear.resolve_gradient_filter
-    monkeypatch.setattr(fused_linear, "resolve_gradient_filter", lambda f, *a: seen.append(f) or real(f, *a))
+    seen, real = [], tokens._filter_eps
+    monkeypatch.setattr(tokens, "_filter_eps", lambda f, *a: seen.append(f) or real(f, *a))
     trainer = FusedDPOTrainer(model=gpt2(0), ref_model=gpt2(1), args=config(tmp_path), train_dataset=make_dataset(),
                               processing_class=make_tokenizer(), gradient_filter="auto")  # fmt: skip
     seen.clear()
     with pytest.warns(UserWarning, match="Triton backend only"):  # CPU: exact gradients, one warning
-        monkeypatch.setattr(fused_linear, "_FILTER_WARNED", [])
+        monkeypatch.setattr(tokens, "_FILTER_WARNED", [])
         one_step(trainer, first_batch(trainer))
     assert len(seen) == 2 and seen.count("auto") == 1 and seen.count(None) == 1, seen
 

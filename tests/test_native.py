@@ -13,7 +13,8 @@ import torch
 
 import dpo_kernels
 from conftest import make_batch
-from dpo_kernels import native, reference, sequence_logps
+from dpo_kernels import reference, sequence_logps
+from dpo_kernels.ops import native
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,14 +115,14 @@ def test_auto_on_cuda_tensors_prefers_triton_then_the_native_cuda_kernels(monkey
 
     from dpo_kernels import ops
 
-    assert ops._resolve("auto", "cuda", torch.bfloat16, False) == "triton"
+    assert ops.backends._resolve("auto", "cuda", torch.bfloat16, False) == "triton"
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
     if native.has_kernel("cuda"):
-        assert ops._resolve("auto", "cuda", torch.bfloat16, False) == "native"
+        assert ops.backends._resolve("auto", "cuda", torch.bfloat16, False) == "native"
     else:
         with pytest.warns(UserWarning, match="native kernels unavailable"):
-            assert ops._resolve("auto", "cuda", torch.bfloat16, False) == "torch"
+            assert ops.backends._resolve("auto", "cuda", torch.bfloat16, False) == "torch"
 
 
 @pytest.mark.cpu_only("'auto' asks for the native kernels on CPU tensors only (Triton serves CUDA tensors)")

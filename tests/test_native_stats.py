@@ -27,7 +27,8 @@ import pytest
 import torch
 
 from conftest import make_batch
-from dpo_kernels import native, reference
+from dpo_kernels import reference
+from dpo_kernels.ops import native
 
 pytestmark = pytest.mark.skipif(native.load_error() is not None, reason="dpo_kernels._C is not built")
 

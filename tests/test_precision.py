@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import BACKENDS
-from dpo_kernels import native, reference, sequence_logps
+from dpo_kernels import reference, sequence_logps
+from dpo_kernels.ops import native
 
 V = 8193
 

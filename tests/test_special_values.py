@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from conftest import BACKENDS, DTYPES
-from dpo_kernels import fused_dpo_loss, native, reference, sequence_logps
+from dpo_kernels import fused_dpo_loss, reference, sequence_logps
+from dpo_kernels.ops import native
 from dpo_kernels.fused_linear import fused_linear_sequence_logps
 
 NAN, INF = math.nan, math.inf

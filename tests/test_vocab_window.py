@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import make_batch
-from dpo_kernels import native, reference
+from dpo_kernels import reference
+from dpo_kernels.ops import native
 from dpo_kernels.portable import linear as portable_linear
 from dpo_kernels.portable import logprobs as portable_logprobs
 from dpo_kernels.triton import linear as triton_linear

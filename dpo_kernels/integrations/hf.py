@@ -1,16 +1,17 @@
 """Per-sequence log-probs of a Hugging Face causal LM without forming its (N, T, V) logits.
 
 The model's backbone runs as usual; its last hidden states and the LM head's weight (tied to the input
-embeddings or not) go to the fused LM-head op ``dpo_kernels::fused_linear_token_logps``, which scores
-only the tokens whose label is not ``ignore_index``. Logit transforms declared in the model's config
+embeddings or not) go to the fused LM head's per-token pass (:func:`dpo_kernels.tokens.from_hidden`),
+which scores only the tokens whose label is not ``ignore_index``. Logit transforms declared in the model's config
 (Gemma's ``final_logit_softcapping``, Cohere's ``logit_scale`` and its relatives) are applied inside
 the op, as the model's own forward would apply them to its logits.
 
 Public API:
 
 - :func:`sequence_logps_from_model`: (N,) per-sequence log-probs (sum, or mean with ``average``);
-- :func:`token_logps_from_model`: the per-token outputs behind it (log-probs, log-sum-exp and, with
-  ``with_stats``, the per-token statistics of :data:`dpo_kernels.reference.STATS`);
+- :func:`token_logps_from_model`: the per-token outputs behind it (:class:`dpo_kernels.tokens.Tokens`:
+  log-probs, log-sum-exp and, with ``with_stats``, the per-token statistics of
+  :data:`dpo_kernels.reference.STATS`);
 - :func:`lm_head_of`: the (weight, bias, logit_scale, softcap) a model's logits are made of;
 - :func:`backbone_hidden_states`: the last hidden states, through PEFT and distributed wrappers;
 - :func:`token_logps_from_hidden`: the op on given hidden states and head.
@@ -29,8 +30,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .. import distributed, ops, packing
-from .. import fused_linear as _fused_linear  # registers torch.ops.dpo_kernels.fused_linear_*
+from .. import packing, sharding
+from ..tokens import Tokens, from_hidden
 
 # The keyword our forward patch answers to; any other call goes to the model's own forward.
 HIDDEN_FLAG = "dpo_kernels_hidden_states"
@@ -50,23 +51,11 @@ class LMHead(NamedTuple):
     softcap: Optional[float]
 
 
-class TokenLogps(NamedTuple):
-    """Per-token outputs over the shifted positions, (N, T - 1) each: ``logps`` log p(label) (fp32,
-    zero where unscored, differentiable), ``lse`` the log-sum-exp of the logits, ``stats`` (N, T - 1, 4)
-    with columns :data:`dpo_kernels.reference.STATS` when asked for, else (N, T - 1, 0), and ``mask``
-    (bool) the scored tokens."""
-
-    logps: torch.Tensor
-    lse: torch.Tensor
-    stats: torch.Tensor
-    mask: torch.Tensor
-
-
 class HiddenStatesOutput(collections.OrderedDict):
     """What the patched forward returns when called with ``dpo_kernels_hidden_states=True`` (or
     ``dpo_kernels_token_logps=...``): the backbone's ``last_hidden_state``, when router logits were
     requested the MoE ``aux_loss``, and with ``dpo_kernels_token_logps`` the fused head's ``tokens``
-    (:class:`TokenLogps`) and its ``vocab_size`` (the head's rows, read where the weight is whole). An
+    (:class:`dpo_kernels.tokens.Tokens`, its ``vocab_size`` read where the weight is whole). An
     ``OrderedDict`` with attribute access (None for a missing key), so that distributed wrappers can walk it
     and rebuild it as its own class (FSDP1 does ``type(out)()``, then sets the items)."""
 
@@ -187,8 +176,8 @@ def install_hidden_forward(model) -> None:
             options = dict(token_options)
             labels = options.pop("labels")
             hidden_scored = hidden[:, -labels.shape[1] :]  # prompt learning prepends virtual tokens
-            tokens, vocab_size = _fused_head_call(self, hidden_scored, labels, options)
-            return HiddenStatesOutput(last_hidden_state=hidden, aux_loss=aux_loss, tokens=tokens, vocab_size=vocab_size)
+            tokens = _fused_head_call(self, hidden_scored, labels, options)
+            return HiddenStatesOutput(last_hidden_state=hidden, aux_loss=aux_loss, tokens=tokens)
         return HiddenStatesOutput(last_hidden_state=hidden, aux_loss=aux_loss)
 
     base.forward = types.MethodType(forward, base)
@@ -196,7 +185,7 @@ def install_hidden_forward(model) -> None:
 
 
 def _fused_head_call(base, hidden, labels, options):
-    """(TokenLogps, V) of the fused head on ``hidden``, run as the LM head module's own forward.
+    """The fused head's :class:`Tokens` on ``hidden``, run as the LM head module's own forward.
 
     Wrappers that manage a module's parameters around its forward see the head used as ``lm_head(hidden)``
     would use it: DeepSpeed ZeRO-3's hooks on ``lm_head`` gather its partitioned weight for the call and
@@ -212,18 +201,17 @@ def _fused_head_call(base, hidden, labels, options):
 
     def fused_forward(_module, hidden, labels):
         head = lm_head_of(base)  # read here, where the weight is whole
-        tokens = token_logps_from_hidden(hidden, head, labels, **options)
-        return (*tokens, head.weight.shape[0])
+        return tuple(token_logps_from_hidden(hidden, head, labels, **options))  # a plain tuple: wrappers walk it
 
     module.forward = types.MethodType(fused_forward, module)
     try:
-        *tokens, vocab_size = module(hidden, labels)
+        tokens = module(hidden, labels)
     finally:
         if had_own_forward:
             module.forward = previous
         else:
             del module.forward
-    return TokenLogps(*tokens), vocab_size
+    return Tokens(*tokens)
 
 
 def _load_balancing_loss(text_config, router_logits, attention_mask):
@@ -261,11 +249,12 @@ def token_logps_from_hidden(
     backend: str = "auto",
     cu_seqlens: Optional[torch.Tensor] = None,
     gradient_filter=None,
-) -> TokenLogps:
-    """The fused op on (N, T, H) hidden states: position t scores ``labels[:, t + 1]``.
+) -> Tokens:
+    """The fused head's per-token pass on (N, T, H) hidden states: position t scores ``labels[:, t + 1]``.
 
     Under autocast the head runs in the autocast dtype, as ``nn.Linear`` would; otherwise the weight
-    and bias are cast to the hidden states' dtype when they differ (differentiably).
+    and bias are cast to the hidden states' dtype when they differ (differentiably). A head that is a
+    DTensor sharded over the vocabulary (tensor parallelism) runs the vocabulary-parallel path.
 
     ``cu_seqlens``: the (1, total, H) hidden states of a packed batch (:mod:`dpo_kernels.packing`); the
     outputs are then laid out as (S, L) rows, one per sequence, with the shift inside each sequence.
@@ -276,34 +265,21 @@ def token_logps_from_hidden(
     dtype = hidden.dtype
     if torch.is_autocast_enabled(hidden.device.type):
         dtype = torch.get_autocast_dtype(hidden.device.type)
-    weight, bias = head.weight, head.bias
     hidden = hidden.to(dtype)
-    weight = weight.to(device=hidden.device, dtype=dtype)
-    bias = None if bias is None else bias.to(device=hidden.device, dtype=dtype)
+    weight = head.weight.to(device=hidden.device, dtype=dtype)
+    bias = None if head.bias is None else head.bias.to(device=hidden.device, dtype=dtype)
+    # A DTensor weight stays one: gathering it (full_tensor()) would give an FSDP2 shard a gradient that is
+    # sliced, never reduced over the data-parallel ranks; the sharded path refuses ranks with other tokens.
+    shard, local = sharding.resolve(None, None, {"weight": (weight, 0), "bias": (bias, 0)})
     labels = labels.to(hidden.device)
-    if distributed.is_vocab_sharded(weight):  # a tensor-parallel head: a DTensor sharded on the vocabulary
-        packing.refuse_vocab_parallel(cu_seqlens, None)
-        mask = labels[:, 1:] != ignore_index
-        with torch.autocast(hidden.device.type, enabled=False):
-            out = distributed.vocab_parallel_fused_linear_token_logps(
-                hidden, weight, labels, bias, ignore_index=int(ignore_index), logit_scale=float(head.logit_scale),
-                softcap=head.softcap, temperature=float(temperature), memory_budget=memory_budget, backend=backend,
-                with_stats=with_stats, gradient_filter=gradient_filter,
-            )  # fmt: skip
-        stats = out[2] if with_stats else out[0].new_empty(*out[0].shape, 0)
-        return TokenLogps(out[0], out[1], stats, mask)
-    chunk_elements = 0 if memory_budget is None else int(memory_budget) // 4
-    backend = ops.resolve_backend(backend, hidden.device, hidden.dtype)
-    filter_eps = _fused_linear.resolve_gradient_filter(gradient_filter, hidden.dtype, backend)
-    pk = None if cu_seqlens is None else packing.resolve(labels, cu_seqlens.to(labels.device), tokens_name="hidden")
-    labels, shift = packing.kernel_labels(labels, pk, int(ignore_index), True)
-    args = (
-        hidden, weight, bias, labels, int(ignore_index), shift, float(head.logit_scale),
-        None if head.softcap is None else float(head.softcap), float(temperature), chunk_elements, backend,
-    )  # fmt: skip
+    packed = None if cu_seqlens is None else packing.resolve(labels, cu_seqlens.to(labels.device), tokens_name="hidden")
     with torch.autocast(hidden.device.type, enabled=False):
-        out = torch.ops.dpo_kernels.fused_linear_token_logps(*args, bool(with_stats), filter_eps)
-    return TokenLogps(*(packing.layout(t, pk) for t in out), packing.scored(labels, shift, pk, int(ignore_index)))
+        return from_hidden(
+            hidden, local["weight"], local["bias"], labels, ignore_index=int(ignore_index), shift=True,
+            logit_scale=float(head.logit_scale), softcap=head.softcap, temperature=float(temperature),
+            memory_budget=memory_budget, backend=backend, with_stats=with_stats, gradient_filter=gradient_filter,
+            packed=packed, shard=shard,
+        )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ from a model
@@ -322,8 +298,8 @@ def token_logps_from_model(
     backend: str = "auto",
     gradient_filter=None,
     **model_kwargs,
-) -> TokenLogps:
-    """Per-token outputs of :class:`TokenLogps` for a causal LM: backbone, then the fused head.
+) -> Tokens:
+    """Per-token outputs (:class:`dpo_kernels.tokens.Tokens`) for a causal LM: backbone, then the fused head.
 
     labels: (N, T), ``ignore_index`` on prompt and padding; position t of the outputs scores
     ``labels[:, t + 1]`` (the usual causal shift). Extra keywords go to the backbone. The head runs
@@ -365,7 +341,7 @@ def sequence_logps_from_model(
     ``AutoModelForCausalLM`` with a linear LM head (tied or not), PEFT-wrapped or not, honouring the
     config's ``final_logit_softcapping`` and logit scale.
 
-    With ``with_stats=True`` returns ``(logps, tokens)``, ``tokens`` being the :class:`TokenLogps` of
+    With ``with_stats=True`` returns ``(logps, tokens)``, ``tokens`` being the :class:`dpo_kernels.tokens.Tokens` of
     :func:`token_logps_from_model` with its per-token statistics.
     """
     tokens = token_logps_from_model(

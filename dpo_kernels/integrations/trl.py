@@ -190,16 +190,16 @@ class _FusedLoss:
     # ---------------------------------------------------------------------------------- per-token pass
 
     def _dpo_kernels_tokens(self, model, model_kwargs, labels, *, with_stats: bool, pk=None):
-        """(TokenLogps, aux_loss, V) of ``model`` on the batch: backbone through every wrapper, fused head;
-        for a packed batch (``pk``) laid out one sequence per row. V (the head's rows) comes from inside
-        the forward: outside it a ZeRO-3 or FSDP1 weight is a shard."""
+        """(Tokens, aux_loss) of ``model`` on the batch: backbone through every wrapper, fused head; for a
+        packed batch (``pk``) laid out one sequence per row. The tokens' vocab_size comes from inside the
+        forward: outside it a ZeRO-3 or FSDP1 weight is a shard."""
         hf.install_hidden_forward(model)  # idempotent; the precompute may run before configure
         options = dict(labels=labels, with_stats=with_stats, backend=self._dpo_kernels_backend,
                        memory_budget=self._dpo_kernels_memory_budget,
                        gradient_filter=self._dpo_kernels_gradient_filter if torch.is_grad_enabled() else None,
                        cu_seqlens=None if pk is None else pk.cu_seqlens)  # fmt: skip
         out = model(**model_kwargs, **{hf.TOKENS_FLAG: options})  # the head runs inside the model's forward
-        return out.tokens, out.aux_loss, out.vocab_size
+        return out.tokens, out.aux_loss
 
     def _dpo_kernels_ref_context(self):
         """The PEFT base (adapter disabled) or TRL's "ref" adapter, when there is no reference model."""
@@ -256,7 +256,7 @@ class _FusedLoss:
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
 
         pk = self._dpo_kernels_packing(inputs)
-        tokens, aux_loss, vocab_size = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=True, pk=pk)
+        tokens, aux_loss = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=True, pk=pk)
         if self.precompute_ref_logps:
             ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(tokens.logps.device)
         else:
@@ -266,7 +266,7 @@ class _FusedLoss:
         # tokens when the prompt is empty)
         loss, metrics = preference.dpo_from_tokens(
             tokens.logps, tokens.mask, ref, stats=tokens.stats, lse=tokens.lse,
-            vocab_size=vocab_size, norm_lengths=packing.layout(completion_mask.to(tokens.mask.device), pk).sum(-1),
+            vocab_size=tokens.vocab_size, norm_lengths=packing.layout(completion_mask.to(tokens.mask.device), pk).sum(-1),
             **self._dpo_kernels_loss_options(),
         )  # fmt: skip
 

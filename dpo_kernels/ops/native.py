@@ -19,7 +19,7 @@ N_STATS = 4
 def load_error():
     """None once the extension is loaded (its ops registered), else why it could not be."""
     try:
-        from . import _C  # noqa: F401  (loading the library registers the dpo_kernels::native_* ops)
+        from .. import _C  # noqa: F401  (loading the library registers the dpo_kernels::native_* ops)
     except ImportError as error:
         return f"{type(error).__name__}: {error}"
     _register_fakes()

@@ -1,0 +1,105 @@
+"""The ops layer: the only code that registers or calls ``torch.ops.dpo_kernels``.
+
+Two op families, each a ``torch.library`` custom op with a fake implementation (torch.compile and
+FakeTensorMode see shapes without running a kernel) and registered autograd:
+
+- the logits path, :func:`token_logps` (``dpo_kernels::token_logps``, :mod:`.logits`);
+- the fused LM head, :func:`linear_token_logps` (``dpo_kernels::fused_linear_token_logps``, :mod:`.linear`).
+
+Both return ``(logp, lse, stats)`` per token in one layout: logp (N, T - shift) fp32 (fp64 for fp64
+inputs), lse (N, T - shift, 2) the log-sum-exp as (row max, log Σ exp(z − max)) (:func:`lse_value` sums
+it), stats (N, T - shift, 4) with the columns of ``reference.STATS`` or (N, T - shift, 0). Both take a
+vocabulary window (``vocab_start``: the first global id of the slice they are given, labels global), and
+their backwards (:func:`token_logps_backward`, :func:`linear_token_logps_backward`) take the lse to use,
+which is how the sharded path (``dpo_kernels.sharding``) runs them with a global lse. Backends:
+:func:`resolve_backend`; the native library: :mod:`.native`.
+"""
+
+from typing import Optional
+
+import torch
+
+from . import linear, logits, native  # importing linear and logits registers their ops
+from .backends import BACKENDS, resolve_backend, triton_interpreting
+from .logits import N_STATS, lse_value, out_dtype
+
+__all__ = [
+    "BACKENDS",
+    "N_STATS",
+    "linear",
+    "linear_token_logps",
+    "linear_token_logps_backward",
+    "logits",
+    "lse_value",
+    "native",
+    "out_dtype",
+    "resolve_backend",
+    "token_logps",
+    "token_logps_backward",
+    "triton_interpreting",
+]
+
+
+def token_logps(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ignore_index: int,
+    shift: bool,
+    backend: str,
+    inplace_backward: bool = False,
+    with_stats: bool = False,
+    vocab_start: int = 0,
+    vocab_size: int = -1,
+):
+    """(logp, lse, stats) of ``logits`` (N, T, V_r) at ``labels`` (N, T); ``backend`` resolved."""
+    return torch.ops.dpo_kernels.token_logps(
+        logits, labels, ignore_index, shift, backend, inplace_backward, with_stats, vocab_start, vocab_size
+    )
+
+
+def token_logps_backward(grad_logp, logits, labels, lse, *, ignore_index: int, shift: bool, backend: str,
+                         vocab_start: int = 0) -> torch.Tensor:  # fmt: skip
+    """g·(onehot − exp((z − lse[0]) − lse[1])) as a new tensor of the logits' shape and dtype."""
+    return torch.ops.dpo_kernels.token_logps_backward(
+        grad_logp, logits, labels, lse, ignore_index, shift, backend, vocab_start
+    )
+
+
+def linear_token_logps(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    *,
+    ignore_index: int,
+    shift: bool,
+    logit_scale: float,
+    softcap: Optional[float],
+    temperature: float,
+    chunk_elements: int,
+    backend: str,
+    with_stats: bool = False,
+    gradient_filter: float = 0.0,
+    vocab_start: int = 0,
+    vocab_size: int = -1,
+):
+    """(logp, lse, stats) of the LM head ``weight`` (V_r, H) (+ ``bias``) on ``hidden`` (N, T, H)."""
+    return torch.ops.dpo_kernels.fused_linear_token_logps(
+        hidden, weight, bias, labels, ignore_index, shift, float(logit_scale),
+        None if softcap is None else float(softcap), float(temperature), int(chunk_elements), backend,
+        with_stats, float(gradient_filter), vocab_start, vocab_size,
+    )  # fmt: skip
+
+
+def linear_token_logps_backward(grad_logp, hidden, weight, bias, labels, lse, *, ignore_index: int, shift: bool,
+                                logit_scale: float, softcap: Optional[float], temperature: float, chunk_elements: int,
+                                backend: str, gradient_filter: float = 0.0, vocab_start: int = 0):  # fmt: skip
+    """(d_hidden, d_weight, d_bias or None) of Σ grad_logp · logp from the two-part ``lse`` given."""
+    d_hidden, d_weight, d_bias = torch.ops.dpo_kernels.fused_linear_token_logps_backward(
+        grad_logp, hidden, weight, bias, labels, lse, ignore_index, shift, float(logit_scale),
+        None if softcap is None else float(softcap), float(temperature), int(chunk_elements), backend,
+        float(gradient_filter), vocab_start,
+    )  # fmt: skip
+    return d_hidden, d_weight, d_bias if bias is not None else None
+
