@@ -144,7 +144,8 @@ def token_logps_fwd(
 
     rows = _row_view(logits)
     if rows is not None:
-        flat_logp, flat_lse, flat_column, flat_owned = logp.view(-1), lse.view(N * T, 2), column.view(-1), owned.view(-1)
+        flat_logp, flat_lse = logp.view(-1), lse.view(N * T, 2)
+        flat_column, flat_owned = column.view(-1), owned.view(-1)
         flat_stats = stats.view(N * T, stats.shape[-1])
         for a, b in _chunks(scored, V):
             flat_logp[a:b], flat_lse[a:b], *rest = score(rows[a:b], flat_column[a:b], flat_owned[a:b])
