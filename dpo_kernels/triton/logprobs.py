@@ -5,6 +5,10 @@ the logits and their gradient. The next-token shift is index arithmetic: logits 
 against label ``t + SHIFT``; with a shift the last logits row predicts nothing and gets a zero gradient.
 All offsets are formed in int64 because N·T·V passes 2^31 at real sizes.
 
+The logits may be the columns [vocab_start, vocab_start + V) of a larger vocabulary, with global labels:
+a row's label column is label − vocab_start (int64), and a row whose label lies outside the slice is
+scored with label logit 0 (no load) and gets no one-hot in the backward.
+
 Rows whose starts the JIT cannot prove 16-byte aligned (V = 50257 or 32001: odd row strides) take
 ``ALIGN`` > 1 (the logits per 16 bytes, chosen by ``row_align``); the head is the < ALIGN logits before
 the row's first 16-byte boundary. The backward writes head ++ full tiles ++ tail: the full tiles start
@@ -71,11 +75,13 @@ def token_logps_fwd_kernel(
     stride_yt,
     ignore_index,
     shift,
+    vocab_start,  # the global id of logits column 0: labels are global ids
     BLOCK_V: tl.constexpr,
     WITH_STATS: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
-    """logp = (x[label] - m) - log s, m = max_v x_v, s = sum_v exp(x_v - m), online over V tiles.
+    """logp = (x[label - vocab_start] - m) - log s, m = max_v x_v, s = sum_v exp(x_v - m), online over V tiles;
+    where the slice does not own the label (label - vocab_start outside [0, V)) its logit is taken as 0.
 
     The log-sum-exp m + log s is stored as its two parts, never rounded to one fp32 value: the backward
     forms exp((x - m) - log s) as the reference's log_softmax does, where exp(x - fl(m + log s)) would
@@ -86,11 +92,12 @@ def token_logps_fwd_kernel(
     stats); per unscored row the label alone. FLOPs per logit: a max, a subtraction, an exp, an add
     (with stats about 8 more).
 
-    Rows whose label is ``ignore_index`` write zeros and never read their logits. A label outside
-    [0, V) writes NaN instead of reading out of bounds (the Python side rejects it first).
+    Rows whose label is ``ignore_index`` write zeros and never read their logits. A label outside the
+    slice reads nothing for it: logp = (0 - m) - log s, top1 = 0 (the slice's share of a row another
+    slice owns; with vocab_start = 0, a label outside [0, V), which the Python op rejects first).
     Special values come out as in the reference: a NaN or +inf logit makes s NaN (exp(NaN), exp(inf -
     inf)), so log s, the log-prob and the backward's whole row are NaN; an all -inf row has m = -inf and
-    s = 0, so x[label] - m is NaN.
+    s = 0, so x[label] - m is NaN (where the slice owns the label).
 
     With ``WITH_STATS`` the same tile loop also keeps, rescaled with the running max m like the sum
     s = sum_v exp(x_v - m):
@@ -121,8 +128,9 @@ def token_logps_fwd_kernel(
         row_off = n * stride_ln + t * stride_lt
         row_ptr = logits_ptr + row_off
         cols = tl.arange(0, BLOCK_V)
-        in_range = (label >= 0) & (label < V)
-        x_label = tl.load(row_ptr + label * stride_lv, mask=in_range, other=0.0).to(tl.float32)
+        col = label - vocab_start  # int64: the label's column in this slice
+        owned = (col >= 0) & (col < V)
+        x_label = tl.load(row_ptr + col * stride_lv, mask=owned, other=0.0).to(tl.float32)
         m = float("-inf")  # running max
         s = 0.0  # running sum of exp(x - m)
         sum_x = 0.0
@@ -130,7 +138,7 @@ def token_logps_fwd_kernel(
         s2 = 0.0  # running sum of exp(2 (x - m))
         first_tie = V  # the first index v - head with x_v == x_label (V: none seen yet)
         # Vocabulary indices below are relative to the row's first 16-byte boundary (head = 0 with ALIGN = 1),
-        # so that the loop's index vector is its offset vector; the label is compared as label - head.
+        # so that the loop's index vector is its offset vector; the label is compared as col - head.
         head = _row_head(row_off, V, ALIGN)
         if ALIGN > 1:
             # The head (< ALIGN logits before the boundary) and the ragged end (< ALIGN after the last whole
@@ -168,13 +176,13 @@ def token_logps_fwd_kernel(
                     x.to(tl.float32), offs, valid, m, s, sum_x, s1, s2, first_tie, x_label, WITH_STATS
                 )
         log_s = tl.log(s)
-        tl.store(logp_ptr + row, tl.where(in_range, (x_label - m) - log_s, float("nan")))
+        tl.store(logp_ptr + row, (x_label - m) - log_s)
         tl.store(lse_ptr + row.to(tl.int64) * 2, m)
         tl.store(lse_ptr + row.to(tl.int64) * 2 + 1, log_s)
         if WITH_STATS:
             # The label is the first index of the maximum iff its logit is the (exact) running max
             # and no earlier logit equals it.
-            top1 = in_range & (m == x_label) & (first_tie == label - head)
+            top1 = owned & (m == x_label) & (first_tie == col - head)
             lse2 = 2.0 * m + tl.log(s2)
             stats_row = stats_ptr + row.to(tl.int64) * 4
             tl.store(stats_row + 0, sum_x)
@@ -197,13 +205,14 @@ def token_logps_special_stats_kernel(
     stride_yn,
     stride_yt,
     shift,
+    vocab_start,  # the global id of logits column 0, as for token_logps_fwd_kernel
     BLOCK_V: tl.constexpr,
 ):
     """The statistics of rows with a NaN or +inf logit (log s is NaN; unscored rows hold 0), as
     ``torch.argmax`` and ``torch.logsumexp`` give them: NaN ranks above every value, so top1 is whether
-    the label is the first NaN; lse2 is NaN with a NaN, else +inf. Such rows are rare: a separate pass
-    that reads 4 bytes of every row and the logits of these rows only, so that the forward carries no
-    second loop (which cost it stack space on sm_90)."""
+    the label's column (label - vocab_start) is the first NaN; lse2 is NaN with a NaN, else +inf. Such rows
+    are rare: a separate pass that reads 4 bytes of every row and the logits of these rows only, so that
+    the forward carries no second loop (which cost it stack space on sm_90)."""
     row = tl.program_id(0)
     log_s = tl.load(lse_ptr + row.to(tl.int64) * 2 + 1)
     if log_s != log_s:
@@ -218,17 +227,17 @@ def token_logps_special_stats_kernel(
             first_nan = tl.minimum(first_nan, tl.min(tl.where(z != z, offs, V), axis=0))
         stats_row = stats_ptr + row.to(tl.int64) * 4
         if first_nan < V:
-            tl.store(stats_row + 2, tl.where(first_nan == label, 1.0, 0.0))
+            tl.store(stats_row + 2, tl.where(first_nan == label - vocab_start, 1.0, 0.0))
             tl.store(stats_row + 3, float("nan"))
         else:
             tl.store(stats_row + 3, float("inf"))
 
 
 @triton.jit
-def _grad_tile(x, idx, g, m, log_s, label):
-    """g · (onehot(label) − exp((x − m) − log s)) of one tile, fp32."""
+def _grad_tile(x, idx, g, m, log_s, col):
+    """g · (onehot(col) − exp((x − m) − log s)) of one tile, fp32 (col outside the slice: no one-hot)."""
     gp = g * tl.exp((x.to(tl.float32) - m) - log_s)
-    return tl.where(idx == label, g - gp, -gp)
+    return tl.where(idx == col, g - gp, -gp)
 
 
 @triton.jit
@@ -237,7 +246,7 @@ def token_logps_bwd_kernel(
     logits_ptr,  # (N, T, V) fp32 | bf16 | fp16, strides (stride_ln, stride_lt, stride_lv)
     labels_ptr,  # (N, T) int32 | int64, strides (stride_yn, stride_yt)
     grad_tok_ptr,  # (N, T_OUT) fp32, strides (stride_dn, stride_dt); 0-strides of an expand are fine
-    lse_ptr,  # (N, T_OUT, 2) fp32, contiguous, from the forward: (m, log s) per row
+    lse_ptr,  # (N, T_OUT, 2) fp32, contiguous: (m, log s) per row, this slice's or the whole vocabulary's
     T,
     T_OUT,
     V,
@@ -253,10 +262,12 @@ def token_logps_bwd_kernel(
     stride_dt,
     ignore_index,
     shift,
+    vocab_start,  # the global id of logits column 0: labels are global ids
     BLOCK_V: tl.constexpr,
     ALIGN: tl.constexpr,
 ):
-    """grad_logits[n, t, v] = g[n, t] * (onehot(label)_v - exp((x_v - m) - log s)): one read, one write per
+    """grad_logits[n, t, v] = g[n, t] * (onehot(label - vocab_start)_v - exp((x_v - m) - log s)), with (m, log s)
+    the lse it is given (the one-hot only where the slice owns the label): one read, one write per
     logit (V reads and V writes of the logits' dtype per scored row, V writes per unscored row), the
     softmax formed as the reference's log_softmax backward forms it (m and log s kept apart).
 
@@ -291,20 +302,21 @@ def token_logps_bwd_kernel(
         g = tl.load(grad_tok_ptr + n * stride_dn + t * stride_dt)
         m = tl.load(lse_ptr + (n * T_OUT + t) * 2)
         log_s = tl.load(lse_ptr + (n * T_OUT + t) * 2 + 1)
+        col = label - vocab_start  # int64; outside [0, V) it matches no lane: no one-hot
         row_off = n * stride_ln + t * stride_lt
         row_ptr = logits_ptr + row_off
         if ALIGN > 1:
             x = tl.load(row_ptr + cols, mask=cols < head, other=0.0)
-            tl.store(out_ptr + cols, _grad_tile(x, cols, g, m, log_s, label).to(dtype), mask=cols < head)
+            tl.store(out_ptr + cols, _grad_tile(x, cols, g, m, log_s, col).to(dtype), mask=cols < head)
         body_ptr = logits_ptr + (row_off + head) // ALIGN * ALIGN
         for start in range(0, n_full, BLOCK_V):
             offs = start + cols
             x = tl.load(body_ptr + offs.to(tl.int64) * stride_lv)
-            grad = _grad_tile(x, head + offs, g, m, log_s, label)
+            grad = _grad_tile(x, head + offs, g, m, log_s, col)
             tl.store(out_body + offs.to(tl.int64) * stride_gv, grad.to(dtype))
         offs = n_full + cols
         x = tl.load(body_ptr + offs.to(tl.int64) * stride_lv, mask=tail, other=0.0)
-        grad = _grad_tile(x, head + offs, g, m, log_s, label)
+        grad = _grad_tile(x, head + offs, g, m, log_s, col)
         tl.store(out_body + offs.to(tl.int64) * stride_gv, grad.to(dtype), mask=tail)
 
 
@@ -341,10 +353,12 @@ def row_align(*tensors) -> int:
     return align
 
 
-def token_logps_fwd(logits, labels, ignore_index: int, shift: bool, with_stats: bool = False):
+def token_logps_fwd(logits, labels, ignore_index: int, shift: bool, with_stats: bool = False, *, vocab_start: int = 0):
     """(logp, lse, stats): logp (N, T - shift) fp32; lse (N, T - shift, 2) fp32, the log-sum-exp as
     (row max, log of the sum); stats (N, T - shift, 4) fp32 with ``with_stats`` (columns of
-    reference.STATS, from the same pass over the logits), else (N, T - shift, 0)."""
+    reference.STATS, from the same pass over the logits), else (N, T - shift, 0). The logits are the
+    columns [vocab_start, vocab_start + V) of the vocabulary and the labels global ids; a row whose label
+    the slice does not own is scored with label logit 0."""
     N, T, V = logits.shape
     t_out = max(T - int(shift), 0)
     logp = torch.empty((N, t_out), dtype=torch.float32, device=logits.device)
@@ -358,19 +372,21 @@ def token_logps_fwd(logits, labels, ignore_index: int, shift: bool, with_stats: 
         stats if with_stats else lse,  # never touched without stats: any valid pointer will do
         t_out, V,
         *logits.stride(), *labels.stride(),
-        ignore_index, int(shift),
+        ignore_index, int(shift), int(vocab_start),
         BLOCK_V=block, WITH_STATS=bool(with_stats), ALIGN=row_align(logits), num_warps=warps,
     )  # fmt: skip
     if with_stats:
         token_logps_special_stats_kernel[(N * t_out,)](
-            logits, lse, stats, labels, t_out, V, *logits.stride(), *labels.stride(), int(shift),
+            logits, lse, stats, labels, t_out, V, *logits.stride(), *labels.stride(), int(shift), int(vocab_start),
             BLOCK_V=block, num_warps=warps,
         )  # fmt: skip
     return logp, lse, stats
 
 
-def token_logps_bwd(grad_tok, logits, labels, lse, ignore_index: int, shift: bool, out=None):
-    """The gradient w.r.t. the logits, in a new tensor or, with ``out=logits``, in the logits' storage."""
+def token_logps_bwd(grad_tok, logits, labels, lse, ignore_index: int, shift: bool, out=None, *, vocab_start: int = 0):
+    """g · (onehot − exp((z − C) − log S)) with (C, log S) = lse the two parts it is given, the one-hot only
+    where the slice [vocab_start, vocab_start + V) owns the global label; zeros on unscored rows. In a new
+    tensor or, with ``out=logits``, in the logits' storage."""
     out = torch.empty_like(logits) if out is None else out
     N, T, V = logits.shape
     t_out = max(T - int(shift), 0)
@@ -381,7 +397,7 @@ def token_logps_bwd(grad_tok, logits, labels, lse, ignore_index: int, shift: boo
         out, logits, labels, grad_tok, lse,
         T, t_out, V,
         *out.stride(), *logits.stride(), *labels.stride(), *grad_tok.stride(),
-        ignore_index, int(shift),
+        ignore_index, int(shift), int(vocab_start),
         BLOCK_V=block, ALIGN=row_align(out, logits), num_warps=warps,
     )  # fmt: skip
     return out
