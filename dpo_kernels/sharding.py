@@ -132,9 +132,11 @@ def combine(parts: torch.Tensor, with_stats: bool):
     ``parts`` (W, rows, 4 [+ 4]), ranks in vocabulary order; pure, so tests can feed it simulated ranks."""
     c, log_s, logp, owned = parts[..., _C], parts[..., _LOG_S], parts[..., _LOGP], parts[..., _OWNED] > 0
     C = c.amax(0)
-    rel = c - C
-    log_S = torch.logsumexp(rel + log_s, 0)
-    log_w = rel + (log_s - log_S)  # log of each rank's share of the probability mass
+    # A slice whose row is all -inf (banned tokens, an empty slice) holds no mass, whatever its log s is.
+    no_mass = c == -torch.inf
+    rel = torch.where(no_mass, -torch.inf, c - C)
+    log_S = torch.logsumexp(torch.where(no_mass, -torch.inf, rel + log_s), 0)
+    log_w = torch.where(no_mass, -torch.inf, rel + (log_s - log_S))  # each rank's share of the probability mass
     zero = parts.new_zeros(())
     logp = torch.where(owned, logp + log_w, zero).sum(0)
     lse = torch.stack([C, log_S], -1)
