@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 namespace dpo_kernels {
 
@@ -56,9 +57,12 @@ inline int64_t local_label(int64_t y, int64_t vocab_start, int64_t V) {
 }
 
 inline void check_logits_labels(const at::Tensor& logits, const at::Tensor& labels, int64_t vocab_start) {
-  TORCH_CHECK_VALUE(vocab_start >= 0, "vocab_start must be >= 0, got ", vocab_start);
   TORCH_CHECK_VALUE(logits.dim() == 3, "logits must have shape (N, T, V), got ", logits.sizes());
   TORCH_CHECK_VALUE(logits.size(2) > 0, "logits has an empty vocabulary dimension: ", logits.sizes());
+  // Every id of the window fits in int64 (the CUDA backward relies on it, see logprobs.cu).
+  TORCH_CHECK_VALUE(vocab_start >= 0 && vocab_start <= std::numeric_limits<int64_t>::max() - logits.size(2),
+                    "vocab_start must be >= 0 with vocab_start + V <= 2^63 - 1, got vocab_start = ", vocab_start,
+                    " and V = ", logits.size(2));
   auto dtype = logits.scalar_type();
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf || dtype == at::kDouble,
                    "logits must be float32, bfloat16, float16 or float64, got ", dtype);

@@ -465,7 +465,7 @@ __global__ void __launch_bounds__(kThreads) token_logps_fwd_kernel(
 }
 
 // Row r = n * T + t of the gradient (every logits row), x = logits[n, t, :], y = labels[n, t + shift] -
-// vocab_start (-1, no one-hot term, where the window does not own the label):
+// vocab_start (outside [0, V), no one-hot term, where the window does not own the label):
 //   grad[n, t, v] = g * ((v == y) - exp((x_v - m) - log s)),  (m, log s) = lse[n, t],  g = grad_logp[n, t],
 // computed in fp32 (fp64) and rounded once to the logits' dtype. (m, log s) is taken as given: for a
 // window, the whole vocabulary's, so the row is the window's columns of the whole gradient. Rows with t >= T_out or
@@ -508,11 +508,15 @@ __global__ void __launch_bounds__(kThreads) token_logps_bwd_kernel(
   const acc row_m = lse[2 * (n * geo.T_out + t)];
   const acc row_log_s = lse[2 * (n * geo.T_out + t) + 1];
   const scalar_t* row = logits + n * geo.logits_n + t * geo.logits_t;
-  const int64_t y = local_label(label, geo.vocab_start, V);
+  // The label's column as label - vocab_start mod 2^64: equal to a column v in [0, V) exactly when the
+  // window owns the label, since check_logits_labels keeps vocab_start + V <= 2^63 (no wrapped
+  // difference can land in [0, V)). Not local_label's -1 sentinel: its select left the fp64 strided
+  // kernel spilling 16 bytes on sm_90.
+  const uint64_t y = static_cast<uint64_t>(label) - static_cast<uint64_t>(geo.vocab_start);
   // g - g·p at the label and -g·p elsewhere, as the Triton kernel rounds it.
   auto grad_of = [&](scalar_t x, int64_t v) -> scalar_t {
     const acc gp = g * exp_acc((static_cast<acc>(x) - row_m) - row_log_s);
-    return static_cast<scalar_t>(v == y ? g - gp : -gp);
+    return static_cast<scalar_t>(static_cast<uint64_t>(v) == y ? g - gp : -gp);
   };
 
   int64_t i = threadIdx.x;
