@@ -11,17 +11,24 @@ TORCH_LIBRARY(dpo_kernels, m) {
   // rows. stats, in the same dtype, is (N, T - shift, 4) with with_stats (the columns of
   // dpo_kernels.reference.STATS: sum_logits, entropy, top1, lse2; computed in the same pass over the
   // logits, zeros on unscored rows), else an empty (N, T - shift, 0).
+  //
+  // vocab_start (every op): the logits' V columns are the vocabulary ids [vocab_start, vocab_start + V) and
+  // the labels are global ids, so a vocabulary sharded over devices or chunks is scored shard by shard.
+  // A label outside the window scores as a label logit of 0 (common.h): the lse and stats are the
+  // window's, which merge into the whole vocabulary's.
   m.def(
-      "native_token_logps(Tensor logits, Tensor labels, int ignore_index, bool shift, bool with_stats=False) -> "
-      "(Tensor, Tensor, Tensor)");
-  // -> the gradient w.r.t. logits: grad_logp * (onehot(label) - softmax(logits)), in the logits' dtype.
+      "native_token_logps(Tensor logits, Tensor labels, int ignore_index, bool shift, bool with_stats=False, "
+      "int vocab_start=0) -> (Tensor, Tensor, Tensor)");
+  // -> the gradient w.r.t. logits: grad_logp * (onehot(label) - softmax(logits)), in the logits' dtype,
+  // the softmax formed from the given lse: for a window, the whole vocabulary's (m, log s), so the result
+  // is the window's columns of the whole gradient.
   m.def(
       "native_token_logps_backward(Tensor grad_logp, Tensor logits, Tensor labels, Tensor lse, int ignore_index, "
-      "bool shift) -> Tensor");
+      "bool shift, int vocab_start=0) -> Tensor");
   // The same gradient written into the logits' own storage.
   m.def(
       "native_token_logps_backward_(Tensor grad_logp, Tensor(a!) logits, Tensor labels, Tensor lse, "
-      "int ignore_index, bool shift) -> ()");
+      "int ignore_index, bool shift, int vocab_start=0) -> ()");
 }
 
 // `import dpo_kernels._C` loads this library, which registers the ops; the module itself is empty.

@@ -170,3 +170,77 @@ def test_failed_compile_is_a_warning_unless_strict(tmp_path):
     assert not list((tmp_path / "lib").rglob("_C*.so"))
     strict = run_setup(ROOT, build, CC="false", CXX="false", DPO_KERNELS_STRICT_BUILD="1")
     assert strict.returncode != 0
+
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_vocab_window_is_the_local_labels_with_the_rest_unowned(dtype, layout, device):
+    """With vocab_start = s, a global label y is the column y - s where the window owns it, and any other
+    id (negative, past the window, near the int64 limits, int32 labels against an s past 2^31) is
+    unowned: the same outputs, bit for bit, as vocab_start = 0 with the local label (or -1, unowned).
+    Over more than one CPU tile (V > 4096) with the vectorized and the strided paths, with stats, and
+    the backward new and in place."""
+    assert native.has_kernel(device.type)  # loads the extension, which registers the ops
+    V = 4500
+    full = (torch.randn(2, 5, 2 * V if layout == "strided" else V) * 3).to(dtype).to(device)
+    logits = full[..., ::2] if layout == "strided" else full
+    for start, index_dtype in [(0, torch.long), (7, torch.int32), (2**31 + 5, torch.long), (2**40, torch.long)]:
+        local = torch.tensor([[-100, 0, V - 1, V, 17], [-1, 3000, -100, 4095, 4096]], device=device)
+        # ids just outside the window on both sides, and the extremes of the label dtype
+        extremes = [-(2**31), 2**31 - 1] if index_dtype == torch.int32 else [INT64_MIN, INT64_MAX]
+        unowned_ids = [start - 1, start + V, -1, *extremes]
+        labels = local.clone()
+        owned = (local >= 0) & (local < V)
+        labels[owned] += start
+        # every unowned slot (local -1 and V) gets another kind of id outside the window
+        slots = ((~owned) & (local != -100)).nonzero().tolist()
+        for k, (n, t) in enumerate(slots):
+            labels[n, t] = unowned_ids[k % len(unowned_ids)]
+        if index_dtype == torch.int32:
+            assert start + V < 2**31, "int32 labels cannot name ids past 2^31 - 1"
+            labels = labels.to(torch.int32)
+        want_labels = torch.where(owned | (local == -100), local, -1)
+        for shift in (True, False):
+            got = native.token_logps_fwd(logits, labels, -100, shift, True, vocab_start=start)
+            want = native.token_logps_fwd(logits, want_labels, -100, shift, True)
+            for a, b in zip(got, want):
+                assert torch.equal(a, b)
+            logp, lse, stats = got
+            T_out = logits.shape[1] - int(shift)
+            unowned = ~owned[:, int(shift) : int(shift) + T_out] & (local[:, int(shift) : int(shift) + T_out] != -100)
+            assert torch.equal(logp[unowned], -(lse[unowned][:, 0] + lse[unowned][:, 1]))
+            assert (stats[unowned][:, 2] == 0).all() and not logp.isnan().any()
+            g = torch.randn(logp.shape, dtype=logp.dtype, device=device)
+            grad = native.token_logps_bwd(g, logits, labels, lse, -100, shift, vocab_start=start)
+            assert torch.equal(grad, native.token_logps_bwd(g, logits, want_labels, lse, -100, shift))
+            inplace = full.clone()[..., ::2] if layout == "strided" else full.clone()  # the same kernel path
+            native.token_logps_bwd(g, inplace, labels, lse, -100, shift, out=inplace, vocab_start=start)
+            assert torch.equal(inplace, grad)
+
+
+def test_vocab_window_opcheck_and_errors(device):
+    assert native.has_kernel(device.type)
+    logits, labels = make_batch(2, 6, 40)
+    logits, labels = logits.to(device), labels.to(device) + 1000 * (labels >= 0)  # global ids from 1000
+    fwd = torch.ops.dpo_kernels.native_token_logps.default
+    torch.library.opcheck(fwd, (logits, labels, -100, True, True, 1000))
+    _, lse, _ = fwd(logits, labels, -100, True, False, 1000)
+    grad = torch.randn(2, 5, device=device)
+    torch.library.opcheck(
+        torch.ops.dpo_kernels.native_token_logps_backward.default, (grad, logits, labels, lse, -100, True, 1000)
+    )
+    torch.library.opcheck(
+        torch.ops.dpo_kernels.native_token_logps_backward_.default,
+        (grad, logits.clone(), labels, lse, -100, True, 1000),
+    )
+    with pytest.raises(ValueError, match="vocab_start must be >= 0"):
+        native.token_logps_fwd(logits, labels, -100, True, vocab_start=-1)
+    with pytest.raises(ValueError, match="vocab_start must be >= 0"):
+        native.token_logps_bwd(grad, logits, labels, lse, -100, True, vocab_start=-1)
+    # the window's last id must fit in int64: V = 40 columns up to 2^63 - 1, not one more
+    native.token_logps_fwd(logits, labels, -100, True, vocab_start=INT64_MAX - 40)
+    with pytest.raises(ValueError, match=r"vocab_start \+ V <= 2\^63 - 1"):
+        native.token_logps_fwd(logits, labels, -100, True, vocab_start=INT64_MAX - 39)

@@ -11,9 +11,11 @@
 #define DPO_DECLARE_CPU_KERNELS(CAP)                                                                          \
   namespace dpo_kernels::cpu::CAP {                                                                           \
   void token_logps_fwd(const at::Tensor& logits, const at::Tensor& labels, at::Tensor& logp, at::Tensor& lse, \
-                       at::Tensor& stats, int64_t ignore_index, bool shift, bool with_stats);                 \
-  void token_logps_bwd(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,      \
-                       const at::Tensor& lse, at::Tensor& out, int64_t ignore_index, bool shift);             \
+                       at::Tensor& stats, int64_t ignore_index, bool shift, bool with_stats,                  \
+                       int64_t vocab_start);                                                                  \
+  void token_logps_bwd(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,       \
+                       const at::Tensor& lse, at::Tensor& out, int64_t ignore_index, bool shift,              \
+                       int64_t vocab_start);                                                                  \
   }
 
 DPO_DECLARE_CPU_KERNELS(DEFAULT)
@@ -51,33 +53,34 @@ const Kernels& kernels() {
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logps(const at::Tensor& logits, const at::Tensor& labels,
-                                                           int64_t ignore_index, bool shift, bool with_stats) {
-  check_logits_labels(logits, labels);
+                                                           int64_t ignore_index, bool shift, bool with_stats,
+                                                           int64_t vocab_start) {
+  check_logits_labels(logits, labels, vocab_start);
   const auto t_out = std::max<int64_t>(logits.size(1) - (shift ? 1 : 0), 0);
   const auto options = logits.options().dtype(output_dtype(logits));
   // Zeros: unscored rows are never visited by the kernel.
   at::Tensor logp = at::zeros({logits.size(0), t_out}, options);
   at::Tensor lse = at::zeros({logits.size(0), t_out, 2}, options);  // (m, log s) per row
   at::Tensor stats = at::zeros({logits.size(0), t_out, with_stats ? kNumStats : 0}, options);
-  kernels().fwd(logits, labels, logp, lse, stats, ignore_index, shift, with_stats);
+  kernels().fwd(logits, labels, logp, lse, stats, ignore_index, shift, with_stats, vocab_start);
   return {logp, lse, stats};
 }
 
 at::Tensor token_logps_backward(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
-                                const at::Tensor& lse, int64_t ignore_index, bool shift) {
-  check_backward(grad_logp, logits, labels, lse, shift);
+                                const at::Tensor& lse, int64_t ignore_index, bool shift, int64_t vocab_start) {
+  check_backward(grad_logp, logits, labels, lse, shift, vocab_start);
   at::Tensor out = at::empty_like(logits);
-  kernels().bwd(grad_logp, logits, labels, lse, out, ignore_index, shift);
+  kernels().bwd(grad_logp, logits, labels, lse, out, ignore_index, shift, vocab_start);
   return out;
 }
 
 void token_logps_backward_(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
-                           const at::Tensor& lse, int64_t ignore_index, bool shift) {
-  check_backward(grad_logp, logits, labels, lse, shift);
+                           const at::Tensor& lse, int64_t ignore_index, bool shift, int64_t vocab_start) {
+  check_backward(grad_logp, logits, labels, lse, shift, vocab_start);
   // Rows that share memory (an expanded logits) would be read after another row wrote them.
   at::assert_no_internal_overlap(logits);
   at::Tensor out = logits;
-  kernels().bwd(grad_logp, logits, labels, lse, out, ignore_index, shift);
+  kernels().bwd(grad_logp, logits, labels, lse, out, ignore_index, shift, vocab_start);
 }
 
 }  // namespace

@@ -6,6 +6,11 @@
 //             lse[n, t] = (m, log s): kept apart, never rounded to one fp32 m + log s
 //   backward  grad[n, t, v] = g[n, t] * ((v == label) - exp((x_v - m) - log s))
 //
+// label is the row's column in the vocabulary window (common.h): its global id minus vocab_start, found
+// once per row. Where the window does not own the global id it is -1 (x[label] reads as 0, top1 is 0,
+// no one-hot term), so the per-element loops are the same as without a window. The backward takes
+// (m, log s) as given: for a window, the whole vocabulary's.
+//
 // The softmax is formed as the reference's log_softmax forms it: exp(x - fl(m + log s)) would carry the
 // rounding of the sum, |lse| * 2^-24 relative (6e-5 at logits of size 1000).
 //
@@ -374,8 +379,9 @@ void forward(const RowGeometry& g, const at::Tensor& logits, const at::Tensor& l
     for (int64_t i = begin; i < end; ++i) {
       const int64_t n = rows[i] / g.T, t = rows[i] % g.T;
       const scalar_t* row = x + n * g.logits_n + t * g.logits_t;
-      const int64_t label = static_cast<int64_t>(y[n * g.labels_n + (t + g.shift) * g.labels_t]);
-      const bool in_range = label >= 0 && label < g.V;
+      const int64_t label =
+          local_label(static_cast<int64_t>(y[n * g.labels_n + (t + g.shift) * g.labels_t]), g.vocab_start, g.V);
+      const bool in_range = label >= 0;  // the window owns the label
       const int64_t out = n * g.T_out + t;
       LsePair<acc_t> row_lse;
       if constexpr (kStats) {
@@ -401,8 +407,9 @@ void forward(const RowGeometry& g, const at::Tensor& logits, const at::Tensor& l
       }
       out_lse[2 * out] = row_lse.m;
       out_lse[2 * out + 1] = row_lse.log_s;
-      out_logp[out] = in_range ? (static_cast<acc_t>(row[label * g.logits_v]) - row_lse.m) - row_lse.log_s
-                               : std::numeric_limits<acc_t>::quiet_NaN();
+      // A label the window does not own scores as a logit of 0: -lse, which the shards' merge expects.
+      const acc_t x_label = in_range ? static_cast<acc_t>(row[label * g.logits_v]) : acc_t(0);
+      out_logp[out] = (x_label - row_lse.m) - row_lse.log_s;
     }
   });
 }
@@ -437,7 +444,8 @@ void backward(const RowGeometry& g, const at::Tensor& grad_logp, const at::Tenso
       const int64_t n = rows[i] / g.T, t = rows[i] % g.T;
       const scalar_t* row = x + n * g.logits_n + t * g.logits_t;
       scalar_t* o = grad + n * o_n + t * o_t;
-      const int64_t label = static_cast<int64_t>(y[n * g.labels_n + (t + g.shift) * g.labels_t]);
+      const int64_t label =
+          local_label(static_cast<int64_t>(y[n * g.labels_n + (t + g.shift) * g.labels_t]), g.vocab_start, g.V);
       const acc_t gt = g_tok[n * g_n + t * g_t];
       const LsePair<acc_t> l = {row_lse[2 * (n * g.T_out + t)], row_lse[2 * (n * g.T_out + t) + 1]};
       if (!std::isfinite(l.m) || l.log_s != l.log_s) {  // a NaN, +inf or all -inf row: NaN, as the reference
@@ -445,7 +453,7 @@ void backward(const RowGeometry& g, const at::Tensor& grad_logp, const at::Tenso
         continue;
       }
       // Read before the row is overwritten (in place), and formed in fp32 to avoid a double rounding.
-      const bool in_range = label >= 0 && label < g.V;
+      const bool in_range = label >= 0;  // the one-hot term only where the window owns the label
       const acc_t label_grad =
           in_range ? gt - gt * std::exp((static_cast<acc_t>(row[label * g.logits_v]) - l.m) - l.log_s) : 0;
       if constexpr (kVectorized<scalar_t>) {
@@ -465,8 +473,8 @@ void backward(const RowGeometry& g, const at::Tensor& grad_logp, const at::Tenso
 }  // namespace
 
 void token_logps_fwd(const at::Tensor& logits, const at::Tensor& labels, at::Tensor& logp, at::Tensor& lse,
-                     at::Tensor& stats, int64_t ignore_index, bool shift, bool with_stats) {
-  const RowGeometry g = row_geometry(logits, labels, shift);
+                     at::Tensor& stats, int64_t ignore_index, bool shift, bool with_stats, int64_t vocab_start) {
+  const RowGeometry g = row_geometry(logits, labels, shift, vocab_start);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logps_fwd", [&] {
     const auto run = [&](auto stats_flag) {
       constexpr bool kStats = decltype(stats_flag)::value;
@@ -485,8 +493,9 @@ void token_logps_fwd(const at::Tensor& logits, const at::Tensor& labels, at::Ten
 }
 
 void token_logps_bwd(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
-                     const at::Tensor& lse, at::Tensor& out, int64_t ignore_index, bool shift) {
-  const RowGeometry g = row_geometry(logits, labels, shift);
+                     const at::Tensor& lse, at::Tensor& out, int64_t ignore_index, bool shift,
+                     int64_t vocab_start) {
+  const RowGeometry g = row_geometry(logits, labels, shift, vocab_start);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, logits.scalar_type(), "token_logps_bwd", [&] {
     if (labels.scalar_type() == at::kLong) {
       backward<scalar_t, int64_t>(g, grad_logp, logits, labels, lse, out, ignore_index);

@@ -344,11 +344,13 @@ __device__ __forceinline__ int before_label(int64_t y, int64_t v0) {
   return static_cast<int>(min(max(y - v0, int64_t{0}), static_cast<int64_t>(VEC)));
 }
 
-// Row r = n * T_out + t of the outputs, x = logits[n, t, :], y = labels[n, t + shift]:
+// Row r = n * T_out + t of the outputs, x = logits[n, t, :], y = labels[n, t + shift] - vocab_start (the
+// label's column in the vocabulary window, see ../common.h):
 //   lse[r] = (m, log s): m = max_v x_v, s = sum_v exp(x_v - m) (online),  logp[r] = (x_y - m) - log s.
-// y == ignore_index: both are 0 and x is not read. y outside [0, V): logp is NaN, x_y is not read.
+// labels[n, t + shift] == ignore_index: both are 0 and x is not read. y outside [0, V) (a label the window
+// does not own): x_y reads as 0, so logp = -(m + log s), and x is not read there.
 // kStats: also stats[r, 0:4] = (sum_logits, entropy, top1, lse2) from the same loads (LogSumExpStats),
-// zeros where y == ignore_index and top1 = 0 where y is outside [0, V).
+// zeros where the label is ignore_index and top1 = 0 where y is outside [0, V).
 template <typename scalar_t, typename index_t, int VEC, bool kStats>
 __global__ void __launch_bounds__(kThreads) token_logps_fwd_kernel(
     const scalar_t* __restrict__ logits,  // (N, T, V), strides geo.logits_{n,t,v}; unit vocab stride if VEC > 1
@@ -381,10 +383,13 @@ __global__ void __launch_bounds__(kThreads) token_logps_fwd_kernel(
   }
   const int64_t V = geo.V;
   const scalar_t* row = logits + n * geo.logits_n + t * geo.logits_t;
-  const bool in_range = label >= 0 && label < V;
+  // The column of the label, -1 where the window does not own it (in_range false; never read). Once per
+  // row: the per-element code below is as without a window.
+  const int64_t y = local_label(label, geo.vocab_start, V);
+  const bool in_range = y >= 0;
   // Issued early. With stats every thread compares against it (one broadcast load per warp).
   acc x_label = 0;
-  if ((kStats || threadIdx.x == 0) && in_range) x_label = static_cast<acc>(row[label * geo.logits_v]);
+  if ((kStats || threadIdx.x == 0) && in_range) x_label = static_cast<acc>(row[y * geo.logits_v]);
 
   State state;
   const RowSplit split = split_row<VEC>(row, V);
@@ -401,7 +406,7 @@ __global__ void __launch_bounds__(kThreads) token_logps_fwd_kernel(
     if constexpr (kStats) {
       int before[U];
 #pragma unroll
-      for (int u = 0; u < U; ++u) before[u] = before_label<VEC>(label, pack_start<VEC>(split, i + u * kThreads));
+      for (int u = 0; u < U; ++u) before[u] = before_label<VEC>(y, pack_start<VEC>(split, i + u * kThreads));
       state.template add<U, VEC>(x, x_label, before);
     } else {
       state.add(x);
@@ -413,7 +418,7 @@ __global__ void __launch_bounds__(kThreads) token_logps_fwd_kernel(
 #pragma unroll
     for (int j = 0; j < VEC; ++j) x[j] = static_cast<acc>(pack.v[j]);
     if constexpr (kStats) {
-      const int before[1] = {before_label<VEC>(label, pack_start<VEC>(split, i))};
+      const int before[1] = {before_label<VEC>(y, pack_start<VEC>(split, i))};
       state.template add<1, VEC>(x, x_label, before);
     } else {
       state.add(x);
@@ -424,7 +429,7 @@ __global__ void __launch_bounds__(kThreads) token_logps_fwd_kernel(
     if (v >= 0) {
       const acc x[1] = {static_cast<acc>(row[v])};
       if constexpr (kStats) {
-        const int before[1] = {v < label};
+        const int before[1] = {v < y};
         state.template add<1, 1>(x, x_label, before);
       } else {
         state.add(x);
@@ -452,16 +457,18 @@ __global__ void __launch_bounds__(kThreads) token_logps_fwd_kernel(
   }
   if (threadIdx.x == 0) {
     const acc log_s = state.log_sum();
-    logp[r] = in_range ? (x_label - state.m) - log_s : std::numeric_limits<acc>::quiet_NaN();
+    logp[r] = (x_label - state.m) - log_s;  // x_label = 0 where the window does not own the label
     lse[2 * r] = state.m;
     lse[2 * r + 1] = log_s;
-    if constexpr (kStats) state.store(stats + r * kNumStats, in_range, special, label, nan_at.v, V);
+    if constexpr (kStats) state.store(stats + r * kNumStats, in_range, special, y, nan_at.v, V);
   }
 }
 
-// Row r = n * T + t of the gradient (every logits row), x = logits[n, t, :], y = labels[n, t + shift]:
+// Row r = n * T + t of the gradient (every logits row), x = logits[n, t, :], y = labels[n, t + shift] -
+// vocab_start (outside [0, V), no one-hot term, where the window does not own the label):
 //   grad[n, t, v] = g * ((v == y) - exp((x_v - m) - log s)),  (m, log s) = lse[n, t],  g = grad_logp[n, t],
-// computed in fp32 (fp64) and rounded once to the logits' dtype. Rows with t >= T_out or
+// computed in fp32 (fp64) and rounded once to the logits' dtype. (m, log s) is taken as given: for a
+// window, the whole vocabulary's, so the row is the window's columns of the whole gradient. Rows with t >= T_out or
 // y == ignore_index are zeros and x is not read. Each element is read once and written once, by the
 // same thread and read first, so grad may be the logits themselves. A NaN log s (a NaN or +inf logit)
 // or m = -inf (an all -inf row) makes the whole row NaN, as in the reference.
@@ -501,10 +508,15 @@ __global__ void __launch_bounds__(kThreads) token_logps_bwd_kernel(
   const acc row_m = lse[2 * (n * geo.T_out + t)];
   const acc row_log_s = lse[2 * (n * geo.T_out + t) + 1];
   const scalar_t* row = logits + n * geo.logits_n + t * geo.logits_t;
+  // The label's column as label - vocab_start mod 2^64: equal to a column v in [0, V) exactly when the
+  // window owns the label, since check_logits_labels keeps vocab_start + V <= 2^63 (no wrapped
+  // difference can land in [0, V)). Not local_label's -1 sentinel: its select left the fp64 strided
+  // kernel spilling 16 bytes on sm_90.
+  const uint64_t y = static_cast<uint64_t>(label) - static_cast<uint64_t>(geo.vocab_start);
   // g - g·p at the label and -g·p elsewhere, as the Triton kernel rounds it.
   auto grad_of = [&](scalar_t x, int64_t v) -> scalar_t {
     const acc gp = g * exp_acc((static_cast<acc>(x) - row_m) - row_log_s);
-    return static_cast<scalar_t>(v == label ? g - gp : -gp);
+    return static_cast<scalar_t>(static_cast<uint64_t>(v) == y ? g - gp : -gp);
   };
 
   int64_t i = threadIdx.x;
@@ -597,8 +609,9 @@ void launch_bwd(const at::Tensor& grad_logp, const at::Tensor& logits, const at:
 
 // Writes the gradient into out (a fresh tensor or the logits themselves); arguments already checked.
 void token_logps_bwd_into(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
-                          const at::Tensor& lse, int64_t ignore_index, bool shift, const at::Tensor& out) {
-  const RowGeometry geo = row_geometry(logits, labels, shift);
+                          const at::Tensor& lse, int64_t ignore_index, bool shift, int64_t vocab_start,
+                          const at::Tensor& out) {
+  const RowGeometry geo = row_geometry(logits, labels, shift, vocab_start);
   // Every logits row gets a gradient row, the unscored ones zeros; with T_out == 0 that is all of them
   // and grad_logp / lse (empty, perhaps null) are never read.
   const int64_t rows = geo.N * geo.T;
@@ -614,10 +627,11 @@ void token_logps_bwd_into(const at::Tensor& grad_logp, const at::Tensor& logits,
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logps_fwd(const at::Tensor& logits, const at::Tensor& labels,
-                                                               int64_t ignore_index, bool shift, bool with_stats) {
-  check_logits_labels(logits, labels);
+                                                               int64_t ignore_index, bool shift, bool with_stats,
+                                                               int64_t vocab_start) {
+  check_logits_labels(logits, labels, vocab_start);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const RowGeometry geo = row_geometry(logits, labels, shift);
+  const RowGeometry geo = row_geometry(logits, labels, shift, vocab_start);
   const auto options = logits.options().dtype(output_dtype(logits));
   at::Tensor logp = at::empty({geo.N, geo.T_out}, options);
   at::Tensor lse = at::empty({geo.N, geo.T_out, 2}, options);
@@ -638,22 +652,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> token_logps_fwd(const at::Tensor&
 }
 
 at::Tensor token_logps_bwd(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
-                           const at::Tensor& lse, int64_t ignore_index, bool shift) {
-  check_backward(grad_logp, logits, labels, lse, shift);
+                           const at::Tensor& lse, int64_t ignore_index, bool shift, int64_t vocab_start) {
+  check_backward(grad_logp, logits, labels, lse, shift, vocab_start);
   const c10::cuda::CUDAGuard guard(logits.device());
   // empty_like keeps the strides of dense logits; the kernel takes the gradient's strides either way.
   at::Tensor grad = at::empty_like(logits);
-  token_logps_bwd_into(grad_logp, logits, labels, lse, ignore_index, shift, grad);
+  token_logps_bwd_into(grad_logp, logits, labels, lse, ignore_index, shift, vocab_start, grad);
   return grad;
 }
 
 void token_logps_bwd_(const at::Tensor& grad_logp, const at::Tensor& logits, const at::Tensor& labels,
-                      const at::Tensor& lse, int64_t ignore_index, bool shift) {
-  check_backward(grad_logp, logits, labels, lse, shift);
+                      const at::Tensor& lse, int64_t ignore_index, bool shift, int64_t vocab_start) {
+  check_backward(grad_logp, logits, labels, lse, shift, vocab_start);
   // Rows that share memory (an expanded logits) would be read after another row wrote them.
   at::assert_no_internal_overlap(logits);
   const c10::cuda::CUDAGuard guard(logits.device());
-  token_logps_bwd_into(grad_logp, logits, labels, lse, ignore_index, shift, logits);
+  token_logps_bwd_into(grad_logp, logits, labels, lse, ignore_index, shift, vocab_start, logits);
 }
 
 }  // namespace dpo_kernels::cuda

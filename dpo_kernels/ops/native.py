@@ -44,7 +44,7 @@ def has_kernel(device_type: str) -> bool:
 
 
 def _register_fakes() -> None:
-    def fwd_fake(logits, labels, ignore_index, shift, with_stats=False):
+    def fwd_fake(logits, labels, ignore_index, shift, with_stats=False, vocab_start=0):
         n, t, _ = logits.shape
         dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
         shape = (n, max(t - int(shift), 0))
@@ -65,16 +65,22 @@ def _register_fakes() -> None:
 # The backend interface shared with dpo_kernels.triton.logprobs and dpo_kernels.portable.logprobs.
 
 
-def token_logps_fwd(logits, labels, ignore_index: int, shift: bool, with_stats: bool = False):
+def token_logps_fwd(logits, labels, ignore_index: int, shift: bool, with_stats: bool = False, *, vocab_start=0):
     """-> (logp, lse, stats): stats is (N, T - shift, 4) with ``with_stats`` (the columns of
-    ``reference.STATS``, from the same pass over the logits), else (N, T - shift, 0)."""
-    return torch.ops.dpo_kernels.native_token_logps(logits, labels, ignore_index, shift, with_stats)
+    ``reference.STATS``, from the same pass over the logits), else (N, T - shift, 0).
+
+    ``vocab_start``: the logits' columns are the vocabulary ids [vocab_start, vocab_start + V) and the
+    labels are global ids; a label outside that window scores as a label logit of 0 (csrc/common.h)."""
+    return torch.ops.dpo_kernels.native_token_logps(logits, labels, ignore_index, shift, with_stats, vocab_start)
 
 
-def token_logps_bwd(grad_tok, logits, labels, lse, ignore_index: int, shift: bool, out=None):
+def token_logps_bwd(grad_tok, logits, labels, lse, ignore_index: int, shift: bool, out=None, *, vocab_start=0):
+    """The gradient w.r.t. logits from the given lse: for a window (``vocab_start``), the whole
+    vocabulary's, so the result is the window's columns of the whole gradient."""
+    args = (grad_tok, logits, labels, lse, ignore_index, shift, vocab_start)
     if out is None:
-        return torch.ops.dpo_kernels.native_token_logps_backward(grad_tok, logits, labels, lse, ignore_index, shift)
+        return torch.ops.dpo_kernels.native_token_logps_backward(*args)
     if out is not logits:
         raise ValueError("the native backward writes either a new tensor or the logits themselves")
-    torch.ops.dpo_kernels.native_token_logps_backward_(grad_tok, logits, labels, lse, ignore_index, shift)
+    torch.ops.dpo_kernels.native_token_logps_backward_(*args)
     return logits
