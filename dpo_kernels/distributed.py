@@ -87,13 +87,14 @@ def _token_logps_op(logits, labels, ignore_index, shift, backend):
 
 
 def _fused_linear_op(hidden, weight, bias, labels, ignore_index, shift, scale, softcap, temperature, chunk, backend):
-    """(logp, lse) of ``dpo_kernels::fused_linear_token_logps`` (11 args, or 12 with ``with_stats``)."""
+    """(logp, lse) of ``dpo_kernels::fused_linear_token_logps`` (11 args, or 12 with ``with_stats``), lse
+    as one value (the op gives its two parts)."""
     op = torch.ops.dpo_kernels.fused_linear_token_logps
     args = [hidden, weight, bias, labels, ignore_index, shift, scale, softcap, temperature, chunk, backend]
     if _n_args(op) > 11:
         args.append(False)  # with_stats
     out = op(*args)
-    return out[0], out[1]
+    return out[0], ops.lse_value(out[1])
 
 
 # ------------------------------------------------------------------------------------ shard geometry
@@ -454,8 +455,9 @@ class _VocabParallelLinear(torch.autograd.Function):
             d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
             d_weight, d_bias = torch.zeros_like(weight), (torch.zeros_like(bias) if bias is not None else None)
         else:
+            lse_parts = torch.stack([lse, torch.zeros_like(lse)], dim=-1)  # the op takes (m, log s): (lse, 0)
             d_hidden, d_weight, d_bias = torch.ops.dpo_kernels.fused_linear_token_logps_backward(
-                g, hidden, weight, bias, local, lse, ignore_index, shift, *transform, chunk, backend, filter_eps
+                g, hidden, weight, bias, local, lse_parts, ignore_index, shift, *transform, chunk, backend, filter_eps
             )
             d_hidden = d_hidden.to(acc)
             d_bias = d_bias if bias is not None else None

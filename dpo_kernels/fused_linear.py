@@ -1,8 +1,9 @@
 """Fused LM head + per-sequence log-probs: the (N, T, V) logits are never materialized.
 
 ``dpo_kernels::fused_linear_token_logps(hidden, weight, bias, labels, ..., with_stats)`` -> (logp, lse,
-stats): logp and lse (N, T - shift), stats (N, T - shift, 4) per-token statistics of the logits from the
-same pass (``reference.token_stats``) with ``with_stats``, else (N, T - shift, 0). It is a
+stats): logp (N, T - shift); lse (N, T - shift, 2), the log-sum-exp in the two parts of
+``dpo_kernels::token_logps`` (``ops.lse_value`` sums them); stats (N, T - shift, 4) per-token statistics of
+the logits from the same pass (``reference.token_stats``) with ``with_stats``, else (N, T - shift, 0). It is a
 torch.library custom op with a fake implementation and registered autograd (gradients of logp w.r.t.
 hidden, weight and bias; stats are not differentiable). Only scored rows reach the kernels (a
 compacted row list), so prompt and padding tokens cost no FLOPs; their hidden gradient is an exact zero.
@@ -99,9 +100,12 @@ def _scored_rows(labels: torch.Tensor, ignore_index: int, shift: bool, T_out: in
 
 
 def _unscored_lse(lse: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
-    """The backward's lse with +inf in unscored rows: their softmax is then exp(z − inf) = 0 whatever the
-    bias makes of their zeroed hidden state, so their dz is an exact 0 (not 0 · an overflowed exp)."""
-    return lse if keep is None else torch.where(keep, lse, torch.inf)
+    """The backward's two-part (rows, 2) lse with (+inf, 0) in unscored rows: their softmax is then
+    exp((z − inf) − 0) = 0 whatever the bias makes of their zeroed hidden state, so their dz is an exact 0
+    (not 0 · an overflowed exp). Built from scalars: no host-to-device copy under graph capture."""
+    if keep is None:
+        return lse
+    return torch.stack([torch.where(keep, lse[:, 0], torch.inf), torch.where(keep, lse[:, 1], 0.0)], dim=-1)
 
 
 def _zeroed(rows: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
@@ -136,7 +140,7 @@ def fused_linear_token_logps(
     N, T, _ = hidden.shape
     T_out = max(T - int(shift), 0)
     logp = hidden.new_zeros((N, T_out), dtype=_out_dtype(hidden))
-    lse = torch.zeros_like(logp)
+    lse = hidden.new_zeros((N, T_out, 2), dtype=logp.dtype)  # the kernels' two parts (m, log s)
     stats = hidden.new_zeros((N, T_out, N_STATS if with_stats else 0), dtype=logp.dtype)
     n, t, y, keep = _scored_rows(labels, ignore_index, shift, T_out)
     if n.numel():
@@ -157,7 +161,7 @@ def _(hidden, weight, bias, labels, ignore_index, shift, logit_scale, softcap, t
     shape = (N, max(T - int(shift), 0))
     dtype = _out_dtype(hidden)
     stats = hidden.new_empty((*shape, N_STATS if with_stats else 0), dtype=dtype)
-    return hidden.new_empty(shape, dtype=dtype), hidden.new_empty(shape, dtype=dtype), stats
+    return hidden.new_empty(shape, dtype=dtype), hidden.new_empty((*shape, 2), dtype=dtype), stats
 
 
 @torch.library.custom_op("dpo_kernels::fused_linear_token_logps_backward", mutates_args=())
@@ -452,7 +456,7 @@ def fused_linear_dpo_loss(
             raise ValueError("ref_weight / ref_bias score ref_hidden: give ref_hidden too, or leave them out")
         ref = None
     return preference.dpo_from_tokens(
-        token_logp, mask, ref, stats=stats if with_stats else None, lse=lse, vocab_size=weight.shape[0],
+        token_logp, mask, ref, stats=stats if with_stats else None, lse=ops.lse_value(lse), vocab_size=weight.shape[0],
         beta=beta, loss_type=loss_type, average=average, ld_alpha=ld_alpha, use_weighting=use_weighting,
         **loss_options,
     )  # fmt: skip

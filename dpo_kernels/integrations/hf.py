@@ -302,7 +302,8 @@ def token_logps_from_hidden(
         None if head.softcap is None else float(head.softcap), float(temperature), chunk_elements, backend,
     )  # fmt: skip
     with torch.autocast(hidden.device.type, enabled=False):
-        out = torch.ops.dpo_kernels.fused_linear_token_logps(*args, bool(with_stats), filter_eps)
+        logp, lse, stats = torch.ops.dpo_kernels.fused_linear_token_logps(*args, bool(with_stats), filter_eps)
+    out = (logp, ops.lse_value(lse), stats)  # TokenLogps.lse is the value; the op gives its two parts
     return TokenLogps(*(packing.layout(t, pk) for t in out), packing.scored(labels, shift, pk, int(ignore_index)))
 
 
