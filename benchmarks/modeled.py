@@ -201,10 +201,12 @@ def triton_linear_counts(M, H, V, e, cfg, splits, chunk_cols, bias=False, eb=Non
         "st": 3 * 4 * M * splits,
         "dot_flops": 2 * R * BM * T * BV * Hp,
     }
-    merge = {"ld": 4 * 4 * M * splits + 8 * M, "st": 2 * 4 * M, "dot_flops": 0}
+    # the merge reads no labels without stats (an unowned label's z[label] is already 0); it writes logp and
+    # both lse parts
+    merge = {"ld": 4 * 4 * M * splits, "st": 3 * 4 * M, "dot_flops": 0}
     tiles = sum(cdiv(min(chunk_cols, V - c), BV) for c in range(0, V, chunk_cols))
     dz = {
-        "ld": (8 + 4 + 4) * M * tiles + M * H * e * tiles + V * H * e * R + (V * eb * R if bias else 0),
+        "ld": (8 + 4 + 8) * M * tiles + M * H * e * tiles + V * H * e * R + (V * eb * R if bias else 0),
         "st": M * V * e,
         "dot_flops": 2 * R * BM * tiles * BV * Hp,
     }
@@ -259,7 +261,7 @@ def triton_filtered_counts(M, H, V, e, cfg, prod, chunk_cols, keep, bias=False):
     tile_flops = HB * 2 * BM * BV * prod.BLOCK_N
     dz, dh, dw = ({"ld": 0, "st": 0, "dot_flops": 0} for _ in range(3))
     for cols, R, T, n, area, width, height in _kept_tiles(M, V, BM, BV, chunk_cols, keep):
-        dz["ld"] += (8 + 4 + 4) * M * T + M * H * e * T + cols * H * e * R + (cols * e * R if bias else 0)
+        dz["ld"] += (8 + 4 + 8) * M * T + M * H * e * T + cols * H * e * R + (cols * e * R if bias else 0)
         dz["st"] += area * e + R * T
         dz["dot_flops"] += 2 * R * BM * T * BV * Hp
         dh["ld"] += HB * R * T + HB * area * e + width * H * e + 4 * M * H
@@ -319,7 +321,7 @@ def fused_linear_kernels(N, H, V, gpu, e=2, group_m=None, chunk_bytes=None, forw
         fwd_bytes = h_reads * N * H * e + cdiv(R, rows_in_flight) * V * H * e + 12 * N * splits
         out = [_kernel("Triton fwd (logits tiles + online lse)", 2 * N * H * V, fwd_bytes, TRITON_DOT_RATE,
                        f"{splits} splits, {rows_in_flight} row blocks in flight, h read {h_reads}x"),
-               _kernel("Triton merge", 0, 16 * N * splits + 16 * N, gemm_rate)]  # fmt: skip
+               _kernel("Triton merge", 0, 16 * N * splits + 12 * N, gemm_rate)]  # fmt: skip
     # backward: dz chunks; GROUP_M row blocks x (sms / GROUP_M) V tiles in flight
     g = group_m or GROUP_M
     vc = dz_chunk_columns(N, V, e, BV, chunk_bytes or DZ_CHUNK_BYTES)
@@ -327,7 +329,7 @@ def fused_linear_kernels(N, H, V, gpu, e=2, group_m=None, chunk_bytes=None, forw
     v_in_flight = max(1, sms // g)
     fits = g * slab + v_in_flight * BV * H * e <= budget
     w_reads = cdiv(R, g) if fits else R
-    dz_bytes = chunks * N * H * e + w_reads * V * H * e + N * V * e + 16 * N * chunks
+    dz_bytes = chunks * N * H * e + w_reads * V * H * e + N * V * e + 20 * N * chunks
     if density is not None:
         flags = R * T
         rho = float(density)

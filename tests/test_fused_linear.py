@@ -209,6 +209,7 @@ def test_static_rows_match_the_compacted_rows(monkeypatch, backend, dtype, devic
     monkeypatch.setattr(linear_ops, "_static_rows", lambda labels: True)
     static = step()
     scored = labels[:, 1:] != -100
+    assert static[1].shape == compacted[1].shape == (n, t - 1, 2)  # the lse's two parts (m, log s)
     for name, x, y in zip(["logp", "lse", "stats", "d_hidden", "d_weight", "d_bias"], static, compacted):
         assert torch.isfinite(x).all(), name
         if name in ("logp", "lse", "stats"):

@@ -16,6 +16,8 @@ Under the interpreter ``tl.dot`` is slow, so the shapes are small and most cases
 launch config of its dtype. The whole file takes ~20 s on two cores.
 """
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -55,11 +57,13 @@ def make_inputs(M, H, V, bias, dtype, device, strided=False):
 
 
 def reference_logps(hidden, weight, bias, labels, grad, dtype, **transform):
-    """(logp, lse, d_hidden, d_weight, d_bias) of the reference in ``dtype`` (fp64 truth or fp32)."""
+    """(logp, lse, d_hidden, d_weight, d_bias) of the reference in ``dtype`` (fp64 truth or fp32), lse in the
+    kernels' two parts (row max c, log Σ exp(z − c))."""
     leaves = [x.detach().to(dtype).requires_grad_() if x is not None else None for x in (hidden, weight, bias)]
     z = reference.lm_head_logits(*leaves, **transform)
     logp = torch.log_softmax(z, dim=-1).gather(-1, labels[:, None]).squeeze(-1)
-    lse = torch.logsumexp(z, dim=-1)
+    c = z.detach().amax(-1)
+    lse = torch.stack([c, torch.logsumexp(z.detach() - c[:, None], dim=-1)], dim=-1)
     logp.backward(grad.to(dtype))
     return logp.detach(), lse.detach(), *(x.grad if x is not None else None for x in leaves)
 
@@ -95,7 +99,7 @@ def test_matches_fp64_reference(case, dtype, device):
     truth = reference_logps(hidden, weight, b, labels, grad, torch.float64, **transform)
 
     logp, lse, d_hidden, d_weight, d_bias = out
-    assert logp.dtype == lse.dtype == torch.float32 and logp.shape == lse.shape == (M,)
+    assert logp.dtype == lse.dtype == torch.float32 and logp.shape == (M,) and lse.shape == (M, 2)
     assert d_hidden.dtype == dtype and d_hidden.shape == (M, H) and d_hidden.is_contiguous()
     assert d_weight.dtype == dtype and d_weight.shape == (V, H)
     assert (d_bias is None) == (b is None)
@@ -128,7 +132,7 @@ def test_cublas_forward_matches_the_fused_forward(case, dtype, device):
     hidden[1, 3] = float("nan")
     chunk = dict(chunk_elements=V * max(1, M // 3))  # three row chunks and a partial one
     logp, lse, stats = fused_linear_logps_fwd_cublas(hidden, weight, b, labels, **transform, with_stats=True, **chunk)
-    assert logp[1].isnan() and lse[1].isnan() and stats[1].isnan().any()
+    assert logp[1].isnan() and lse[1].sum().isnan() and stats[1].isnan().any()
     finite = torch.arange(M, device=device) != 1
     h, y = hidden[finite], labels[finite]
     _, _, fused_stats = fused_linear_logps_fwd(h, weight, b, y, **transform, with_stats=True, config=config)
@@ -247,15 +251,33 @@ def test_filtered_products_keeping_every_tile_match_the_dense_path(dtype, device
             assert_low_precision_grad(actual, ref.to(dtype), expected)
 
 
-def test_label_out_of_range_gives_nan_and_empty_batch(device):
-    hidden, weight, b, labels, _ = make_inputs(6, 16, 123, True, torch.float32, device)
-    labels[2] = 123
-    logp, _, _ = fused_linear_logps_fwd(hidden, weight, b, labels, config=SMALL)
-    assert torch.isnan(logp[2]) and torch.isfinite(logp[torch.arange(6, device=device) != 2]).all()
+@pytest.mark.parametrize("forward", ["fused", "cublas"])
+def test_label_outside_the_head_is_not_owned_and_empty_batch(forward, device):
+    """A label past the head (or before its window) is not owned: label logit 0, logp = −(m + log s),
+    top1 0, finite; the backward gives it no one-hot term."""
+    hidden, weight, b, labels, grad = make_inputs(6, 16, 123, True, torch.float32, device)
+    labels[2], labels[4] = 123, 10**9
+    fwd = partial(fused_linear_logps_fwd, config=SMALL) if forward == "fused" else fused_linear_logps_fwd_cublas
+    logp, lse, stats = fwd(hidden, weight, b, labels, with_stats=True)
+    assert torch.isfinite(logp).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(logp[[2, 4]], -lse[[2, 4]].sum(-1))
+    assert (stats[[2, 4], 2] == 0).all()
+    truth = reference_logps(hidden, weight, b, labels.clamp(max=122), grad, torch.float64)
+    owned = torch.ones(6, dtype=torch.bool, device=device)
+    owned[[2, 4]] = False
+    close(logp[owned], truth[0][owned])
+    # the backward: the fp64 softmax gradient, with no one-hot in the unowned rows
+    z = reference.lm_head_logits(hidden.double(), weight.double(), b.double())
+    dz = -torch.softmax(z, -1) * grad.double()[:, None]
+    rows = owned.nonzero().squeeze(1)
+    dz[rows, labels[rows]] += grad.double()[rows]
+    _, d_weight, d_bias = fused_linear_logps_bwd(grad, hidden, weight, b, labels, lse, config=SMALL)
+    close(d_bias, dz.sum(0))
+    close(d_weight, dz.T @ hidden.double())
 
     empty = hidden[:0]
     logp, lse, stats = fused_linear_logps_fwd(empty, weight, b, labels[:0])
-    assert logp.shape == lse.shape == (0,) and stats is None
+    assert logp.shape == (0,) and lse.shape == (0, 2) and stats is None
     assert fused_linear_logps_fwd(empty, weight, b, labels[:0], with_stats=True)[2].shape == (0, 4)
     d_hidden, d_weight, d_bias = fused_linear_logps_bwd(torch.ones(0, device=device), empty, weight, b, labels[:0], lse)
     assert d_hidden.shape == (0, 16) and (d_weight == 0).all() and (d_bias == 0).all()

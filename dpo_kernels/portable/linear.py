@@ -64,10 +64,17 @@ def _logits(h, weight, bias, vocab, logit_scale, softcap, temperature, acc):
 
 
 def fused_linear_logps_fwd(
-    hidden, weight, bias, labels, logit_scale, softcap, temperature, chunk_elements=None, with_stats=False
+    hidden, weight, bias, labels, logit_scale, softcap, temperature, chunk_elements=None, with_stats=False, *,
+    vocab_start=0,
 ):
-    """hidden (M, H), weight (V, H), bias (V,) | None, labels (M,) in [0, V) -> (logp, lse, stats): logp
-    and lse (M,) fp32 (fp64 for fp64 inputs); stats (M, 4) in that dtype with ``with_stats``, else None.
+    """hidden (M, H), weight (V, H), bias (V,) | None, labels (M,) -> (logp, lse, stats): logp (M,) fp32 (fp64
+    for fp64 inputs), lse (M, 2) in that dtype; stats (M, 4) in that dtype with ``with_stats``, else None.
+
+    weight / bias are the rows [vocab_start, vocab_start + V) of a head (the whole head by default) and the
+    labels are global ids: a label outside that window is not owned, scores a label logit of 0 (logp =
+    −(m + log s), top1 = 0) and is never an error. lse is the slice's log-sum-exp in two parts (m, log s),
+    m the row max and s = Σ exp(z − m): the backward forms exp((z − m) − log s) from them, where one
+    rounded lse would cost exp(z − lse)·|lse|·2^-24 of relative error, and slices merge from them exactly.
 
     stats columns (``reference.STATS``): Σ_v z_v, the entropy, 1.0 where the label is the first index
     of the maximum logit, log Σ_v exp(2 z_v). Beside the online log-sum-exp (m = running max, s = Σ
@@ -88,7 +95,7 @@ def fused_linear_logps_fwd(
         argmax = torch.zeros(M, dtype=torch.long, device=hidden.device)
     for rows, vocab in _chunks(M, V, chunk_elements or CHUNK_ELEMENTS):
         z, _ = _logits(h[rows], weight, bias, vocab, logit_scale, softcap, temperature, acc)
-        y = labels[rows] - vocab.start
+        y = labels[rows] - (vocab_start + vocab.start)
         hit = (y >= 0) & (y < z.shape[1])
         picked = z.gather(1, y.clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1)
         label_logit[rows] += torch.where(hit, picked, 0.0)
@@ -114,14 +121,14 @@ def fused_linear_logps_fwd(
         else:
             s[rows] = s[rows] * alpha + z.sub_(pivot.unsqueeze(1)).exp_().sum(dim=1)
         m[rows] = m_new
-    lse = torch.where(m == float("-inf"), m, m + s.log())  # an all -inf row: -inf, its log-prob NaN
+    log_s = s.log()  # an all -inf row: m = log s = -inf, its log-prob NaN (-inf + inf)
     stats = None
     if with_stats:
-        top1 = (argmax == labels).to(acc)
+        top1 = (argmax == labels - vocab_start).to(acc)  # argmax lies in [0, V): never an unowned label
         # A max that is not finite is lse2 itself, as torch.logsumexp gives it (NaN, +inf, -inf).
         lse2 = torch.where(m.isfinite(), 2 * m + s2.log(), m)
-        stats = torch.stack([sum_z, s.log() - s1 / s, top1, lse2], dim=1)
-    return label_logit - lse, lse, stats
+        stats = torch.stack([sum_z, log_s - s1 / s, top1, lse2], dim=1)
+    return (label_logit - m) - log_s, torch.stack([m, log_s], dim=1), stats
 
 
 def _backward_tiles(M: int, V: int, chunk_elements: int):
@@ -134,11 +141,15 @@ def _backward_tiles(M: int, V: int, chunk_elements: int):
 
 
 def fused_linear_logps_bwd(
-    grad, hidden, weight, bias, labels, lse, logit_scale, softcap, temperature, chunk_elements=None
+    grad, hidden, weight, bias, labels, lse, logit_scale, softcap, temperature, chunk_elements=None, *,
+    vocab_start=0,
 ):
     """-> (d_hidden (M, H) in hidden's dtype, d_weight (V, H) in weight's dtype, d_bias (V,) | None).
 
-    dz = g·(onehot(label) − softmax(z)), chained back through the transform; d_hidden = dz·W,
+    lse: (M, 2), the two-part (m, log s) of the forward, or the whole vocabulary's when weight is a slice
+    (rows [vocab_start, vocab_start + V) of the head; labels global, as in the forward). dz = g·(onehot(label)
+    − exp((z − m) − log s)), the one-hot only where the slice owns the label, chained back through the
+    transform (with the global lse: the slice's columns of the whole head's gradient); d_hidden = dz·W,
     d_weight = dzᵀ·h, d_bias = Σ_rows dz, tile by tile. Vocabulary tiles are outermost, so each tile's
     d_weight rows are complete when the tile is: one product over all rows (M ≤ BACKWARD_ROW_TILE)
     written straight into the result, or an fp32 (columns, H) accumulator over the row tiles, rounded
@@ -158,8 +169,8 @@ def fused_linear_logps_bwd(
         w_acc = None if len(row_tiles) == 1 else torch.zeros(w.shape, dtype=acc, device=weight.device)
         for rows in row_tiles:
             z, capped = _logits(hidden[rows], weight, bias, vocab, logit_scale, softcap, temperature, acc)
-            dz = z.sub_(lse[rows].unsqueeze(1)).exp_().mul_(-g[rows].unsqueeze(1))
-            y = labels[rows] - vocab.start
+            dz = z.sub_(lse[rows, 0:1]).sub_(lse[rows, 1:2]).exp_().mul_(-g[rows].unsqueeze(1))
+            y = labels[rows] - (vocab_start + vocab.start)
             hit = ((y >= 0) & (y < dz.shape[1])).nonzero().squeeze(1)
             dz[hit, y[hit]] += g[rows][hit]
             if temperature != 1.0:

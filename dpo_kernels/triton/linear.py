@@ -3,7 +3,7 @@
 For compacted rows (every row is scored) the forward computes, per row m,
 
     z = (h_m · W_vᵀ + b_v) · logit_scale;  z = softcap · tanh(z / softcap) if softcap;  z = z / temperature
-    logp_m = z[label_m] − logsumexp_v z,
+    logp_m = (z[label_m] − c_m) − log Σ_v exp(z_v − c_m),  c_m = max_v z_v,
 
 the transform of ``reference.lm_head_logits``, on one of two routes. ``fused_linear_logps_fwd``: each
 program forms a (BLOCK_M, BLOCK_V) logits tile in registers with ``tl.dot`` (fp32 accumulator) over
@@ -14,6 +14,12 @@ of rows from one cuBLAS GEMM, scored by the logits path's kernel. The backward r
 chunk's dz = g · (onehot − softmax) (chained through the transform) in the inputs' dtype, and two
 cuBLAS GEMMs consume it (d_weight rows of the chunk written once, d_hidden accumulated in fp32):
 8 · M · H · V FLOPs for forward + backward, no float atomics, deterministic.
+
+Vocabulary window: W_v, b_v are the rows v in [vocab_start, vocab_start + V) of a head (the whole head by
+default) and the labels are global ids; a label outside the window is not owned and scores z[label] = 0
+(logp = −(c + log s), never NaN or an out-of-bounds read). The log-sum-exp stays in the two parts (c, log s)
+of ``dpo_kernels.ops``: slices merge from them exactly, and the backward, handed the whole vocabulary's two
+parts, forms exp((z − c) − log s), the slice's columns of the whole head's gradient.
 
 With a gradient filter (``filter_eps`` > 0, Cut Cross-Entropy's idea) the dz kernel also stores one keep
 flag per (BLOCK_M, BLOCK_V) tile, false where every softmax entry is below filter_eps and no label lies in
@@ -125,10 +131,11 @@ def _pivot(m):
 
 
 @triton.jit
-def _label_column(labels, col0, BLOCK_V: tl.constexpr):
-    """(BLOCK_M,) int32: each row's label as a column of the tile starting at col0, or -1."""
+def _label_column(labels, col0, width, BLOCK_V: tl.constexpr):
+    """(BLOCK_M,) int32: each row's label as a column of the tile starting at col0, or -1; only the tile's
+    first ``width`` columns count (the rest lie past the slice or chunk, where a label is not owned)."""
     local = labels - col0
-    return tl.where((local >= 0) & (local < BLOCK_V), local, -1).to(tl.int32)
+    return tl.where((local >= 0) & (local < BLOCK_V) & (local < width), local, -1).to(tl.int32)
 
 
 @triton.jit
@@ -138,7 +145,8 @@ def _dlogits_tile(
     label_col,  # (BLOCK_M,) int32 from _label_column
     row_mask,  # (BLOCK_M,) rows < M
     g,  # (BLOCK_M,) fp32, d loss / d logp (0 in masked rows)
-    lse,  # (BLOCK_M,) fp32, from the forward
+    lse_m,  # (BLOCK_M,) fp32, the lse's part 0 (a row max); +inf in a row that must get a zero softmax
+    log_s,  # (BLOCK_M,) fp32, the lse's part 1: log Σ exp(z − lse_m)
     logit_scale,
     temperature,
     filter_eps,
@@ -147,11 +155,13 @@ def _dlogits_tile(
 ):
     """(dacc, keep): d loss / d(h · Wᵀ) of the tile and whether it contributes.
 
-    dz = g · (onehot(label) − exp(z − lse)), then back through / temperature, softcap · tanh (× (1 − t²))
-    and · logit_scale. ``keep`` is false when every softmax entry of the tile is below filter_eps and
-    no label falls in it (never with filter_eps = 0; a NaN keeps the tile).
+    dz = g · (onehot(label) − exp((z − lse_m) − log_s)), then back through / temperature, softcap · tanh
+    (× (1 − t²)) and · logit_scale. The two parts are subtracted one at a time: z − lse_m is exact near the
+    row max, where one rounded fp32 lse would cost exp(z − lse) · |lse| · 2^-24 of relative error. ``keep``
+    is false when every softmax entry of the tile is below filter_eps and no label falls in it (never with
+    filter_eps = 0; a NaN keeps the tile).
     """
-    p = tl.where(row_mask[:, None], tl.exp(z - lse[:, None]), 0.0)  # exp(-inf) = 0 in masked columns
+    p = tl.where(row_mask[:, None], tl.exp((z - lse_m[:, None]) - log_s[:, None]), 0.0)  # 0 in masked columns
     is_label = tl.arange(0, BLOCK_V)[None, :] == label_col[:, None]
     dz = g[:, None] * (tl.where(is_label, 1.0, 0.0) - p)
     if HAS_SOFTCAP:
@@ -169,10 +179,10 @@ def fused_linear_logps_fwd_kernel(
     hidden_ptr,  # (M, H) fp32 | bf16 | fp16, strides (stride_hm, 1)
     weight_ptr,  # (V, H) dtype of hidden, strides (stride_wv, 1)
     bias_ptr,  # (V,) fp32 | bf16 | fp16, contiguous; not read without HAS_BIAS
-    labels_ptr,  # (M,) int64, stride stride_y, in [0, V)
+    labels_ptr,  # (M,) int64, stride stride_y: global ids, owned where in [vocab_start, vocab_start + V)
     m_part_ptr,  # (SPLITS, M) fp32, contiguous: max_v z over the split's vocabulary range
     s_part_ptr,  # (SPLITS, M) fp32, contiguous: sum_v exp(z - m_part) over the range
-    zl_part_ptr,  # (SPLITS, M) fp32, contiguous: z[label] if the label is in the range, else 0
+    zl_part_ptr,  # (SPLITS, M) fp32, contiguous: z[label] if the label is in the split's range, else 0
     s1_part_ptr,  # (SPLITS, M) fp32, contiguous: sum_v exp(z - m_part) · (z - m_part); WITH_STATS only
     s2_part_ptr,  # (SPLITS, M) fp32, contiguous: sum_v exp(2 (z - m_part)); WITH_STATS only
     sz_part_ptr,  # (SPLITS, M) fp32, contiguous: sum_v z; WITH_STATS only
@@ -184,6 +194,7 @@ def fused_linear_logps_fwd_kernel(
     stride_wv,
     stride_y,
     v_per_split,  # a multiple of BLOCK_V
+    vocab_start,  # weight's first row as a global vocabulary id
     logit_scale,
     softcap,
     temperature,
@@ -219,7 +230,9 @@ def fused_linear_logps_fwd_kernel(
     ks = tl.arange(0, BLOCK_H)
     row_mask = r < M - row0
     rows = (row0 + r).to(tl.int64)
-    labels = tl.load(labels_ptr + rows * stride_y, mask=row_mask, other=-1).to(tl.int64)
+    # the labels as columns of the slice (int64: a global id minus the window's start); an unowned one
+    # matches no column (``_label_column`` bounds it by V), so its z[label] stays 0
+    labels = tl.load(labels_ptr + rows * stride_y, mask=row_mask, other=-1).to(tl.int64) - vocab_start
     h_base = hidden_ptr + tl.cast(row0, tl.int64) * stride_hm
     h_offs = r[:, None] * stride_hm + ks[None, :]
     w_offs = c[:, None] * stride_wv + ks[None, :]
@@ -259,7 +272,7 @@ def fused_linear_logps_fwd_kernel(
         else:
             s = s * tl.exp(m - pivot) + tl.sum(tl.exp(z - pivot[:, None]), axis=1)
         m = m_new
-        is_label = c[None, :] == _label_column(labels, col0, BLOCK_V)[:, None]
+        is_label = c[None, :] == _label_column(labels, col0, V - col0, BLOCK_V)[:, None]
         z_label += tl.sum(tl.where(is_label, z, 0.0), axis=1)
     out = tl.cast(split, tl.int64) * M + rows
     tl.store(m_part_ptr + out, m, mask=row_mask)
@@ -281,27 +294,28 @@ def fused_linear_logps_merge_kernel(
     s2_part_ptr,  # (SPLITS, M) fp32, contiguous; WITH_STATS only
     sz_part_ptr,  # (SPLITS, M) fp32, contiguous; WITH_STATS only
     am_part_ptr,  # (SPLITS, M) int32, contiguous; WITH_STATS only
-    labels_ptr,  # (M,) int64, stride stride_y
-    logp_ptr,  # (M,) fp32, contiguous: z[label] - lse
-    lse_ptr,  # (M,) fp32, contiguous: logsumexp_v z, saved for the backward
+    labels_ptr,  # (M,) int64, stride stride_y: global ids
+    logp_ptr,  # (M,) fp32, contiguous: (z[label] − m) − log s, z[label] = 0 where the slice does not own it
+    lse_ptr,  # (M, 2) fp32, contiguous: (m, log s), the log-sum-exp in two parts, saved for the backward
     stats_ptr,  # (M, 4) fp32, contiguous: sum z, entropy, top1, lse2 (reference.STATS); WITH_STATS only
     M,
-    V,
     stride_y,
     splits,
+    vocab_start,  # weight's first row as a global vocabulary id
     BLOCK: tl.constexpr,
     WITH_STATS: tl.constexpr = False,
 ):
-    """lse = m + log(sum_s s_s · exp(m_s − m)), m = max_s m_s; logp = sum_s zl_s − lse.
+    """lse = (m, log s), m = max_s m_s, s = sum_s s_s · exp(m_s − m); logp = (sum_s zl_s − m) − log s.
 
-    The splits are merged in a fixed order, so the result does not depend on scheduling. A label
-    outside [0, V) gives NaN instead of a wrong log-prob. Reads 16 · M · SPLITS bytes (m twice, s,
-    z[label]; 16 more per split with stats) and the labels, writes 8 · M (+ 16 · M with stats); no FLOPs
-    to speak of.
+    The two parts are stored, not their rounded sum (see ``_dlogits_tile``); slices of a vocabulary merge
+    from them exactly. The splits are merged in a fixed order, so the result does not depend on scheduling.
+    A label outside [vocab_start, vocab_start + V) is not owned: its zl_s are 0, so logp = −(m + log s),
+    finite, and top1 = 0. Reads 16 · M · SPLITS bytes (m twice, s, z[label]; 16 more per split and the
+    labels with stats), writes 12 · M (+ 16 · M with stats); no FLOPs to speak of.
 
     WITH_STATS, with α_s = exp(m_s − m): s1 = sum_s α_s · (s1_s + (m_s − m) · s_s), s2 = sum_s α_s² · s2_s,
     sum z = sum_s sz_s, argmax = the split's argmax with the larger max (the smaller index on equal
-    maxima); entropy = log s − s1 / s, lse2 = 2m + log s2, top1 = (argmax == label).
+    maxima); entropy = log s − s1 / s, lse2 = 2m + log s2, top1 = (argmax == label − vocab_start).
     """
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = rows < M
@@ -333,15 +347,16 @@ def fused_linear_logps_merge_kernel(
             wins = (m_split > best) | ((m_split == best) & (arg_split < arg))
             arg = tl.where(wins, arg_split, arg)
             best = tl.where(wins, m_split, best)
-    lse = m + tl.log(s)
-    label = tl.load(labels_ptr + rows * stride_y, mask=mask, other=0)
-    in_range = (label >= 0) & (label < V)
-    tl.store(logp_ptr + rows, tl.where(in_range, z_label - lse, float("nan")), mask=mask)
-    tl.store(lse_ptr + rows, lse, mask=mask)
+    log_s = tl.log(s)
+    tl.store(logp_ptr + rows, (z_label - m) - log_s, mask=mask)
+    tl.store(lse_ptr + rows * 2, m, mask=mask)
+    tl.store(lse_ptr + rows * 2 + 1, log_s, mask=mask)
     if WITH_STATS:
+        # arg is a column of the slice, in [0, V): it never equals an unowned label's column
+        label = tl.load(labels_ptr + rows * stride_y, mask=mask, other=0).to(tl.int64) - vocab_start
         stats = stats_ptr + rows * 4
         tl.store(stats, sum_z, mask=mask)
-        tl.store(stats + 1, tl.log(s) - s1 / s, mask=mask)
+        tl.store(stats + 1, log_s - s1 / s, mask=mask)
         tl.store(stats + 2, tl.where(arg == label, 1.0, 0.0), mask=mask)
         tl.store(stats + 3, 2.0 * m + tl.log(s2), mask=mask)
 
@@ -364,8 +379,8 @@ def fused_linear_logps_bwd_dz_kernel(
     hidden_ptr,  # (M, H) fp32 | bf16 | fp16, strides (stride_hm, 1)
     weight_ptr,  # (VC, H) the chunk's rows of weight (dtype of hidden), strides (stride_wv, 1)
     bias_ptr,  # (VC,) the chunk's bias entries, contiguous; not read without HAS_BIAS
-    labels_ptr,  # (M,) int64, stride stride_y, in [0, V): global vocabulary indices
-    lse_ptr,  # (M,) fp32, contiguous, from the forward
+    labels_ptr,  # (M,) int64, stride stride_y: global vocabulary ids (owned or not)
+    lse_ptr,  # (M, 2) fp32, contiguous: the two-part (m, log s) of the forward, or the whole vocabulary's
     keep_ptr,  # (cdiv(M, BLOCK_M), cdiv(VC, BLOCK_V)) int8, contiguous: 1 where the tile is kept; FILTER only
     M,
     VC,
@@ -375,7 +390,7 @@ def fused_linear_logps_bwd_dz_kernel(
     stride_wv,
     stride_y,
     stride_g,
-    chunk_start,  # the chunk's first vocabulary index (labels are global)
+    chunk_start,  # the chunk's first column as a global id: vocab_start + its offset in the slice
     logit_scale,
     softcap,
     temperature,
@@ -391,8 +406,8 @@ def fused_linear_logps_bwd_dz_kernel(
 ):
     """dz[rows, cols] = dacc of _dlogits_tile, rounded to the inputs' dtype: one (BLOCK_M, BLOCK_V) tile
     per program, its logits recomputed from h and W (2 · BLOCK_M · BLOCK_V · H FLOPs, the tile's h rows
-    and W rows read once, its labels, g and lse (16 bytes per row), the tile stored once: 2 bytes per
-    bf16 logit). Per chunk of VC columns, with b bytes per hidden element: (16 + H · b) · M · cdiv(VC,
+    and W rows read once, its labels, g and both lse parts (20 bytes per row), the tile stored once: 2
+    bytes per bf16 logit). Per chunk of VC columns, with b bytes per hidden element: (20 + H · b) · M · cdiv(VC,
     BLOCK_V) + VC · H · b · cdiv(M, BLOCK_M) bytes read without a cache, M · VC · b stored
     (``benchmarks.modeled.triton_linear_counts``).
 
@@ -424,11 +439,14 @@ def fused_linear_logps_bwd_dz_kernel(
     )  # fmt: skip
     # the row vectors only after the H loop: loaded before it, they (and their masks) stay live across the
     # pipelined loop, and the bf16/fp16 sm_80 builds with bias and softcap spilled (an 8-byte stack frame)
-    labels = tl.load(labels_ptr + rows * stride_y, mask=row_mask, other=-1).to(tl.int64)
+    # columns of the chunk (int64: a global id minus the chunk's global start); a label past the chunk's VC
+    # columns (another chunk's, another slice's) or before them gets no one-hot here
+    labels = tl.load(labels_ptr + rows * stride_y, mask=row_mask, other=-1).to(tl.int64) - chunk_start
     g = tl.load(grad_ptr + rows * stride_g, mask=row_mask, other=0.0)
-    lse = tl.load(lse_ptr + rows, mask=row_mask, other=0.0)
+    lse_m = tl.load(lse_ptr + rows * 2, mask=row_mask, other=0.0)
+    log_s = tl.load(lse_ptr + rows * 2 + 1, mask=row_mask, other=0.0)
     dacc, keep = _dlogits_tile(
-        z, t, _label_column(labels, chunk_start + col0, BLOCK_V), row_mask, g, lse,
+        z, t, _label_column(labels, col0, VC - col0, BLOCK_V), row_mask, g, lse_m, log_s,
         logit_scale, temperature, filter_eps, HAS_SOFTCAP, BLOCK_V,
     )  # fmt: skip
     out = dz_ptr + rows[:, None] * stride_dz + (col0 + c)[None, :]
@@ -727,14 +745,17 @@ def _transform_args(bias, weight, logit_scale, softcap, temperature):
 
 
 def fused_linear_logps_fwd(hidden, weight, bias, labels, logit_scale=1.0, softcap=None, temperature=1.0, *,
-                           splits=None, config=None, with_stats=False, chunk_elements=None):  # fmt: skip
-    """(logp, lse, stats): logp and lse (M,) fp32, log_softmax(z)[label] and logsumexp(z) of the LM-head
-    logits z; stats (M, 4) fp32 with ``with_stats`` (columns ``reference.STATS``: sum_v z, the entropy,
-    1.0 where the label is the first argmax of z, logsumexp(2z)), computed in the same pass, else None.
+                           splits=None, config=None, with_stats=False, chunk_elements=None,
+                           vocab_start=0):  # fmt: skip
+    """(logp, lse, stats): logp (M,) fp32, log_softmax(z)[label] of the LM-head logits z; lse (M, 2) fp32,
+    logsumexp(z) in two parts (max_v z, log Σ_v exp(z − max_v z)); stats (M, 4) fp32 with ``with_stats``
+    (columns ``reference.STATS``: sum_v z, the entropy, 1.0 where the label is the first argmax of z,
+    logsumexp(2z)), computed in the same pass, else None.
 
     hidden: (M, H) fp32 | bf16 | fp16 with any row stride but a unit stride along H (required); weight:
-    (V, H) same dtype, unit stride along H; bias: (V,) or None; labels: (M,) int64 in [0, V) (a label
-    outside gives NaN). z = (hidden · weightᵀ + bias) · logit_scale, softcapped if ``softcap``, divided by
+    (V, H) same dtype, unit stride along H, the rows [vocab_start, vocab_start + V) of the head; bias: (V,)
+    or None; labels: (M,) int64 global ids (one outside the window is not owned: label logit 0, top1 0,
+    finite). z = (hidden · weightᵀ + bias) · logit_scale, softcapped if ``softcap``, divided by
     ``temperature`` (``reference.lm_head_logits``). ``splits`` divides V across that many programs per row
     block (default ``forward_splits``: enough to fill the GPU and to keep the h rows in flight in L2; under
     the interpreter, which reports one SM, cdiv(2, row blocks)), merged deterministically by a second kernel. ``config`` overrides
@@ -744,7 +765,7 @@ def fused_linear_logps_fwd(hidden, weight, bias, labels, logit_scale=1.0, softca
     M, H = hidden.shape
     V = weight.shape[0]
     logp = torch.empty(M, dtype=torch.float32, device=hidden.device)
-    lse = torch.empty(M, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty((M, 2), dtype=torch.float32, device=hidden.device)
     stats = torch.empty((M, 4), dtype=torch.float32, device=hidden.device) if with_stats else None
     if M == 0:
         return logp, lse, stats
@@ -761,7 +782,7 @@ def fused_linear_logps_fwd(hidden, weight, bias, labels, logit_scale=1.0, softca
     bias_arg, scale, cap, temp = _transform_args(bias, weight, logit_scale, softcap, temperature)
     fused_linear_logps_fwd_kernel[(row_blocks * n_splits,)](
         hidden, weight, bias_arg, labels, parts[0], parts[1], parts[2], *stat_parts,
-        M, V, H, hidden.stride(0), weight.stride(0), labels.stride(0), per_split,
+        M, V, H, hidden.stride(0), weight.stride(0), labels.stride(0), per_split, int(vocab_start),
         scale, cap, temp,
         HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
         BLOCK_M=cfg.BLOCK_M, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H,
@@ -770,7 +791,7 @@ def fused_linear_logps_fwd(hidden, weight, bias, labels, logit_scale=1.0, softca
     )  # fmt: skip
     fused_linear_logps_merge_kernel[(triton.cdiv(M, MERGE_BLOCK),)](
         parts[0], parts[1], parts[2], *stat_parts, labels, logp, lse, stats if with_stats else logp,
-        M, V, labels.stride(0), n_splits,
+        M, labels.stride(0), n_splits, int(vocab_start),
         BLOCK=MERGE_BLOCK, WITH_STATS=with_stats, num_warps=4,
     )  # fmt: skip
     return logp, lse, stats
@@ -819,13 +840,15 @@ def forward_chunk_rows(V: int, chunk_bytes: int) -> int:
 
 
 def fused_linear_logps_fwd_cublas(hidden, weight, bias, labels, logit_scale=1.0, softcap=None, temperature=1.0, *,
-                                  with_stats=False, chunk_elements=None):  # fmt: skip
+                                  with_stats=False, chunk_elements=None, vocab_start=0):  # fmt: skip
     """``fused_linear_logps_fwd`` as cuBLAS products plus the logits path's log-prob kernel, per chunk of rows:
     the chunk's fp32 logits z = h · Wᵀ (one GEMM with an fp32 output and the scale as its alpha), the rest of
     the transform in place (a bias add, softcap's tanh: elementwise passes, none for a plain or scaled head;
     the op takes the fused kernel for a softcapped head), then ``logprobs.token_logps_fwd``
-    over them (its online log-sum-exp, label gather and statistics). Same outputs; the logits are the same
-    fp32 sums of exact products in cuBLAS's order.
+    over them (its online log-sum-exp, label gather and statistics). Same outputs, the lse in the logits
+    kernel's own two parts; the logits are the same fp32 sums of exact products in cuBLAS's order. Labels go
+    to that kernel as columns of the slice, an unowned one as -1 (no column: NaN there, never a read), and
+    such a row's log-prob is then −(m + log s), its label logit 0: elementwise, no host synchronization.
 
     The route the issue weighs against the fused kernel: 2·M·H·V FLOPs at the cuBLAS rate instead of a Triton
     tl.dot loop's, for 8 bytes of HBM per logit (the fp32 chunk written, then read) and a (rows, V) fp32
@@ -840,7 +863,7 @@ def fused_linear_logps_fwd_cublas(hidden, weight, bias, labels, logit_scale=1.0,
     V = weight.shape[0]
     device = hidden.device
     logp = torch.empty(M, dtype=torch.float32, device=device)
-    lse = torch.empty(M, dtype=torch.float32, device=device)
+    lse = torch.empty((M, 2), dtype=torch.float32, device=device)
     stats = torch.empty((M, 4), dtype=torch.float32, device=device) if with_stats else None
     if M == 0:
         return logp, lse, stats
@@ -849,7 +872,10 @@ def fused_linear_logps_fwd_cublas(hidden, weight, bias, labels, logit_scale=1.0,
     buf = torch.empty((rows, V), dtype=torch.float32, device=device)
     # the scale rides on the GEMM (its alpha), so a plain or scaled head makes no elementwise pass
     scale = float(logit_scale) if softcap is not None else float(logit_scale) / float(temperature)
-    no_label = -(2**31)  # compacted rows: every label is scored (one outside [0, V) gives NaN), an int32 argument
+    no_label = -(2**31)  # compacted rows: every label is scored, an int32 argument
+    local = labels - vocab_start
+    owned = (local >= 0) & (local < V)
+    local = torch.where(owned, local, -1)
     with _ieee_fp32_matmuls(hidden.dtype, device):
         for r0 in range(0, M, rows):
             r1 = min(M, r0 + rows)
@@ -859,9 +885,10 @@ def fused_linear_logps_fwd_cublas(hidden, weight, bias, labels, logit_scale=1.0,
                 z.add_(bias, alpha=scale)
             if softcap is not None:
                 z.div_(float(softcap)).tanh_().mul_(float(softcap) / float(temperature))
-            out = logprobs.token_logps_fwd(z[None], labels[None, r0:r1], no_label, False, with_stats)
-            logp[r0:r1] = out[0][0]
-            torch.add(out[1][0, :, 0], out[1][0, :, 1], out=lse[r0:r1])
+            out = logprobs.token_logps_fwd(z[None], local[None, r0:r1], no_label, False, with_stats)
+            parts = out[1][0]
+            torch.where(owned[r0:r1], out[0][0], -parts[:, 0] - parts[:, 1], out=logp[r0:r1])
+            lse[r0:r1] = parts
             if with_stats:
                 stats[r0:r1] = out[2][0]
     return logp, lse, stats
@@ -869,12 +896,14 @@ def fused_linear_logps_fwd_cublas(hidden, weight, bias, labels, logit_scale=1.0,
 
 def fused_linear_logps_bwd(grad, hidden, weight, bias, labels, lse, logit_scale=1.0, softcap=None, temperature=1.0,
                            *, filter_eps=0.0, chunk_elements=None, config=None, products=None,
-                           keep_out=None):  # fmt: skip
+                           keep_out=None, vocab_start=0):  # fmt: skip
     """(d_hidden, d_weight, d_bias) of sum_m grad[m] · logp[m], recomputing the logits once.
 
-    grad: (M,) fp32 (any stride); lse: (M,) fp32 from ``fused_linear_logps_fwd``; the other arguments as
-    there (unit stride along H required). d_hidden is (M, H) in hidden's dtype, d_weight (V, H) in
-    weight's dtype, d_bias (V,) in bias's dtype or None.
+    grad: (M,) fp32 (any stride); lse: (M, 2) fp32, the two parts (m, log s) from ``fused_linear_logps_fwd``,
+    or the whole vocabulary's when weight is a slice: dz = g · (onehot − exp((z − m) − log s)) is then the
+    slice's columns of the whole head's gradient, the one-hot only where the slice [vocab_start, vocab_start
+    + V) owns the global label; the other arguments as there (unit stride along H required). d_hidden is
+    (M, H) in hidden's dtype, d_weight (V, H) in weight's dtype, d_bias (V,) in bias's dtype or None.
 
     Per vocabulary chunk of VC columns (``dz_chunk_columns``; the (M, VC) buffer takes ``chunk_elements``
     · 4 bytes, default ``DZ_CHUNK_BYTES``): ``fused_linear_logps_bwd_dz_kernel`` recomputes the chunk's
@@ -907,7 +936,7 @@ def fused_linear_logps_bwd(grad, hidden, weight, bias, labels, lse, logit_scale=
     cfg = config or launch_config(hidden.dtype, aligned)
     _check_offsets(hidden, weight, cfg)
     grad = grad.to(torch.float32)
-    lse = lse.to(torch.float32).contiguous()
+    lse = lse.to(torch.float32).contiguous()  # (M, 2): the kernel reads both parts of row m at 2m, 2m + 1
     bias_arg, scale, cap, temp = _transform_args(bias, weight, logit_scale, softcap, temperature)
     chunk_bytes = DZ_CHUNK_BYTES if not chunk_elements else 4 * int(chunk_elements)
     vc = dz_chunk_columns(M, V, hidden.element_size(), cfg.BLOCK_V, chunk_bytes)
@@ -931,7 +960,7 @@ def fused_linear_logps_bwd(grad, hidden, weight, bias, labels, lse, logit_scale=
             fused_linear_logps_bwd_dz_kernel[(row_blocks * v_tiles,)](
                 dz, grad, hidden, weight[c0:], bias_arg[c0:] if bias is not None else bias_arg, labels, lse,
                 chunk_keep, M, cols, H, dz_buf.stride(0), hidden.stride(0), weight.stride(0), labels.stride(0),
-                grad.stride(0), c0, scale, cap, temp, float(filter_eps),
+                grad.stride(0), int(vocab_start) + c0, scale, cap, temp, float(filter_eps),
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
                 BLOCK_M=cfg.BLOCK_M, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H, GROUP_M=GROUP_M,
                 UPCAST_DOT=upcast, FILTER=filtered, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
