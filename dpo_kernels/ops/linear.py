@@ -52,12 +52,12 @@ def _scored_rows(labels: torch.Tensor, ignore_index: int, shift: bool, T_out: in
 
 
 def _unscored_lse(lse: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
-    """The backward's (rows, 2) lse with (+inf, 0) in unscored rows: their softmax is then exp(z − inf) = 0
-    whatever the bias makes of their zeroed hidden state, so their dz is an exact 0 (not 0 · an overflowed
-    exp)."""
+    """The backward's two-part (rows, 2) lse with (+inf, 0) in unscored rows: their softmax is then
+    exp((z − inf) − 0) = 0 whatever the bias makes of their zeroed hidden state, so their dz is an exact 0
+    (not 0 · an overflowed exp). Built from scalars: no host-to-device copy under graph capture."""
     if keep is None:
         return lse
-    return torch.where(keep[:, None], lse, torch.tensor([torch.inf, 0.0], dtype=lse.dtype, device=lse.device))
+    return torch.stack([torch.where(keep, lse[:, 0], torch.inf), torch.where(keep, lse[:, 1], 0.0)], dim=-1)
 
 
 def _zeroed(rows: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
