@@ -427,8 +427,9 @@ def check_entry_points(rank, world):
                                         backend="torch")  # fmt: skip
     single = hf.token_logps_from_hidden(hidden, hf.LMHead(weight, None, 1.0, None), labels, with_stats=True,
                                         backend="torch")  # fmt: skip
-    for got, want in zip(tokens, single):
+    for got, want in zip(tokens[:4], single[:4]):
         close(got, want)
+    assert int(tokens.vocab_size) == single.vocab_size == 19
     tokens.logps.sum().backward()
     full_w = weight.clone().requires_grad_()
     full_head = hf.LMHead(full_w, None, 1.0, None)
@@ -452,7 +453,8 @@ def check_collectives_and_syncs(rank, world):
 
     import dpo_kernels
 
-    syncing = {"_local_scalar_dense", "nonzero", "_assert_async", "equal", "is_nonzero", "item"}
+    syncing = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "nonzero_numpy", "argwhere",
+               "_assert_async"}  # fmt: skip
 
     class Syncs(TorchDispatchMode):
         """Counts the aten ops that make the host wait for the device, inside the library's custom ops too."""
@@ -497,6 +499,8 @@ def check_collectives_and_syncs(rank, world):
     finally:
         for name in names:
             setattr(dist, name, real[name])
+    if os.environ.get("DPO_KERNELS_TEST_TIMING") and rank == 0:
+        print(f"collectives {calls}; syncs sharded {sharded[-1]}, one device {one[-1]}", file=sys.stderr)
     assert len(calls) <= 4, calls
     assert len(sharded[-1]) <= len(one[-1]), (sharded[-1], one[-1])
     close(sharded[0], one[0])
