@@ -37,7 +37,8 @@ def vocab_parallel_token_logps(logits_shard, labels, *, process_group=None, voca
                                with_stats: bool = False):  # fmt: skip
     """Per-token ``(token_logp, lse)`` (+ ``stats``) of the whole vocabulary from this rank's logits slice
     (N, T, V_r) (or a DTensor sharded on its last dimension) and the global labels; equal on every rank."""
-    shard, local = sharding.resolve(process_group, vocab_start, {"logits_shard": (logits_shard, -1)}, force=True)
+    group = _group(process_group, logits_shard)
+    shard, local = sharding.resolve(group, vocab_start, {"logits_shard": (logits_shard, -1)})
     logits, labels = local["logits_shard"], sharding.local(labels)
     check_logits("logits_shard", logits, slice_of_vocabulary=True)
     check_labels(labels, logits, "logits_shard")
@@ -56,7 +57,7 @@ def vocab_parallel_fused_linear_token_logps(hidden, weight_shard, labels, bias_s
     ``weight_shard`` (V_r, H) (+ ``bias_shard``) of the head (or a DTensor sharded on dim 0); hidden and the
     global labels the same on every rank. Differentiable w.r.t. hidden (summed over the group) and the shards."""
     heads = {"weight_shard": (weight_shard, 0), "bias_shard": (bias_shard, 0)}
-    shard, local = sharding.resolve(process_group, vocab_start, heads, force=True)
+    shard, local = sharding.resolve(_group(process_group, weight_shard), vocab_start, heads)
     hidden, labels = sharding.local(hidden), sharding.local(labels)
     check_lm_head("hidden", hidden, "weight_shard", local["weight_shard"], "bias_shard", local["bias_shard"])
     check_labels(labels, hidden, "hidden")

@@ -74,15 +74,16 @@ def local(t):
     return t.to_local() if is_dtensor(t) else t
 
 
-def resolve(process_group, vocab_start, sharded: dict, *, force: bool = False):
+def resolve(process_group, vocab_start, sharded: dict):
     """``(shard, locals)``: the vocabulary window of this rank (None on one device) and ``sharded``'s tensors
     ({name: (tensor or None, vocabulary dim)}) as local tensors. Sharded when asked for (``process_group``,
-    ``vocab_start``, ``force``) or handed a DTensor sharded over the vocabulary; a replicated DTensor is
-    the one-device case. Without ``vocab_start`` or a DTensor, the window comes from one all-gather of the
+    ``vocab_start``) or handed a DTensor sharded over the vocabulary; a replicated DTensor is the one-device
+    case. Without ``vocab_start`` or a DTensor, the window comes from one all-gather of the
     ranks' slice sizes (and a host read of it)."""
     if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
         raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, got {process_group!r}")
-    if vocab_start is not None and (isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0):
+    bad_start = isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
+    if vocab_start is not None and bad_start:
         raise ValueError(f"vocab_start must be None or this rank's first vocabulary id (an int >= 0), got {vocab_start!r}")
     explicit = process_group is not None or vocab_start is not None
     group, start, out, dtensor = process_group, vocab_start, {}, None
@@ -110,7 +111,7 @@ def resolve(process_group, vocab_start, sharded: dict, *, force: bool = False):
             raise ValueError(f"vocab_start={start} contradicts {name}'s DTensor layout (offset {mine})")
         group, start = mesh.get_group(), mine
     # a replicated DTensor holds the whole vocabulary on every rank: the one-device case
-    if dtensor != "sharded" and not explicit and not (force and dtensor is None):
+    if dtensor != "sharded" and not explicit:
         return None, out
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("vocabulary-parallel log-probs need an initialized torch.distributed process group")
