@@ -72,7 +72,7 @@ def sequence_logps(
     _check_inplace(inplace_backward, logits, "logits", shard)
     toks = tokens.from_logits(
         logits, labels, ignore_index=ignore_index, shift=shift, backend=backend, inplace_backward=inplace_backward,
-        packed=_packed(labels, cu_seqlens, position_ids), shard=shard,
+        packed=_packed(labels, cu_seqlens, position_ids), shard=shard, with_mask=average,
     )  # fmt: skip
     return tokens.per_sequence(toks, average)
 

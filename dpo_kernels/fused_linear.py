@@ -89,7 +89,7 @@ def fused_linear_sequence_logps(
     toks = tokens.from_hidden(
         hidden, head["weight"], head["bias"], labels, ignore_index=ignore_index, shift=shift, logit_scale=logit_scale,
         softcap=softcap, temperature=temperature, memory_budget=memory_budget, backend=backend,
-        gradient_filter=gradient_filter, packed=packed, shard=shard,
+        gradient_filter=gradient_filter, packed=packed, shard=shard, with_mask=average,
     )  # fmt: skip
     return tokens.per_sequence(toks, average)
 

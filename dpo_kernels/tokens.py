@@ -18,7 +18,8 @@ class Tokens(NamedTuple):
     """Per-token outputs over the scored positions, (N, T') each (a packed batch's as its (S, L) padded
     layout): ``logps`` log p(label) (fp32, zero where unscored, differentiable), ``lse`` the log-sum-exp of
     the logits, ``stats`` (N, T', 4) with the columns of ``reference.STATS`` when asked for, else
-    (N, T', 0), ``mask`` (bool) the scored tokens, and ``vocab_size`` the whole vocabulary's size (an int,
+    (N, T', 0), ``mask`` (bool) the scored tokens (None when not asked for: a byte per token that a plain
+    sum does not need), and ``vocab_size`` the whole vocabulary's size (an int,
     or a 0-dim tensor on the sharded path, where the host does not know it without a synchronization)."""
 
     logps: torch.Tensor
@@ -28,10 +29,10 @@ class Tokens(NamedTuple):
     vocab_size: object
 
 
-def _laid_out(out, vocab_size, labels, shift, packed, ignore_index) -> Tokens:
+def _laid_out(out, vocab_size, labels, shift, packed, ignore_index, with_mask) -> Tokens:
     logp, lse, stats = out
     lay = lambda t: packing.layout(t, packed)  # noqa: E731
-    mask = packing.scored(labels, shift, packed, ignore_index)
+    mask = packing.scored(labels, shift, packed, ignore_index) if with_mask else None
     return Tokens(lay(logp), lay(ops.lse_value(lse)), lay(stats), mask, vocab_size)
 
 
@@ -44,6 +45,7 @@ def from_logits(
     backend: str,
     inplace_backward: bool = False,
     with_stats: bool = False,
+    with_mask: bool = True,
     packed: Optional[packing.Packing] = None,
     shard: Optional[sharding.VocabShard] = None,
 ) -> Tokens:
@@ -57,7 +59,7 @@ def from_logits(
     else:
         *out, vocab_size = sharding.token_logps(logits, labels, shard, ignore_index=ignore_index, shift=shift,
                                                 backend=backend, with_stats=with_stats)  # fmt: skip
-    return _laid_out(out, vocab_size, labels, shift, packed, ignore_index)
+    return _laid_out(out, vocab_size, labels, shift, packed, ignore_index, with_mask)
 
 
 _FILTER_WARNED = []  # the portable / native backends' one warning that gradient_filter does not apply
@@ -93,6 +95,7 @@ def from_hidden(
     backend: str = "auto",
     with_stats: bool = False,
     gradient_filter=None,
+    with_mask: bool = True,
     packed: Optional[packing.Packing] = None,
     shard: Optional[sharding.VocabShard] = None,
 ) -> Tokens:
@@ -111,7 +114,7 @@ def from_hidden(
     else:
         *out, vocab_size = sharding.linear_token_logps(hidden, weight, bias, labels, shard, with_stats=with_stats,
                                                        **options)  # fmt: skip
-    return _laid_out(out, vocab_size, labels, shift, packed, ignore_index)
+    return _laid_out(out, vocab_size, labels, shift, packed, ignore_index, with_mask)
 
 
 def per_sequence(tokens: Tokens, average: bool) -> torch.Tensor:
