@@ -4,7 +4,8 @@
   fused LM head (``sequence_logps_from_model``), no logits formed;
 - :mod:`dpo_kernels.integrations.trl`: ``FusedDPOTrainer`` / ``apply_fused_dpo``, TRL's ``DPOTrainer``
   with its loss computed by the fused LM head and :func:`dpo_kernels.preference.dpo_from_tokens`
-  (needs ``pip install dpo-kernels[trl]``).
+  (needs ``pip install dpo-kernels[trl]``), and ``patch_fused_lm_head``: every TRL trainer's shared
+  fused LM head on this library's op (:mod:`dpo_kernels.integrations.trl_head`).
 
 The submodules are imported on demand, so ``import dpo_kernels.integrations`` needs no extra package.
 """

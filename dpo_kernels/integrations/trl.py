@@ -23,6 +23,10 @@ runs inside the model's forward (where FSDP has the root unit's head unsharded) 
 own forward, so that ZeRO-3's hooks on the head gather its weight for the call and release it after
 (see ``docs/distributed.md``).
 
+Every TRL trainer's shared fused LM head (SFT, DPO, KTO, GRPO, RLOO through ``add_fused_lm_head``) on this
+library's op instead of TRL's ``ChunkedLogProbFunction``: :func:`patch_fused_lm_head` (see
+:mod:`dpo_kernels.integrations.trl_head`).
+
 Supported TRL: ``>=1.16.0,<1.17.0`` (:data:`SUPPORTED_TRL`), checked at construction; set
 ``DPO_KERNELS_ANY_TRL=1`` to try another version at your own risk. Refused at construction, naming the
 option: ``use_liger_kernel``, vision-language models / image datasets.
@@ -43,6 +47,7 @@ from .._validation import gradient_filter_eps
 from ..reference import STATS
 from . import hf
 from .collate import PackedPreferenceCollator
+from .trl_head import FusedHeadPatch, patch_fused_lm_head
 
 SUPPORTED_TRL = (">=1.16.0", "<1.17.0")
 _MIN_TRL, _MAX_TRL = "1.16.0", "1.17.0"
@@ -377,4 +382,6 @@ def apply_fused_dpo(trainer, *, backend: str = "auto", memory_budget: int | None
     return trainer
 
 
-__all__ = ["SUPPORTED_TRL", "FusedDPOTrainer", "apply_fused_dpo", "check_trl_version"]
+__all__ = [
+    "SUPPORTED_TRL", "FusedDPOTrainer", "FusedHeadPatch", "apply_fused_dpo", "check_trl_version", "patch_fused_lm_head",
+]  # fmt: skip
