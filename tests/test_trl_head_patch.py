@@ -22,7 +22,8 @@ from dpo_kernels import ops  # noqa: E402
 from dpo_kernels.integrations import trl_head  # noqa: E402
 from dpo_kernels.integrations.trl import patch_fused_lm_head  # noqa: E402
 
-from test_integrations_trl import assert_same_step, build, first_batch, llama, make_dataset, make_tokenizer  # noqa: E402
+from test_integrations_trl import assert_same_step, build, first_batch, llama, make_dataset  # noqa: E402
+from test_integrations_trl import make_tokenizer  # noqa: E402
 from test_integrations_trl import one_step as dpo_step  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -109,7 +110,8 @@ def test_requested_outputs_only_and_ignored_labels_as_trls_caller_scores_them(op
         args = (labels.clamp(min=0), 0.9, CHUNK, 3.0, 1.0, outputs)
         got = trl_head.FusedHead(ChunkedLogProbFunction).apply(hidden, weight, bias, *args)
         expected = ChunkedLogProbFunction.apply(hidden, weight, bias, *args)
-        assert [x is None for x in got] == [x is None for x in expected] == [False] + [o not in outputs for o in OUTPUTS]
+        missing = [False] + [o not in outputs for o in OUTPUTS]
+        assert [x is None for x in got] == [x is None for x in expected] == missing
         for x, y in zip(got, expected):
             if x is not None:
                 torch.testing.assert_close(x.masked_fill(~mask, 0), y.masked_fill(~mask, 0), rtol=1e-5, atol=1e-5)
