@@ -167,13 +167,30 @@ def _trl_chunked():
     from trl.trainer import utils as trl_utils
 
     chunk = getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
+    return lambda h, w, labels: _trl_head_call(chunked, chunk, h, w, labels)
+
+
+def _trl_head_call(chunked, chunk, h, w, labels):
+    """TRL's fused LM-head forward's call of its chunked function: scored rows only, no optional outputs."""
+    y = labels[:, 1:]
+    mask = y != IGNORE
+    per_token, *_ = chunked.apply(h[:, :-1][mask], w, None, y[mask], 1.0, chunk, None, 1.0, ())
+    logps = per_token.new_zeros(mask.shape).masked_scatter(mask, per_token)
+    return dpo_from_logps(logps.sum(-1))
+
+
+def _trl_head_patched():
+    """The same call as ``trl.ChunkedLogProbFunction``'s, under ``patch_fused_lm_head()``: what every TRL trainer's
+    fused head runs once patched. The patch is entered per call, so that it never leaks into the other providers."""
+    from trl.trainer import utils as trl_utils
+
+    from dpo_kernels.integrations.trl import patch_fused_lm_head
+
+    chunk = getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", 32768)
 
     def fn(h, w, labels):
-        y = labels[:, 1:]
-        mask = y != IGNORE
-        per_token, *_ = chunked.apply(h[:, :-1][mask], w, None, y[mask], 1.0, chunk, None, 1.0, ())
-        logps = per_token.new_zeros(mask.shape).masked_scatter(mask, per_token)
-        return dpo_from_logps(logps.sum(-1))
+        with patch_fused_lm_head():
+            return _trl_head_call(trl_utils._ChunkedLogProbFunction, chunk, h, w, labels)
 
     return fn
 
@@ -237,6 +254,10 @@ def registry() -> list[Provider]:
     out += [
         P("trl.ChunkedLogProbFunction", "lm_head", _trl_chunked, lambda d: _have("trl"), kind="peer",
           imports=("trl.trainer.utils",), note="trl.kernels.ChunkedLogProbFunction (trl.trainer.utils._ChunkedLogProbFunction), scored rows"),
+        P("trl_head[dpo_kernels]", "lm_head", _trl_head_patched, lambda d: _have("trl"),
+          imports=("trl.trainer.utils", "dpo_kernels.integrations.trl"),
+          note="TRL head on dpo_kernels: the trl.ChunkedLogProbFunction call under "
+          "dpo_kernels.integrations.trl.patch_fused_lm_head() (auto backend)"),
         P("liger.LigerFusedLinearDPOLoss", "lm_head", _liger_dpo, lambda d: _have("liger_kernel"), kind="peer",
           compiles=True, imports=("liger_kernel.chunked_loss",),
           note="liger_kernel.chunked_loss.LigerFusedLinearDPOLoss(use_ref_model=False), loss only; it computes "

@@ -86,6 +86,22 @@ def test_a_disagreeing_provider_is_reported_and_not_timed():
     assert not checks["wrong"]["ok"] and checks["wrong"]["max_err"] > 1e-3
 
 
+def test_trl_head_on_dpo_kernels_provider_agrees_with_trls_and_leaves_no_patch():
+    """The "TRL head on dpo_kernels" row: TRL's call under patch_fused_lm_head(), checked like any provider
+    against the reference, with the patch gone after each call (the other TRL provider stays TRL's own)."""
+    pytest.importorskip("trl")
+    from trl.trainer import utils as trl_utils
+
+    original = trl_utils._ChunkedLogProbFunction
+    case = measure.Case("lm_head", "fp32", n=2, t=8, v=32, h=8, prompt_frac=0.25)
+    inputs = measure.Inputs(case, torch.device("cpu"))
+    fns = {name: providers.get("lm_head", name).build()
+           for name in ("reference", "trl.ChunkedLogProbFunction", "trl_head[dpo_kernels]")}  # fmt: skip
+    checks = measure.check(fns, inputs)
+    assert all(c["ok"] for c in checks.values()), checks
+    assert trl_utils._ChunkedLogProbFunction is original
+
+
 def test_modeled_gpu_memory_at_llama3_8b_scale():
     rows = {(r["workload"], r["path"]): r for r in modeled.modeled_memory(["Llama-3-8B"])}
     logits_bytes = 8 * 4096 * 128256 * 2
