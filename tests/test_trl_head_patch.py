@@ -131,6 +131,19 @@ def test_no_rows_and_no_grad():
     assert not any(x.requires_grad for x in out)
 
 
+def test_zero3_calls_stay_trls(monkeypatch, op_calls):
+    """Under ZeRO-3 the head's weight is gathered around the forward only; TRL's backward re-gathers it, the
+    op's would not: the whole call is TRL's function's."""
+    monkeypatch.setattr(trl_head, "_zero3", lambda: True)
+    hidden, weight, bias, targets = _inputs(3, True)
+    args = (targets, 0.8, CHUNK, 2.0, 1.0, OUTPUTS)
+    got = trl_head.FusedHead(ChunkedLogProbFunction).apply(hidden, weight, bias, *args)
+    expected = ChunkedLogProbFunction.apply(hidden, weight, bias, *args)
+    assert not op_calls and type(got[0].grad_fn) is type(expected[0].grad_fn)
+    for x, y in zip(got, expected):
+        assert torch.equal(x, y)
+
+
 # ------------------------------------------------------------------------------- the patch itself
 
 
