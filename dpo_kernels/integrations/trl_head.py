@@ -107,8 +107,7 @@ class _EntropyGrad(torch.autograd.Function):
         hidden, weight, bias, targets = ctx.saved_tensors
         original, temperature, chunk_size, softcap, scale = ctx.call
         wanted = ctx.needs_input_grad[2:5]
-        inputs = [None if x is None else x.detach().requires_grad_(need) for x, need in zip((hidden, weight, bias),
-                                                                                            wanted)]  # fmt: skip
+        inputs = [None if x is None else x.detach().requires_grad_(w) for x, w in zip((hidden, weight, bias), wanted)]
         # The inputs are already in the compute dtype; TRL's function must not recast them under autocast.
         with torch.enable_grad(), torch.autocast(hidden.device.type, enabled=False):
             _, entropy, *_ = original.apply(*inputs, targets, temperature, chunk_size, softcap, scale, ("entropy",))
