@@ -3,7 +3,8 @@
 - :mod:`dpo_kernels.integrations.hf`: per-sequence log-probs of a ``transformers`` causal LM through the
   fused LM head (``sequence_logps_from_model``), no logits formed;
 - :mod:`dpo_kernels.integrations.trl`: ``FusedDPOTrainer`` / ``apply_fused_dpo``, TRL's ``DPOTrainer``
-  with its loss computed by the fused LM head and :func:`dpo_kernels.preference.dpo_from_tokens`
+  with its loss computed by the fused LM head and :func:`dpo_kernels.preference.dpo_from_tokens`, and
+  ``FusedKTOTrainer`` / ``apply_fused_kto`` for TRL's ``KTOTrainer`` (:mod:`dpo_kernels.integrations.trl_kto`)
   (needs ``pip install dpo-kernels[trl]``).
 
 The submodules are imported on demand, so ``import dpo_kernels.integrations`` needs no extra package.
