@@ -85,9 +85,9 @@ class _FusedKTOLoss:
         """(Tokens, aux_loss) of ``model`` on a batch: backbone through every wrapper, the fused head inside the
         model's forward (its vocab_size read there: outside it a ZeRO-3 or FSDP1 weight is a shard)."""
         hf.install_hidden_forward(model)  # idempotent; the precompute may run before configure
+        gradient_filter = self._dpo_kernels_gradient_filter if torch.is_grad_enabled() else None
         options = dict(labels=labels, with_stats=with_stats, backend=self._dpo_kernels_backend,
-                       memory_budget=self._dpo_kernels_memory_budget,
-                       gradient_filter=self._dpo_kernels_gradient_filter if torch.is_grad_enabled() else None)  # fmt: skip
+                       memory_budget=self._dpo_kernels_memory_budget, gradient_filter=gradient_filter)  # fmt: skip
         out = model(**model_kwargs, **{hf.TOKENS_FLAG: options})
         return out.tokens, out.aux_loss
 
