@@ -5,7 +5,8 @@ Public API:
 - :func:`fused_dpo_loss`: drop-in for :func:`dpo_kernels.reference.dpo_loss`, every loss type of the
   DPO family (``loss_type=``) with TRL's metrics;
 - :func:`fused_linear_sequence_logps`, :func:`fused_linear_dpo_loss`: the same from the last hidden
-  states and the LM head weight, without ever forming the logits;
+  states and the LM head weight, without ever forming the logits; :func:`fused_linear_kto_loss`: KTO
+  and unpaired APO-zero on unpaired completions, the same way;
 - :mod:`dpo_kernels.losses`: the loss family on per-sequence log-probs (``preference_loss``,
   ``kto_loss``, ``listwise_loss``);
 - vocabulary parallelism: ``process_group=`` (or a DTensor sharded over the vocabulary) on every entry
@@ -18,12 +19,13 @@ Public API:
 
 from . import distributed, losses, ops, reference
 from .functional import fused_dpo_loss, sequence_logps
-from .fused_linear import fused_linear_dpo_loss, fused_linear_sequence_logps
+from .fused_linear import fused_linear_dpo_loss, fused_linear_kto_loss, fused_linear_sequence_logps
 
 __all__ = [
     "distributed",
     "fused_dpo_loss",
     "fused_linear_dpo_loss",
+    "fused_linear_kto_loss",
     "fused_linear_sequence_logps",
     "losses",
     "ops",

@@ -20,18 +20,18 @@ def check_logits(name: str, logits, *, slice_of_vocabulary: bool = False) -> Non
         raise ValueError(f"{name} has an empty vocabulary dimension: shape {tuple(logits.shape)}")
 
 
-def check_labels(labels, logits, logits_name: str) -> None:
+def check_labels(labels, logits, logits_name: str, labels_name: str = "labels") -> None:
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        raise TypeError(f"{labels_name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in LABEL_DTYPES:
-        raise TypeError(f"labels must be int64 or int32 token ids, got {labels.dtype}")
+        raise TypeError(f"{labels_name} must be int64 or int32 token ids, got {labels.dtype}")
     if labels.shape != logits.shape[:2]:
         raise ValueError(
-            f"labels must have shape (N, T) = {tuple(logits.shape[:2])} to match {logits_name} "
+            f"{labels_name} must have shape (N, T) = {tuple(logits.shape[:2])} to match {logits_name} "
             f"{tuple(logits.shape)}, got {tuple(labels.shape)}"
         )
     if labels.device != logits.device:
-        raise ValueError(f"labels are on {labels.device} but {logits_name} is on {logits.device}")
+        raise ValueError(f"{labels_name} are on {labels.device} but {logits_name} is on {logits.device}")
 
 
 def check_pairs(name: str, n: int) -> None:
@@ -113,13 +113,17 @@ def check_lm_head(hidden_name, hidden, weight_name, weight, bias_name, bias) -> 
         raise ValueError(f"{bias_name} must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
 
 
-def check_ref_head(policy_hidden, weight, ref_hidden, ref_weight, ref_bias) -> None:
-    """The reference head must score the policy's tokens: the same (N, T) and vocabulary size V."""
-    head_name = "weight (scoring ref_hidden)" if ref_weight is None else "ref_weight"
-    check_lm_head("ref_hidden", ref_hidden, head_name, weight if ref_weight is None else ref_weight, "ref_bias", ref_bias)
+def check_ref_head(
+    policy_hidden, weight, ref_hidden, ref_weight, ref_bias, names=("policy_hidden", "ref_hidden")
+) -> None:
+    """The reference head must score the policy's tokens: the same (N, T) and vocabulary size V. ``names``: the
+    arguments that hold ``policy_hidden`` and ``ref_hidden``, for the messages."""
+    policy_name, ref_name = names
+    head_name = f"weight (scoring {ref_name})" if ref_weight is None else "ref_weight"
+    check_lm_head(ref_name, ref_hidden, head_name, weight if ref_weight is None else ref_weight, "ref_bias", ref_bias)
     if ref_hidden.shape[:2] != policy_hidden.shape[:2]:
         raise ValueError(
-            f"ref_hidden must have shape (N, T, H) with the (N, T) of policy_hidden {tuple(policy_hidden.shape)}, "
+            f"{ref_name} must have shape (N, T, H) with the (N, T) of {policy_name} {tuple(policy_hidden.shape)}, "
             f"got {tuple(ref_hidden.shape)}"
         )
     if ref_weight is not None and ref_weight.shape[0] != weight.shape[0]:

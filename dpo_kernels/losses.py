@@ -651,6 +651,18 @@ def wpo_pair_weights(seq_weights: torch.Tensor) -> torch.Tensor:
 KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
+def check_kto_options(beta, desirable_weight, undesirable_weight, loss_type: str) -> tuple[float, float, float]:
+    """The scalar options of :func:`kto_loss`, checked (an entry point checks them before its kernels run);
+    returns (beta, desirable_weight, undesirable_weight) as floats."""
+    if loss_type not in KTO_LOSS_TYPES:
+        raise ValueError(f"Unknown loss_type {loss_type!r} for kto_loss; valid: {', '.join(KTO_LOSS_TYPES)}")
+    beta = _check_number("beta", beta)
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    desirable_weight = _check_number("desirable_weight", desirable_weight)
+    return beta, desirable_weight, _check_number("undesirable_weight", undesirable_weight)
+
+
 def kto_loss(
     policy_logps: torch.Tensor,
     ref_logps: torch.Tensor,
@@ -662,6 +674,7 @@ def kto_loss(
     desirable_weight: float = 1.0,
     undesirable_weight: float = 1.0,
     loss_type: str = "kto",
+    kl_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> KTOOutput:
     """KTO, Ethayarajh et al. 2024, arXiv:2402.01306 (Eq. 7), on unpaired (B,) log-probs, as TRL's
     ``KTOTrainer``; ``desirable`` (B,) bool marks the desirable examples.
@@ -673,11 +686,13 @@ def kto_loss(
 
     ``loss_type="apo_zero_unpaired"``: unpaired APO-zero (D'Oosterlinck et al. 2024,
     arXiv:2408.06266): desirable ``1 − σ(r)``, undesirable ``σ(r)``, no KL term (the KL log-probs
-    may be None). The KL mean is over this call's examples only; average it across ranks outside if
-    the batch is sharded.
+    may be None). The KL mean is over this call's examples only unless ``kl_reduce`` is given: a
+    function applied to that 0-dim detached mean before the clamp, e.g. the mean over data-parallel
+    ranks, which is what TRL's ``KTOTrainer`` clamps (its per-rank means gathered and averaged).
     """
-    if loss_type not in KTO_LOSS_TYPES:
-        raise ValueError(f"Unknown loss_type {loss_type!r} for kto_loss; valid: {', '.join(KTO_LOSS_TYPES)}")
+    beta, desirable_weight, undesirable_weight = check_kto_options(
+        beta, desirable_weight, undesirable_weight, loss_type
+    )
     _check_logps(("policy_logps", "ref_logps"), (policy_logps, ref_logps))
     batch = policy_logps.shape[0]
     if batch == 0:
@@ -686,11 +701,6 @@ def kto_loss(
         raise TypeError(f"desirable must be a bool tensor, got {getattr(desirable, 'dtype', type(desirable).__name__)}")
     if tuple(desirable.shape) != (batch,):
         raise ValueError(f"desirable must have shape ({batch},) like policy_logps, got {tuple(desirable.shape)}")
-    beta = _check_number("beta", beta)
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    desirable_weight = _check_number("desirable_weight", desirable_weight)
-    undesirable_weight = _check_number("undesirable_weight", undesirable_weight)
 
     logratios = policy_logps - ref_logps
     if loss_type == "kto":
@@ -699,7 +709,10 @@ def kto_loss(
         _check_logps(("policy_kl_logps", "ref_kl_logps"), (policy_kl_logps, ref_kl_logps))
         if policy_kl_logps.shape[0] == 0:
             raise ValueError("policy_kl_logps must hold at least one example")
-        kl = (policy_kl_logps - ref_kl_logps).detach().mean().clamp(min=0).to(logratios.dtype)
+        kl = (policy_kl_logps - ref_kl_logps).detach().mean()
+        if kl_reduce is not None:
+            kl = kl_reduce(kl).detach().reshape(())
+        kl = kl.clamp(min=0).to(logratios.dtype)
         desirable_losses = 1 - torch.sigmoid(beta * (logratios - kl))
         undesirable_losses = 1 - torch.sigmoid(beta * (kl - logratios))
     else:

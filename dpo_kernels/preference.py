@@ -164,3 +164,79 @@ def token_metrics(stats: torch.Tensor, mask: torch.Tensor, vocab_size: int) -> d
         "entropy": mean_over(per_seq[:, 1].sum(), counts),
         "mean_token_accuracy": mean_over(chosen[:, 2].sum(), n_chosen),
     }
+
+
+# ------------------------------------------------------------------------------------------------ KTO
+
+
+def kto_from_tokens(
+    token_logps: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    ref_logps: Optional[torch.Tensor],
+    policy_kl_logps: Optional[torch.Tensor],
+    ref_kl_logps: Optional[torch.Tensor],
+    desirable: torch.Tensor,
+    *,
+    stats: Optional[torch.Tensor] = None,
+    vocab_size=None,
+    kl_reduce=None,
+    **kto_options,
+):
+    """(loss, metrics, counts) of KTO (:func:`dpo_kernels.losses.kto_loss`) from the policy's (B, T')
+    per-token log-probs of unpaired completions, ``desirable`` (B,) bool marking the desirable ones.
+
+    ``ref_logps`` (B,): the reference's per-sequence log-probs (None: reference-free, zeros);
+    ``policy_kl_logps`` / ``ref_kl_logps``: the per-sequence log-probs of the mismatched completions
+    (None for ``apo_zero_unpaired``; None ``ref_kl_logps`` with a policy's: reference-free).
+    ``stats`` (B, T', 4) from the policy's pass (with ``mask`` and ``vocab_size``) adds the token metrics.
+
+    ``metrics``: the values TRL's ``KTOTrainer`` logs on one process, under its names (``kl``, ``entropy``,
+    ``logits/*``, ``rewards/*``, ``logps/*``), as detached 0-dim tensors; a side with no example in the
+    batch reports 0 there. ``counts``: for each metric but ``kl`` (already global) and ``rewards/margins``
+    (a difference of means), the number of tokens or examples it is a mean over, so that a caller can
+    average it over processes as the trainer does (a sum of ``value · count`` over a sum of counts).
+    """
+    policy = token_logps.sum(-1)
+    ref = torch.zeros_like(policy) if ref_logps is None else ref_logps.detach().to(policy.dtype)
+    ref_kl = ref_kl_logps
+    if policy_kl_logps is not None and ref_kl is None:
+        ref_kl = torch.zeros_like(policy_kl_logps)
+    out = losses.kto_loss(policy, ref, policy_kl_logps, ref_kl, desirable, kl_reduce=kl_reduce, **kto_options)
+    policy = policy.detach()
+    n_chosen = desirable.sum().to(policy.dtype)
+    n_rejected = desirable.numel() - n_chosen
+
+    def mean_over(total, n):
+        return total / n.clamp(min=1)
+
+    metrics = {"kl": out.kl.detach()}
+    counts = {}
+    if stats is not None:
+        stats = stats.detach()
+        per_seq = stats.sum(1)  # unscored tokens hold zeros
+        tokens = mask.sum(-1).to(stats.dtype)
+        chosen_tokens, rejected_tokens = tokens[desirable].sum(), tokens[~desirable].sum()
+        counts.update({"entropy": tokens.sum(), "logits/chosen": chosen_tokens, "logits/rejected": rejected_tokens})
+        metrics["entropy"] = mean_over(per_seq[:, 1].sum(), counts["entropy"])
+        metrics["logits/chosen"] = mean_over(per_seq[desirable, 0].sum(), chosen_tokens) / vocab_size
+        metrics["logits/rejected"] = mean_over(per_seq[~desirable, 0].sum(), rejected_tokens) / vocab_size
+    counts.update({"rewards/chosen": n_chosen, "logps/chosen": n_chosen, "rewards/rejected": n_rejected,
+                   "logps/rejected": n_rejected})  # fmt: skip
+    metrics["rewards/chosen"] = mean_over(out.chosen_rewards.sum(), n_chosen)
+    metrics["logps/chosen"] = mean_over(policy[desirable].sum(), n_chosen)
+    metrics["rewards/rejected"] = mean_over(out.rejected_rewards.sum(), n_rejected)
+    metrics["logps/rejected"] = mean_over(policy[~desirable].sum(), n_rejected)
+    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    return out.loss, metrics, counts
+
+
+def kto_logged(metrics: dict, counts: dict) -> dict:
+    """The metrics TRL's ``KTOTrainer`` logs for a batch: it leaves out ``logits/*``, ``rewards/*`` and
+    ``logps/*`` of a side with no token or example, and ``rewards/margins`` unless both sides have examples
+    (one host synchronization for the counts)."""
+    names = [name for name in counts if name != "entropy"]
+    present = dict(zip(names, (c > 0 for c in torch.stack([counts[n] for n in names]).tolist())))
+    logged = {name: value for name, value in metrics.items() if present.get(name, True)}
+    if not (present["rewards/chosen"] and present["rewards/rejected"]):
+        logged.pop("rewards/margins")
+    return logged

@@ -69,6 +69,17 @@ def world():
     return dist.group.WORLD
 
 
+def group_mean(value: torch.Tensor, group) -> torch.Tensor:
+    """The mean of a tensor over the ranks of ``group`` (each rank's own value in, the same mean out on every
+    rank): one all-reduce, no autograd. For statistics of data-parallel ranks (KTO's KL estimate), not for
+    the vocabulary."""
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"the group must be a torch.distributed ProcessGroup, got {group!r}")
+    total = value.detach().clone()
+    dist.all_reduce(total, group=group)
+    return total / dist.get_world_size(group)
+
+
 def local(t):
     """A DTensor as this rank's local tensor (anything else as it is)."""
     return t.to_local() if is_dtensor(t) else t

@@ -1,5 +1,5 @@
-"""FusedDPOTrainer under FSDP2, FSDP1 and DeepSpeed ZeRO-2/3, against TRL's stock DPOTrainer under the same
-setting, on 2 CPU ranks with gloo.
+"""FusedDPOTrainer under FSDP2, FSDP1 and DeepSpeed ZeRO-2/3 (and FusedKTOTrainer under DDP, FSDP2 and ZeRO-3),
+against TRL's stock trainer under the same setting, on 2 CPU ranks with gloo.
 
 One spawn of 2 processes runs the settings one after the other (spawning, importing and building the first
 trainers take most of the time). Under each, each rank builds a stock and a fused trainer on the same tiny
@@ -10,6 +10,7 @@ several loss configurations compares, on the same per-rank batch, the loss, ever
 """
 
 import contextlib
+import functools
 import os
 import socket
 import sys
@@ -93,13 +94,15 @@ def _entry(rank, world, port, settings, checks, tmp):
 def _run_setting(rank, world, setting, checks, tmp):
     if setting.startswith("fsdp"):
         _patch_accelerate_fsdp_on_cpu()
-    else:
+    elif setting.startswith("zero"):
         import deepspeed.comm.torch  # noqa: F401  (deepspeed.comm.torch is the torch module: reach it by name)
 
         # DeepSpeed's CPU shared-memory all-reduce is a C++ extension built on first use (minutes where no
         # build is cached); gloo does the same collectives
         sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     for name in checks:
+        if setting not in CHECK_SETTINGS.get(name, DPO_SETTINGS):
+            continue
         start = time.perf_counter()
         try:
             globals()[name](rank, world, setting, os.path.join(tmp, f"{name}-{rank}"))
@@ -120,7 +123,9 @@ def _spawn(settings, *checks, tmp):
 
 
 def _setting_args(setting):
-    """The DPOConfig keywords of a distributed setting."""
+    """The DPOConfig / KTOConfig keywords of a distributed setting."""
+    if setting == "ddp":
+        return {}  # several CPU processes: accelerate wraps the model in DDP
     if setting.startswith("fsdp"):
         version = 2 if setting == "fsdp2" else 1
         fsdp_config = {"version": version}  # auto-wrap: the model's _no_split_modules (its decoder layers)
@@ -218,6 +223,8 @@ def _full_grads(trainer, setting):
         return {n: safe_get_full_grad(p).detach().clone() for n, p in named}
     if setting == "fsdp2":
         return {n: p.grad.full_tensor().detach().clone() for n, p in named}
+    if setting == "ddp":  # all-reduced by DDP's hooks: whole on every rank
+        return {n: p.grad.detach().clone() for n, p in named}
     # FSDP1: each unit's flat parameter holds this rank's shard of the unit's (padded) flat gradient; the
     # stock and the fused model have the same units, so the gathered flat gradients compare one to one
     import torch.distributed as dist
@@ -451,25 +458,106 @@ def check_precomputed_reference_and_train(rank, world, setting, tmp):
     assert any(u.abs().max() > 0 for u in updates[0].values())
 
 
+def _kto_entry_point_over_groups(rank, world):
+    """fused_linear_kto_loss with the collectives it takes: ``kl_group`` (each rank its own batch; the KL means
+    averaged over the ranks, then clamped: rank 0's mean is positive, rank 1's negative) and a vocabulary split
+    over the ranks (``process_group``), each against the one-device naive computation."""
+    import torch.distributed as dist
+
+    from dpo_kernels import fused_linear_kto_loss, losses, reference, sharding
+
+    g = torch.Generator().manual_seed(7)  # the same numbers on every rank
+    B, T, H, V = 4, 6, 8, 23
+    hidden, kl_hidden = torch.randn(world, B, T, H, generator=g), torch.randn(world, B, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g)
+    labels, kl_labels = torch.randint(0, V, (world, B, T), generator=g), torch.randint(0, V, (world, B, T), generator=g)
+    labels[..., :2] = kl_labels[..., :2] = -100
+    desirable = torch.tensor([True, False, True, False])
+    ref = torch.randn(world, B, generator=g) - 20
+    policy_kl = torch.stack([reference.sequence_logps(reference.lm_head_logits(kl_hidden[r], weight), kl_labels[r])
+                             for r in range(world)])  # fmt: skip
+    offsets = torch.tensor([1.0, -0.4] + [0.0] * (world - 2))
+    ref_kl = policy_kl - offsets[:, None]
+    kl = float(offsets.mean().clamp(min=0))
+    assert kl > 0 and offsets.clamp(min=0).mean() != kl  # clamping each rank's mean would differ
+
+    h = hidden[rank].clone().requires_grad_()
+    loss, metrics = fused_linear_kto_loss(h, weight, labels[rank], desirable, kl_hidden=kl_hidden[rank],
+                                          kl_labels=kl_labels[rank], ref_logps=ref[rank], ref_kl_logps=ref_kl[rank],
+                                          kl_group=dist.group.WORLD, backend="torch")  # fmt: skip
+    loss.backward()
+    h_naive = hidden[rank].clone().requires_grad_()
+    logps = reference.sequence_logps(reference.lm_head_logits(h_naive, weight), labels[rank])
+    expected = losses.kto_loss(logps, ref[rank], policy_kl[rank], ref_kl[rank], desirable,
+                               kl_reduce=lambda mine: torch.tensor(offsets.mean().item()))  # fmt: skip
+    expected.loss.backward()
+    assert metrics["kl"].item() == pytest.approx(kl, rel=RTOL)
+    torch.testing.assert_close(loss, expected.loss, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(h.grad, h_naive.grad, rtol=RTOL, atol=ATOL)
+
+    # the vocabulary split over the ranks, every rank with rank 0's batch
+    start, stop = sharding.vocab_shard_range(V, world, rank)
+    common = dict(kl_hidden=kl_hidden[0], kl_labels=kl_labels[0], ref_hidden=hidden[1], ref_kl_hidden=kl_hidden[1],
+                  backend="torch")  # fmt: skip
+    h_vp, h_one = hidden[0].clone().requires_grad_(), hidden[0].clone().requires_grad_()
+    loss_vp, metrics_vp = fused_linear_kto_loss(h_vp, weight[start:stop], labels[0], desirable,
+                                                process_group=dist.group.WORLD, **common)  # fmt: skip
+    loss_one, metrics_one = fused_linear_kto_loss(h_one, weight, labels[0], desirable, **common)
+    loss_vp.backward()
+    loss_one.backward()
+    torch.testing.assert_close(loss_vp, loss_one, rtol=RTOL, atol=ATOL)
+    assert metrics_vp.keys() == metrics_one.keys()
+    for name, value in metrics_one.items():
+        torch.testing.assert_close(metrics_vp[name], value, rtol=RTOL, atol=ATOL, msg=name)
+    torch.testing.assert_close(h_vp.grad, h_one.grad, rtol=RTOL, atol=ATOL)
+
+
+def check_kto(rank, world, setting, tmp):
+    """FusedKTOTrainer against KTOTrainer, one loss type per setting, a reference model, unequal weights, each
+    rank its own batch (its own KL mean: the estimate is gathered over the ranks); under DDP also the entry
+    point's collectives (:func:`_kto_entry_point_over_groups`)."""
+    import test_integrations_trl as T
+    import test_trl_kto as K
+
+    loss_type = "apo_zero_unpaired" if setting == "fsdp2" else "kto"
+    kw = dict(_setting_args(setting), loss_type=loss_type, desirable_weight=1.3, undesirable_weight=0.8)
+    model_fn = functools.partial(_whole, T.llama)
+    stock = _wrap(K.build(K.KTOTrainer, tmp + "s", model_fn=model_fn, **kw))
+    fused = _wrap(K.build(K.FusedKTOTrainer, tmp + "f", model_fn=model_fn, **kw))
+    assert fused.ref_model is not None
+    if setting == "ddp":
+        assert isinstance(fused.model_wrapped, torch.nn.parallel.DistributedDataParallel)
+    batch = K.first_batch(stock, start=4 * rank)
+    step_s, step_f = _step(stock, setting, batch), _step(fused, setting, batch)
+    assert step_s[0][1]["rewards/margins"] != 0
+    _same(step_s, step_f, f"kto {loss_type}")
+    if setting == "ddp":
+        _kto_entry_point_over_groups(rank, world)
+
+
 # --------------------------------------------------------------------------------------------- tests
 
 CHECKS = ("check_loss_family_with_a_reference_model", "check_peft_base_as_reference",
-          "check_precomputed_reference_and_train", "check_tied_embeddings")  # fmt: skip
+          "check_precomputed_reference_and_train", "check_tied_embeddings", "check_kto")  # fmt: skip
+# The settings each check runs under (default: the DPO settings, DDP left to the other tests).
+DPO_SETTINGS = ("fsdp2", "fsdp1", "fsdp1_orig", "zero2", "zero3")
+CHECK_SETTINGS = {"check_kto": ("ddp", "fsdp2", "zero3")}
 
 
 def test_fused_trainer_equals_stock_under_fsdp_and_zero(tmp_path):
-    """FSDP2, FSDP1 (use_orig_params False and True) and, with DeepSpeed installed, ZeRO-2 and ZeRO-3, one
-    after the other in the same two processes (the imports and the first trainers cost more than a setting's
-    checks)."""
+    """FSDP2, FSDP1 (use_orig_params False and True), with DeepSpeed installed ZeRO-2 and ZeRO-3, and DDP (the
+    KTO check only), one after the other in the same two processes (the imports and the first trainers cost more
+    than a setting's checks)."""
     import importlib.util
 
     settings = ["fsdp2", "fsdp1", "fsdp1_orig"]
     if importlib.util.find_spec("deepspeed") is not None:
         settings += ["zero2", "zero3"]
+    settings.append("ddp")  # FusedKTOTrainer's check only
     _spawn(",".join(settings), *CHECKS, tmp=tmp_path)
 
 
-if __name__ == "__main__":  # python tests/test_trl_distributed.py fsdp2,fsdp1,zero2,zero3 CHECK...
+if __name__ == "__main__":  # python tests/test_trl_distributed.py fsdp2,fsdp1,zero2,zero3,ddp CHECK...
     import tempfile
 
     sys.path.insert(0, os.path.dirname(__file__))

@@ -3,9 +3,10 @@
 - :mod:`dpo_kernels.integrations.hf`: per-sequence log-probs of a ``transformers`` causal LM through the
   fused LM head (``sequence_logps_from_model``), no logits formed;
 - :mod:`dpo_kernels.integrations.trl`: ``FusedDPOTrainer`` / ``apply_fused_dpo``, TRL's ``DPOTrainer``
-  with its loss computed by the fused LM head and :func:`dpo_kernels.preference.dpo_from_tokens`
-  (needs ``pip install dpo-kernels[trl]``), and ``patch_fused_lm_head``: every TRL trainer's shared
-  fused LM head on this library's op (:mod:`dpo_kernels.integrations.trl_head`).
+  with its loss computed by the fused LM head and :func:`dpo_kernels.preference.dpo_from_tokens`,
+  ``FusedKTOTrainer`` / ``apply_fused_kto`` for TRL's ``KTOTrainer`` (:mod:`dpo_kernels.integrations.trl_kto`),
+  and ``patch_fused_lm_head``: every TRL trainer's shared fused LM head on this library's op
+  (:mod:`dpo_kernels.integrations.trl_head`) (needs ``pip install dpo-kernels[trl]``).
 
 The submodules are imported on demand, so ``import dpo_kernels.integrations`` needs no extra package.
 """

@@ -1,4 +1,5 @@
-"""TRL's ``DPOTrainer`` with its loss computed by dpo_kernels: one line to adopt.
+"""TRL's ``DPOTrainer`` (and ``KTOTrainer``: :class:`FusedKTOTrainer` / :func:`apply_fused_kto`, from
+:mod:`dpo_kernels.integrations.trl_kto`) with its loss computed by dpo_kernels: one line to adopt.
 
 ```python
 from dpo_kernels.integrations.trl import FusedDPOTrainer, apply_fused_dpo
@@ -36,9 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import warnings
-from importlib import metadata
 
 import torch
 
@@ -46,15 +45,13 @@ from .. import packing, preference
 from .._validation import gradient_filter_eps
 from ..reference import STATS
 from . import hf
+from ._trl_support import ANY_TRL_ENV, SUPPORTED_TRL, check_trl_version, raise_unsupported
+from ._trl_support import unsupported as _unsupported
 from .collate import PackedPreferenceCollator
 from .trl_head import FusedHeadPatch, patch_fused_lm_head
-
-SUPPORTED_TRL = (">=1.16.0", "<1.17.0")
-_MIN_TRL, _MAX_TRL = "1.16.0", "1.17.0"
-ANY_TRL_ENV = "DPO_KERNELS_ANY_TRL"
+from .trl_kto import FusedKTOTrainer, apply_fused_kto
 
 try:
-    from packaging.version import Version
     from trl import DPOTrainer
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     raise ImportError(
@@ -69,37 +66,14 @@ _PAIR_METRICS = (
 )  # fmt: skip
 
 
-def check_trl_version(installed: str | None = None) -> str:
-    """Raise a clear error unless the installed TRL is in :data:`SUPPORTED_TRL`; returns the version."""
-    installed = installed or metadata.version("trl")
-    if os.environ.get(ANY_TRL_ENV, "") not in ("", "0"):
-        return installed
-    if not Version(_MIN_TRL) <= Version(installed) < Version(_MAX_TRL):
-        raise RuntimeError(
-            f"dpo_kernels.integrations.trl supports trl{','.join(SUPPORTED_TRL)}, but trl {installed} is installed: "
-            f"it overrides DPOTrainer internals that change between releases. Install a supported version "
-            f"(pip install 'trl{','.join(SUPPORTED_TRL)}'), or set {ANY_TRL_ENV}=1 to try anyway."
-        )
-    return installed
-
-
 # Attention implementations of transformers that keep packed sequences apart from position_ids alone.
 _PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 # The loss types TRL 1.16's DPOTrainer applies label_smoothing to; the others ignore it.
 _TRL_SMOOTHED = ("robust", "exo_pair", "aot", "aot_unpaired")
 
 
-def _unsupported(args) -> list[str]:
-    """The DPOConfig / Trainer options the fused loss step does not support, each with its reason."""
-    found = []
-    if getattr(args, "use_liger_kernel", False):
-        found.append("use_liger_kernel=True (Liger patches the model; the LM head is already fused here)")
-    return found
-
-
 def _raise_unsupported(found: list[str]) -> None:
-    if found:
-        raise NotImplementedError("FusedDPOTrainer does not support: " + "; ".join(found))
+    raise_unsupported("FusedDPOTrainer", found)
 
 
 class _FusedLoss:
@@ -383,5 +357,6 @@ def apply_fused_dpo(trainer, *, backend: str = "auto", memory_budget: int | None
 
 
 __all__ = [
-    "SUPPORTED_TRL", "FusedDPOTrainer", "FusedHeadPatch", "apply_fused_dpo", "check_trl_version", "patch_fused_lm_head",
+    "ANY_TRL_ENV", "SUPPORTED_TRL", "FusedDPOTrainer", "FusedHeadPatch", "FusedKTOTrainer", "apply_fused_dpo",
+    "apply_fused_kto", "check_trl_version", "patch_fused_lm_head",
 ]  # fmt: skip
