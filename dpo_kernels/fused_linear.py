@@ -179,7 +179,8 @@ def fused_linear_dpo_loss(
         ref = _check_ref_logps("ref_logps", ref_logps, _n_sequences(policy_hidden, packed))
     with_stats = preference.needs_stats(token_metrics, use_weighting)
     common = dict(ignore_index=ignore_index, shift=shift, logit_scale=logit_scale, softcap=softcap,
-                  temperature=temperature, memory_budget=memory_budget, backend=backend, packed=packed, shard=shard)  # fmt: skip
+                  temperature=temperature, memory_budget=memory_budget, backend=backend, packed=packed,
+                  shard=shard)  # fmt: skip
     policy = tokens.from_hidden(policy_hidden, head["weight"], head["bias"], labels, with_stats=with_stats,
                                 gradient_filter=gradient_filter, **common)  # fmt: skip
     if ref_hidden is not None:

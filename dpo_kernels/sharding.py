@@ -23,7 +23,6 @@ one flag, read once; a device-side assert on CUDA).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -95,7 +94,8 @@ def resolve(process_group, vocab_start, sharded: dict):
         raise TypeError(f"process_group must be a torch.distributed ProcessGroup or None, got {process_group!r}")
     bad_start = isinstance(vocab_start, bool) or not isinstance(vocab_start, int) or vocab_start < 0
     if vocab_start is not None and bad_start:
-        raise ValueError(f"vocab_start must be None or this rank's first vocabulary id (an int >= 0), got {vocab_start!r}")
+        raise ValueError(f"vocab_start must be None or this rank's first vocabulary id (an int >= 0), "
+                         f"got {vocab_start!r}")  # fmt: skip
     explicit = process_group is not None or vocab_start is not None
     group, start, out, dtensor = process_group, vocab_start, {}, None
     for name, (t, dim) in sharded.items():
@@ -110,7 +110,8 @@ def resolve(process_group, vocab_start, sharded: dict):
         if mesh.ndim != 1 or len(t.placements) != 1 or not placement.is_shard() or placement.dim % t.dim() != vdim:
             raise ValueError(
                 f"{name} is a DTensor {tuple(t.placements)} over a {mesh.ndim}-D mesh; vocabulary parallelism takes "
-                f"a 1-D mesh with a Shard({vdim}) placement (slice a multi-dimensional mesh to its vocabulary dimension)"
+                f"a 1-D mesh with a Shard({vdim}) placement (slice a multi-dimensional mesh to its vocabulary "
+                "dimension)"
             )
         mine, stop = vocab_shard_range(t.shape[vdim], mesh.size(), mesh.get_local_rank())
         if out[name].shape[vdim] != stop - mine:
@@ -228,7 +229,8 @@ def _check(ok, tiles, same, starts, sizes):
             f"the ranks' vocabulary slices (starts {starts.tolist()}, sizes {sizes.tolist()}) must tile [0, V) in rank "
             "order, so that every label is owned by exactly one rank: check vocab_start"
         )
-    raise ValueError(f"labels must lie in [0, {int(starts[-1] + sizes[-1])}) (the whole vocabulary) or equal ignore_index")
+    vocab = int(starts[-1] + sizes[-1])
+    raise ValueError(f"labels must lie in [0, {vocab}) (the whole vocabulary) or equal ignore_index")
 
 
 # ------------------------------------------------------------------------------------------ passes

@@ -487,7 +487,8 @@ def check_collectives_and_syncs(rank, world):
     def run(w, **kw):
         h, w = hidden.clone().requires_grad_(), w.clone().requires_grad_()
         with Syncs() as mode:
-            loss, metrics = dpo_kernels.fused_linear_dpo_loss(h, w, labels, ref_hidden=ref_hidden, backend="torch", **kw)
+            loss, metrics = dpo_kernels.fused_linear_dpo_loss(h, w, labels, ref_hidden=ref_hidden, backend="torch",
+                                                              **kw)  # fmt: skip
             loss.backward()
         return loss.detach(), metrics, h.grad, w.grad, mode.seen
 
@@ -528,8 +529,8 @@ def check_packed(rank, world):
     l_shard, _ = _shard(logits, 2, rank, world)
     padded = reference.sequence_logps(logits, labels, cu_seqlens=cu)
     close(dpo_kernels.sequence_logps(l_shard, labels, process_group=group, cu_seqlens=cu, backend="torch"), padded)
-    close(dpo_kernels.fused_linear_sequence_logps(hidden, w_shard, labels, process_group=group, position_ids=position_ids,
-                                                  backend="torch"), padded)  # fmt: skip
+    close(dpo_kernels.fused_linear_sequence_logps(hidden, w_shard, labels, process_group=group,
+                                                  position_ids=position_ids, backend="torch"), padded)  # fmt: skip
     ref_logps = torch.randn(4)
     loss, metrics = dpo_kernels.fused_linear_dpo_loss(hidden, w_shard, labels, ref_logps=ref_logps, cu_seqlens=cu,
                                                       process_group=group, backend="torch")  # fmt: skip

@@ -245,7 +245,8 @@ class _FusedLoss:
         # tokens when the prompt is empty)
         loss, metrics = preference.dpo_from_tokens(
             tokens.logps, tokens.mask, ref, stats=tokens.stats, lse=tokens.lse,
-            vocab_size=tokens.vocab_size, norm_lengths=packing.layout(completion_mask.to(tokens.mask.device), pk).sum(-1),
+            vocab_size=tokens.vocab_size,
+            norm_lengths=packing.layout(completion_mask.to(tokens.mask.device), pk).sum(-1),
             **self._dpo_kernels_loss_options(),
         )  # fmt: skip
 
