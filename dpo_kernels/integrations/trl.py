@@ -1,5 +1,7 @@
 """TRL's ``DPOTrainer`` (and ``KTOTrainer``: :class:`FusedKTOTrainer` / :func:`apply_fused_kto`, from
-:mod:`dpo_kernels.integrations.trl_kto`) with its loss computed by dpo_kernels: one line to adopt.
+:mod:`dpo_kernels.integrations.trl_kto`; the experimental ``ORPOTrainer`` and ``CPOTrainer``:
+``FusedORPOTrainer`` / ``apply_fused_orpo`` and ``FusedCPOTrainer`` / ``apply_fused_cpo``, from
+:mod:`dpo_kernels.integrations.trl_orpo_cpo`) with its loss computed by dpo_kernels: one line to adopt.
 
 ```python
 from dpo_kernels.integrations.trl import FusedDPOTrainer, apply_fused_dpo
@@ -334,6 +336,19 @@ class FusedDPOTrainer(_FusedLoss, DPOTrainer):
         self._dpo_kernels_configure(backend, memory_budget, gradient_filter)
 
 
+# Names of trl_orpo_cpo, imported on first use: it imports trl.experimental, which warns on import, and a
+# DPO user should not see that warning.
+_EXPERIMENTAL = ("FusedCPOTrainer", "FusedORPOTrainer", "apply_fused_cpo", "apply_fused_orpo")
+
+
+def __getattr__(name):
+    if name in _EXPERIMENTAL:
+        from . import trl_orpo_cpo
+
+        return getattr(trl_orpo_cpo, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @functools.lru_cache(maxsize=None)
 def _fused_class(cls: type) -> type:
     if cls is DPOTrainer:
@@ -357,6 +372,7 @@ def apply_fused_dpo(trainer, *, backend: str = "auto", memory_budget: int | None
 
 
 __all__ = [
-    "ANY_TRL_ENV", "SUPPORTED_TRL", "FusedDPOTrainer", "FusedHeadPatch", "FusedKTOTrainer", "apply_fused_dpo",
-    "apply_fused_kto", "check_trl_version", "patch_fused_lm_head",
+    "ANY_TRL_ENV", "SUPPORTED_TRL", "FusedCPOTrainer", "FusedDPOTrainer", "FusedHeadPatch", "FusedKTOTrainer",
+    "FusedORPOTrainer", "apply_fused_cpo", "apply_fused_dpo", "apply_fused_kto", "apply_fused_orpo",
+    "check_trl_version", "patch_fused_lm_head",
 ]  # fmt: skip
