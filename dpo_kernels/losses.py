@@ -555,9 +555,12 @@ def preference_loss(
                 raise ValueError(f"{name} (scored tokens per sequence) is required by {needers}")
         else:
             _check_per_pair(name, value, batch)
-    for name, value in (("chosen_norm_lengths", chosen_norm_lengths), ("rejected_norm_lengths", rejected_norm_lengths),
-                        ("chosen_sum_logps", chosen_sum_logps), ("rejected_sum_logps", rejected_sum_logps),
-                        ("chosen_nll_logps", chosen_nll_logps), ("chosen_nll_lengths", chosen_nll_lengths)):  # fmt: skip
+    per_pair_options = (
+        ("chosen_norm_lengths", chosen_norm_lengths), ("rejected_norm_lengths", rejected_norm_lengths),
+        ("chosen_sum_logps", chosen_sum_logps), ("rejected_sum_logps", rejected_sum_logps),
+        ("chosen_nll_logps", chosen_nll_logps), ("chosen_nll_lengths", chosen_nll_lengths),
+    )  # fmt: skip
+    for name, value in per_pair_options:
         if value is not None:
             _check_per_pair(name, value, batch)
 

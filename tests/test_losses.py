@@ -190,7 +190,7 @@ def expected_loss(
         per = expected_per_pair(
             t, d, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau, gamma, bco_delta,
             alphapo_alpha,
-        )
+        )  # fmt: skip
         total = [total[i] + w * per[i] for i in range(n)]
     if rpo_alpha is not None:
         nll = -sum(d["nll"]) / max(sum(d["nll_n"]), 1)

@@ -39,7 +39,9 @@ def build(cls, tmp_path, kind, **overrides):
         learning_rate=1e-3, max_steps=5,
     )  # fmt: skip
     kw.update(overrides)
-    return cls(model=llama(0), args=CONFIGS[kind](**kw), train_dataset=make_dataset(), processing_class=make_tokenizer())
+    return cls(
+        model=llama(0), args=CONFIGS[kind](**kw), train_dataset=make_dataset(), processing_class=make_tokenizer()
+    )
 
 
 def first_batch(trainer, n=4):

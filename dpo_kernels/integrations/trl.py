@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -52,6 +53,9 @@ from ._trl_support import unsupported as _unsupported
 from .collate import PackedPreferenceCollator
 from .trl_head import FusedHeadPatch, patch_fused_lm_head
 from .trl_kto import FusedKTOTrainer, apply_fused_kto
+
+if TYPE_CHECKING:  # imported on first use instead, by __getattr__ below
+    from .trl_orpo_cpo import FusedCPOTrainer, FusedORPOTrainer, apply_fused_cpo, apply_fused_orpo
 
 try:
     from trl import DPOTrainer
