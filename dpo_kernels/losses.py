@@ -54,7 +54,11 @@ _LABEL_SMOOTHING_RANGES = {
     "aot_unpaired": (0.0, 0.5, True, True),
     "robust": (0.0, 0.5, True, False),  # the loss divides by 1 − 2ε
     "exo_pair": (0.0, 1.0, False, False),  # the loss takes log ε and log(1 − ε)
+    "sigmoid_norm": (0.0, 0.5, True, True),  # SimPO's smoothed form, as CPO's "simpo" (TRL's CPOTrainer)
 }
+
+# AlphaPO's reward shape applies to the losses built on a chosen − rejected difference of rewards.
+_ALPHAPO_LOSSES = frozenset({"sigmoid", "sigmoid_norm", "hinge", "ipo"})
 
 # Loss types that need the number of scored tokens per sequence.
 _NEEDS_CHOSEN_LENGTHS = frozenset({"ipo", "sigmoid_norm", "sft", "orpo"})
@@ -121,6 +125,10 @@ class _Pairs:
     rejected_norm_lengths: Optional[torch.Tensor]
     chosen_sums: torch.Tensor  # summed log-probs for the NLL and ORPO's odds (= chosen_logps by default)
     rejected_sums: torch.Tensor
+    chosen_norm_scores: torch.Tensor  # per-token average scores of ipo / sigmoid_norm
+    rejected_norm_scores: torch.Tensor
+    nll_sums: torch.Tensor  # summed chosen log-probs over the NLL's tokens (= chosen_sums by default)
+    nll_counts: torch.Tensor  # unclamped: the NLL's token mean is over the batch total
     beta: float
     label_smoothing: float
     discopop_tau: float
@@ -181,7 +189,7 @@ def _ipo(p: _Pairs) -> torch.Tensor:
 
     Δ̄ uses per-token *average* scores (score / scored tokens): summed log-probs would make the
     squared target scale with length; TRL normalises the same way, confirmed with the IPO authors."""
-    delta = p.chosen_scores / p.chosen_norm_lengths - p.rejected_scores / p.rejected_norm_lengths
+    delta = p.chosen_norm_scores - p.rejected_norm_scores
     return (delta - 1 / (2 * p.beta)) ** 2
 
 
@@ -253,9 +261,13 @@ def _discopop(p: _Pairs) -> torch.Tensor:
 def _sigmoid_norm(p: _Pairs) -> torch.Tensor:
     """Length-normalised DPO with SimPO's target margin γ (Meng et al. 2024, arXiv:2405.14734):
     ``−log σ(β·Δ̄ − γ)``, Δ̄ from per-token average scores. γ = 0 is TRL's "sigmoid_norm"; with
-    reference log-probs of 0 it is SimPO."""
-    delta = p.chosen_scores / p.chosen_norm_lengths - p.rejected_scores / p.rejected_norm_lengths
-    return -F.logsigmoid(p.beta * delta - p.gamma)
+    reference log-probs of 0 it is SimPO.
+
+    With ``label_smoothing`` ε > 0, the logistic loss against a label flipped with probability ε,
+    ``−(1−ε)·log σ(β·Δ̄ − γ) − ε·log σ(−(β·Δ̄ − γ))``: CPO's "simpo" (Xu et al. 2024, arXiv:2401.08417,
+    Eq. 3 smoothed as cDPO; TRL's CPOTrainer writes the margin as β·(Δ̄ − γ/β), the same number)."""
+    delta = p.chosen_norm_scores - p.rejected_norm_scores
+    return _smoothed_logistic(p.beta * delta - p.gamma, p.label_smoothing)
 
 
 def _chosen_nll(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
@@ -268,12 +280,18 @@ def _sft(p: _Pairs) -> torch.Tensor:
     """NLL of the chosen completions, token mean over the batch — the SFT term of MPO
     (Wang et al. 2024, arXiv:2411.10442), TRL's "sft". One batch-level value broadcast to (B,) so
     it combines with per-pair losses and weights like they do."""
-    return _chosen_nll(p.chosen_sums, p.chosen_token_counts).expand_as(p.chosen_logps)
+    return _chosen_nll(p.nll_sums, p.nll_counts).expand_as(p.chosen_logps)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     # log(1 − eˣ) for x < 0; switching at −log 2 keeps both branches away from cancellation.
     return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_log_odds(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor) -> torch.Tensor:
+    """ORPO's log odds ratio (Hong et al. 2024, arXiv:2403.07691, Eq. 5) from (B,) per-token average
+    log-probs a: ``(a_c − a_r) − (log(1 − e^{a_c}) − log(1 − e^{a_r}))``."""
+    return (chosen_avg - rejected_avg) - (_log1mexp(chosen_avg) - _log1mexp(rejected_avg))
 
 
 def _orpo(p: _Pairs) -> torch.Tensor:
@@ -282,12 +300,11 @@ def _orpo(p: _Pairs) -> torch.Tensor:
     with a = π / length the per-token average log-prob of each completion,
     ``log_odds = (a_c − a_r) − (log(1 − e^{a_c}) − log(1 − e^{a_r}))`` and the per-pair loss is
     ``NLL − β·log σ(log_odds)``, β playing the paper's λ; NLL is the chosen token-mean NLL of
-    :func:`_sft`. Reference log-probs are ignored. Unlike TRL's ORPO trainer, the NLL covers the
-    scored (completion) tokens only, not the prompt. A completion with average log-prob 0 gives
+    :func:`_sft`. Reference log-probs are ignored. By default the NLL covers the scored (completion)
+    tokens only; TRL's ORPO trainer takes it over the prompt too (``chosen_nll_logps`` /
+    ``chosen_nll_lengths`` of :func:`preference_loss`). A completion with average log-prob 0 gives
     log(0) = −inf, as in TRL."""
-    chosen_avg = p.chosen_sums / p.chosen_lengths
-    rejected_avg = p.rejected_sums / p.rejected_lengths
-    log_odds = (chosen_avg - rejected_avg) - (_log1mexp(chosen_avg) - _log1mexp(rejected_avg))
+    log_odds = orpo_log_odds(p.chosen_sums / p.chosen_lengths, p.rejected_sums / p.rejected_lengths)
     return _sft(p) - p.beta * F.logsigmoid(log_odds)
 
 
@@ -334,6 +351,13 @@ def _f_divergence_scores(logratios: torch.Tensor, f_divergence_type: str, alpha:
     # Same clamp for fp32 and fp64 (TRL only lists 16/32-bit) so both precisions compute one function.
     t = torch.clamp(t.to(torch.promote_types(dtype, torch.float32)), max=clamp_max)
     return (torch.exp(t) - 1.0).to(dtype) * (1.0 / (alpha - 1.0))
+
+
+def _alphapo_reward(logratios: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AlphaPO's reward shape (Gupta et al. 2025, arXiv:2501.03884): ``(1 − e^{−α·u})/α`` for a log-ratio u,
+    which tends to u as α → 0. It is f-DPO's α-divergence score with coefficient 1 − α; written with expm1
+    (no clamp) so that it stays accurate for small α·u and overflows where TRL's ``(1 − p^{−α})/α`` does."""
+    return -torch.expm1(-alpha * logratios) / alpha
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,6 +445,9 @@ def preference_loss(
     rpo_alpha: Optional[float] = None,
     pair_weights: Optional[torch.Tensor] = None,
     bco_state: Optional[BCOState] = None,
+    alphapo_alpha: float = 0.0,
+    chosen_nll_logps: Optional[torch.Tensor] = None,
+    chosen_nll_lengths: Optional[torch.Tensor] = None,
 ) -> LossOutput:
     """A loss of the DPO family (or a weighted combination of several, MPO, Wang et al. 2024,
     arXiv:2411.10442) from (B,) per-sequence log-probs of the policy and the frozen reference.
@@ -434,19 +461,30 @@ def preference_loss(
 
     Options follow TRL 1.16's ``DPOConfig``: ``f_divergence_type`` turns log-ratios into scores for
     the score-based losses (a non-default value with another loss type is an error);
-    ``label_smoothing`` is ε of cDPO/AOT ([0, 0.5]), robust ([0, 0.5)) and EXO ((0, 1)) and must be 0
-    otherwise; ``label_smoothing_types``, when given, names the loss types ε applies to and the others
-    ignore it (TRL 1.16's DPOTrainer: robust, exo_pair, aot, aot_unpaired; its "sigmoid" ignores ε); ``gamma`` is SimPO's margin for "sigmoid_norm" only. ``chosen_lengths`` /
+    ``label_smoothing`` is ε of cDPO/AOT and of SimPO's "sigmoid_norm" (as TRL's CPOTrainer smooths it)
+    ([0, 0.5]), robust ([0, 0.5)) and EXO ((0, 1)) and must be 0 otherwise; ``label_smoothing_types``,
+    when given, names the loss types ε applies to and the others ignore it (TRL 1.16's DPOTrainer:
+    robust, exo_pair, aot, aot_unpaired; its "sigmoid" and "sigmoid_norm" ignore ε); ``gamma`` is
+    SimPO's margin for "sigmoid_norm" only. ``chosen_lengths`` /
     ``rejected_lengths`` are the scored-token counts of each sequence, needed by ipo, sigmoid_norm,
     sft, orpo and RPO; ``chosen_norm_lengths`` / ``rejected_norm_lengths``, when given, replace them
     as the divisors of ipo and sigmoid_norm only (TRL 1.16 divides there by the unshifted
     completion-mask count, one more than the scored tokens when the prompt is empty).
     ``chosen_sum_logps`` / ``rejected_sum_logps``: the summed log-probs that sft, orpo and rpo_alpha
     need, when the log-probs given are reduced otherwise (a mean, LD-DPO's weighted sum); by default
-    those are the sums. ``bco_state`` makes "bco_pair" centre rewards on a running mean and is
+    those are the sums. ``chosen_nll_logps`` / ``chosen_nll_lengths`` (given together): the summed
+    chosen log-probs and token counts of the NLL (sft, orpo's NLL, rpo_alpha) when it covers other
+    tokens than the scored ones (TRL's ORPO trainer: prompt and completion); ORPO's odds keep the
+    scored tokens. ``bco_state`` makes "bco_pair" centre rewards on a running mean and is
     updated in place with this batch's mean reward.
 
-    Rewards are detached β·(π − ref); if every loss type is "orpo", β · average per-token log-prob.
+    ``alphapo_alpha`` α ≠ 0: AlphaPO's reward shape (Gupta et al. 2025, arXiv:2501.03884), as TRL's
+    CPOTrainer ``alpha``: each reward u = π − ref becomes ``(1 − e^{−α·u})/α`` before sigmoid, hinge,
+    ipo and sigmoid_norm (for the last two, u is the per-token average, shaped after the division);
+    only with ``f_divergence_type="reverse_kl"`` (the shape is itself an f-divergence score).
+
+    Rewards are detached β·(π − ref) (shaped with ``alphapo_alpha``); if every loss type is "orpo",
+    β · average per-token log-prob.
     """
     types = _as_loss_types(loss_type)
     names = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
@@ -488,6 +526,21 @@ def preference_loss(
     gamma = _check_number("gamma", gamma)
     if gamma != 0.0 and "sigmoid_norm" not in types:
         raise ValueError(f"gamma (SimPO's margin) only applies to loss_type 'sigmoid_norm', got {types}")
+    alphapo_alpha = _check_number("alphapo_alpha", alphapo_alpha)
+    if alphapo_alpha != 0.0:
+        unsupported = [t for t in types if t not in _ALPHAPO_LOSSES]
+        if unsupported:
+            raise ValueError(
+                f"alphapo_alpha (AlphaPO's reward shape) applies to loss types {sorted(_ALPHAPO_LOSSES)}, got "
+                f"{unsupported}"
+            )
+        if f_divergence_type != "reverse_kl":
+            raise ValueError(
+                f"alphapo_alpha cannot be combined with f_divergence_type={f_divergence_type!r}: it is itself a "
+                "reward transform (f-DPO's alpha_divergence score with coefficient 1 - alpha)"
+            )
+    if (chosen_nll_logps is None) != (chosen_nll_lengths is None):
+        raise ValueError("chosen_nll_logps and chosen_nll_lengths must be given together")
 
     if rpo_alpha is not None:
         rpo_alpha = _check_number("rpo_alpha", rpo_alpha)
@@ -502,8 +555,12 @@ def preference_loss(
                 raise ValueError(f"{name} (scored tokens per sequence) is required by {needers}")
         else:
             _check_per_pair(name, value, batch)
-    for name, value in (("chosen_norm_lengths", chosen_norm_lengths), ("rejected_norm_lengths", rejected_norm_lengths),
-                        ("chosen_sum_logps", chosen_sum_logps), ("rejected_sum_logps", rejected_sum_logps)):  # fmt: skip
+    per_pair_options = (
+        ("chosen_norm_lengths", chosen_norm_lengths), ("rejected_norm_lengths", rejected_norm_lengths),
+        ("chosen_sum_logps", chosen_sum_logps), ("rejected_sum_logps", rejected_sum_logps),
+        ("chosen_nll_logps", chosen_nll_logps), ("chosen_nll_lengths", chosen_nll_lengths),
+    )  # fmt: skip
+    for name, value in per_pair_options:
         if value is not None:
             _check_per_pair(name, value, batch)
 
@@ -537,6 +594,21 @@ def preference_loss(
         value = lengths(default if value is None else value)
         return None if value is None else value.clamp(min=1)
 
+    chosen_scores = _f_divergence_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef)
+    rejected_scores = _f_divergence_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef)
+    chosen_norm = clamped(chosen_norm_lengths, chosen_lengths)
+    rejected_norm = clamped(rejected_norm_lengths, rejected_lengths)
+
+    def normalised(scores, logratios, norm):
+        if norm is None:
+            return None
+        # AlphaPO shapes the per-token average reward; f-DPO averages the score of the whole sequence
+        return _alphapo_reward(logratios / norm, alphapo_alpha) if alphapo_alpha else scores / norm
+
+    if alphapo_alpha:
+        chosen_scores = _alphapo_reward(chosen_logratios, alphapo_alpha)
+        rejected_scores = _alphapo_reward(rejected_logratios, alphapo_alpha)
+    chosen_sums = chosen_logps if chosen_sum_logps is None else chosen_sum_logps
     pairs = _Pairs(
         chosen_logps=chosen_logps,
         rejected_logps=rejected_logps,
@@ -544,8 +616,8 @@ def preference_loss(
         ref_rejected_logps=ref_rejected_logps,
         chosen_logratios=chosen_logratios,
         rejected_logratios=rejected_logratios,
-        chosen_scores=_f_divergence_scores(chosen_logratios, f_divergence_type, f_alpha_divergence_coef),
-        rejected_scores=_f_divergence_scores(rejected_logratios, f_divergence_type, f_alpha_divergence_coef),
+        chosen_scores=chosen_scores,
+        rejected_scores=rejected_scores,
         chosen_lengths=clamped(chosen_lengths, None),
         rejected_lengths=clamped(rejected_lengths, None),
         beta=beta,
@@ -553,10 +625,14 @@ def preference_loss(
         discopop_tau=discopop_tau,
         gamma=gamma,
         chosen_token_counts=lengths(chosen_lengths),
-        chosen_norm_lengths=clamped(chosen_norm_lengths, chosen_lengths),
-        rejected_norm_lengths=clamped(rejected_norm_lengths, rejected_lengths),
-        chosen_sums=chosen_logps if chosen_sum_logps is None else chosen_sum_logps,
+        chosen_norm_lengths=chosen_norm,
+        rejected_norm_lengths=rejected_norm,
+        chosen_sums=chosen_sums,
         rejected_sums=rejected_logps if rejected_sum_logps is None else rejected_sum_logps,
+        chosen_norm_scores=normalised(chosen_scores, chosen_logratios, chosen_norm),
+        rejected_norm_scores=normalised(rejected_scores, rejected_logratios, rejected_norm),
+        nll_sums=chosen_sums if chosen_nll_logps is None else chosen_nll_logps,
+        nll_counts=lengths(chosen_lengths if chosen_nll_lengths is None else chosen_nll_lengths),
         bco_delta=bco_delta,
     )
 
@@ -566,7 +642,7 @@ def preference_loss(
         for t, w in zip(types, weights)
     )
     if rpo_alpha is not None:
-        per_pair = per_pair + rpo_alpha * _chosen_nll(pairs.chosen_sums, pairs.chosen_token_counts)
+        per_pair = per_pair + rpo_alpha * _chosen_nll(pairs.nll_sums, pairs.nll_counts)
     if pair_weights is not None:
         per_pair = per_pair * pair_weights.detach().to(dtype)
     loss = per_pair.mean()
@@ -574,6 +650,9 @@ def preference_loss(
     if all(t == "orpo" for t in types):
         chosen_rewards = beta * (pairs.chosen_sums / pairs.chosen_lengths).detach()
         rejected_rewards = beta * (pairs.rejected_sums / pairs.rejected_lengths).detach()
+    elif alphapo_alpha:
+        chosen_rewards = beta * pairs.chosen_scores.detach()
+        rejected_rewards = beta * pairs.rejected_scores.detach()
     else:
         chosen_rewards = beta * chosen_logratios.detach()
         rejected_rewards = beta * rejected_logratios.detach()

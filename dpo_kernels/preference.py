@@ -64,6 +64,7 @@ def dpo_from_tokens(
     ld_alpha: Optional[float] = None,
     use_weighting: bool = False,
     norm_lengths: Optional[torch.Tensor] = None,
+    nll_mask: Optional[torch.Tensor] = None,
     **loss_options,
 ):
     """(loss, metrics) from the policy's (2B, T') per-token log-probs and the (2B,) reference log-probs
@@ -72,15 +73,32 @@ def dpo_from_tokens(
     ``stats`` (2B, T', 4) and ``lse`` (2B, T') come from the policy's kernel pass: ``stats`` feeds the
     token metrics (``logits/*``, ``entropy``, ``mean_token_accuracy``) and, with ``lse``, WPO's weights.
     ``norm_lengths`` (2B,): what the length-normalised losses (ipo, sigmoid_norm) divide by instead of
-    the scored-token counts (see :func:`dpo_kernels.losses.preference_loss`).
+    the scored-token counts (see :func:`dpo_kernels.losses.preference_loss`); with ``average=True`` they
+    must be given (ones: the averages are already per-token scores).
+
+    ``nll_mask`` (2B, T') bool: the tokens the chosen NLL (sft, orpo, ``rpo_alpha`` and the ``nll_loss``
+    metric) covers when they are not the scored ones (TRL's ORPO trainer: prompt and completion).
+    ``token_logps`` (and ``stats``) then hold the pass's values on ``mask | nll_mask``; the preference terms
+    and the token metrics read ``mask`` only.
     """
     nll_terms = any(t in _NEEDS_NLL for t in loss_types(loss_type)) or loss_options.get("rpo_alpha") is not None
     normalised = [t for t in loss_types(loss_type) if t in _LENGTH_NORMALISED]
-    if average and normalised:
+    if average and normalised and norm_lengths is None:
         raise ValueError(
             f"loss types {normalised} normalise by length themselves: average=True would divide the scores by the "
-            "length twice; leave average=False"
+            "length twice; leave average=False (or give norm_lengths: ones when the averages are the scores)"
         )
+    nll_logps = None
+    if nll_mask is not None:
+        if not isinstance(nll_mask, torch.Tensor) or nll_mask.dtype != torch.bool or nll_mask.shape != mask.shape:
+            raise ValueError(f"nll_mask must be a bool tensor of shape {tuple(mask.shape)} like mask")
+        zero = token_logps.new_zeros(())
+        nll_logps = torch.where(nll_mask, token_logps, zero).chunk(2)[0]
+        loss_options["chosen_nll_logps"] = nll_logps.sum(-1)
+        loss_options["chosen_nll_lengths"] = nll_mask.chunk(2)[0].sum(-1).to(token_logps.dtype)
+        token_logps = torch.where(mask, token_logps, zero)
+        if stats is not None:
+            stats = torch.where(mask[..., None], stats, stats.new_zeros(()))
     policy = reduce_sequences(token_logps, mask, average=average, ld_alpha=ld_alpha)
     if nll_terms and (average or ld_alpha is not None):
         # The NLL and ORPO's odds are defined on summed token log-probs, whatever the DPO terms use.
@@ -112,9 +130,18 @@ def dpo_from_tokens(
     if stats is not None:
         metrics.update(token_metrics(stats, mask, vocab_size))
     if nll_terms:
-        chosen_mask = mask.chunk(2)[0]
-        nll = -token_logps.chunk(2)[0].detach().sum() / chosen_mask.sum().clamp(min=1)
-        metrics["nll_loss"] = nll
+        if nll_logps is None:
+            nll_logps, nll_tokens = token_logps.chunk(2)[0], mask.chunk(2)[0]
+        else:
+            nll_tokens = nll_mask.chunk(2)[0]
+        metrics["nll_loss"] = -nll_logps.detach().sum() / nll_tokens.sum().clamp(min=1)
+    if "orpo" in loss_types(loss_type):
+        # ORPO's odds are on the average per-token log-probs of the summed ones
+        sums = token_logps.detach().sum(-1) if average or ld_alpha is not None else policy.detach()
+        chosen_avg, rejected_avg = (sums / lengths.clamp(min=1)).chunk(2)
+        log_odds = losses.orpo_log_odds(chosen_avg, rejected_avg)
+        metrics["log_odds_ratio"] = torch.nn.functional.logsigmoid(log_odds).mean()
+        metrics["log_odds_chosen"] = log_odds.mean()
     return out.loss, metrics
 
 

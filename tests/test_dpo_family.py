@@ -30,6 +30,8 @@ CASES = {
     "apo_down": dict(loss_type="apo_down"),
     "discopop": dict(loss_type="discopop", discopop_tau=0.05),
     "simpo": dict(loss_type="sigmoid_norm", gamma=0.5),
+    "simpo_smoothed": dict(loss_type="sigmoid_norm", gamma=0.5, label_smoothing=0.2),
+    "alphapo": dict(loss_type="sigmoid_norm", gamma=0.5, label_smoothing=0.1, alphapo_alpha=0.2),
     "orpo": dict(loss_type="orpo"),
     "mpo": dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0]),
     "rpo": dict(loss_type="sigmoid", rpo_alpha=0.5),

@@ -398,6 +398,9 @@ def test_sequence_logps_from_model_matches_full_logits(name):
     for n, p in model.named_parameters():
         torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-6 * p.grad.abs().max().item() + 1e-9)
     torch.testing.assert_close(tokens.stats, reference.token_stats(logits.detach(), labels), rtol=RTOL, atol=1e-5)
+    hidden = hf.backbone_hidden_states(model, ids, attention).detach()
+    sums = hf.position_logit_sums(hidden, hf.lm_head_of(model))  # every position, padding and last included
+    torch.testing.assert_close(sums, logits.detach().sum(-1), rtol=RTOL, atol=1e-5)
     mean = hf.sequence_logps_from_model(model, ids, attention, labels, average=True)
     torch.testing.assert_close(mean, expected.detach() / (labels[:, 1:] != -100).sum(-1), rtol=RTOL, atol=1e-6)
 

@@ -36,7 +36,12 @@ def make_pairs(batch=B):
     ref_chosen = chosen + 1.5 * torch.randn(batch, dtype=torch.float64)
     ref_rejected = rejected + 1.5 * torch.randn(batch, dtype=torch.float64)
     pair_weights = 0.2 + torch.rand(batch, dtype=torch.float64)
+    # the NLL over more tokens than the scored ones (TRL's ORPO: the prompt too)
+    nll_lengths = chosen_lengths + torch.randint(0, 6, (batch,))
+    nll = chosen - (0.2 + 2.8 * torch.rand(batch, dtype=torch.float64)) * (nll_lengths - chosen_lengths)
     return dict(
+        nll=nll,
+        nll_lengths=nll_lengths,
         chosen=chosen,
         rejected=rejected,
         ref_chosen=ref_chosen,
@@ -81,16 +86,28 @@ def log1mexp(x):
     return math.log(1 - math.exp(x)) if x < -1 else math.log(-math.expm1(x))
 
 
-def expected_per_pair(t, d, beta, eps, fdiv, alpha, tau, gamma, bco_delta):
+def alphapo(u, a):
+    """AlphaPO's reward (Gupta et al. 2025), as TRL's CPOTrainer writes it: (1 − p^(−α))/α, p = e^u."""
+    return u if a == 0 else (1 - math.exp(u) ** -a) / a
+
+
+def expected_per_pair(t, d, beta, eps, fdiv, alpha, tau, gamma, bco_delta, a_po=0.0):
     c, r, rc, rr = d["c"], d["r"], d["rc"], d["rr"]
     lc, lr = d["lc"], d["lr"]
     n = len(c)
     xc = [c[i] - rc[i] for i in range(n)]
     xr = [r[i] - rr[i] for i in range(n)]
-    sc = [f_score(x, fdiv, alpha) for x in xc]
-    sr = [f_score(x, fdiv, alpha) for x in xr]
+    sc = [alphapo(x, a_po) if a_po else f_score(x, fdiv, alpha) for x in xc]
+    sr = [alphapo(x, a_po) if a_po else f_score(x, fdiv, alpha) for x in xr]
+    # per-token average scores; AlphaPO shapes the average reward, f-DPO averages the sequence's score
+    if a_po:
+        nc = [alphapo(xc[i] / max(lc[i], 1), a_po) for i in range(n)]
+        nr = [alphapo(xr[i] / max(lr[i], 1), a_po) for i in range(n)]
+    else:
+        nc = [sc[i] / max(lc[i], 1) for i in range(n)]
+        nr = [sr[i] / max(lr[i], 1) for i in range(n)]
     m = [beta * (sc[i] - sr[i]) for i in range(n)]
-    nll = -sum(c) / max(sum(lc), 1)
+    nll = -sum(d["nll"]) / max(sum(d["nll_n"]), 1)
     out = []
     for i in range(n):
         if t == "sigmoid":
@@ -103,7 +120,7 @@ def expected_per_pair(t, d, beta, eps, fdiv, alpha, tau, gamma, bco_delta):
         elif t == "hinge":
             v = max(0.0, 1 - m[i])
         elif t == "ipo":
-            v = (sc[i] / max(lc[i], 1) - sr[i] / max(lr[i], 1) - 1 / (2 * beta)) ** 2
+            v = (nc[i] - nr[i] - 1 / (2 * beta)) ** 2
         elif t == "bco_pair":
             delta = bco_delta or 0.0
             v = -logsig(beta * xc[i] - delta) - logsig(-(beta * xr[i] - delta))
@@ -125,7 +142,8 @@ def expected_per_pair(t, d, beta, eps, fdiv, alpha, tau, gamma, bco_delta):
             mod = sig(m[i] / tau)
             v = -logsig(m[i]) * (1 - mod) + math.exp(-m[i]) * mod
         elif t == "sigmoid_norm":
-            v = -logsig(beta * (sc[i] / max(lc[i], 1) - sr[i] / max(lr[i], 1)) - gamma)
+            # SimPO, smoothed as CPO's "simpo": −(1−ε)·log σ(β·(Δ̄ − γ/β)) − ε·log σ(−β·(Δ̄ − γ/β))
+            v = smoothed(beta * (nc[i] - nr[i] - gamma / beta), eps)
         elif t == "sft":
             v = nll
         elif t == "orpo":
@@ -151,6 +169,8 @@ def expected_loss(
     rpo_alpha=None,
     pair_weights=False,
     bco_delta=None,
+    alphapo_alpha=0.0,
+    nll_tokens=False,
 ):
     d = dict(
         c=floats(data["chosen"]),
@@ -160,17 +180,20 @@ def expected_loss(
         lc=floats(data["chosen_lengths"]),
         lr=floats(data["rejected_lengths"]),
     )
+    # the NLL's tokens: the scored ones, or (nll_tokens) the chosen_nll_* of the data
+    d["nll"], d["nll_n"] = (floats(data["nll"]), floats(data["nll_lengths"])) if nll_tokens else (d["c"], d["lc"])
     types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     weights = loss_weights or [1.0] * len(types)
     n = len(d["c"])
     total = [0.0] * n
     for t, w in zip(types, weights):
         per = expected_per_pair(
-            t, d, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau, gamma, bco_delta
-        )
+            t, d, beta, label_smoothing, f_divergence_type, f_alpha_divergence_coef, discopop_tau, gamma, bco_delta,
+            alphapo_alpha,
+        )  # fmt: skip
         total = [total[i] + w * per[i] for i in range(n)]
     if rpo_alpha is not None:
-        nll = -sum(d["c"]) / max(sum(d["lc"]), 1)
+        nll = -sum(d["nll"]) / max(sum(d["nll_n"]), 1)
         total = [x + rpo_alpha * nll for x in total]
     if pair_weights:
         pw = floats(data["pair_weights"])
@@ -178,7 +201,9 @@ def expected_loss(
     return sum(total) / n
 
 
-def call(data, pair_weights=False, **opts):
+def call(data, pair_weights=False, nll_tokens=False, **opts):
+    if nll_tokens:
+        opts.update(chosen_nll_logps=data["nll"], chosen_nll_lengths=data["nll_lengths"])
     return L.preference_loss(
         data["chosen"],
         data["rejected"],
@@ -208,6 +233,14 @@ CASES += [
     ("discopop-tau0.5", dict(loss_type="discopop", discopop_tau=0.5, beta=0.5)),
     ("ipo-beta0.5", dict(loss_type="ipo", beta=0.5)),
     ("sigmoid_norm-gamma", dict(loss_type="sigmoid_norm", beta=2.0, gamma=0.5)),
+    ("simpo-smoothed-0.2", dict(loss_type="sigmoid_norm", beta=2.0, gamma=0.5, label_smoothing=0.2)),
+    ("simpo-smoothed-0.5", dict(loss_type="sigmoid_norm", beta=2.0, gamma=0.5, label_smoothing=0.5)),
+    ("alphapo-simpo", dict(loss_type="sigmoid_norm", beta=2.0, gamma=0.5, label_smoothing=0.1, alphapo_alpha=0.3)),
+    ("alphapo-sigmoid", dict(loss_type="sigmoid", alphapo_alpha=-0.05)),
+    ("alphapo-hinge", dict(loss_type="hinge", beta=0.5, alphapo_alpha=0.05)),
+    ("alphapo-ipo", dict(loss_type="ipo", alphapo_alpha=0.7)),
+    ("orpo-nll-tokens", dict(loss_type="orpo", beta=0.5, nll_tokens=True)),
+    ("rpo-nll-tokens", dict(loss_type=["sigmoid", "sft"], rpo_alpha=0.3, nll_tokens=True)),
     ("orpo-beta0.5", dict(loss_type="orpo", beta=0.5)),
     ("rpo-sigmoid", dict(loss_type="sigmoid", rpo_alpha=0.7)),
     ("rpo-ipo", dict(loss_type="ipo", rpo_alpha=1.0)),
@@ -267,6 +300,8 @@ GRAD_CASES = [(t, dict(loss_type=t, **DEFAULTS[t])) for t in L.LOSS_TYPES] + [
     ("js", dict(loss_type="ipo", f_divergence_type="js_divergence")),
     ("alpha", dict(loss_type="discopop", f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.3)),
     ("gamma", dict(loss_type="sigmoid_norm", gamma=0.4)),
+    ("simpo-smoothed", dict(loss_type="sigmoid_norm", gamma=0.4, label_smoothing=0.3)),
+    ("alphapo-simpo", dict(loss_type="sigmoid_norm", gamma=0.4, alphapo_alpha=0.2)),
     ("rpo-wpo", dict(loss_type="sigmoid", rpo_alpha=0.5, pair_weights=True)),
     ("mpo", dict(loss_type=["sigmoid", "bco_pair", "sft"], loss_weights=[0.8, 0.2, 1.0])),
 ]
@@ -298,6 +333,11 @@ def test_rewards():
     orpo = call(data, loss_type="orpo", beta=0.3)
     expected = [0.3 * c / n for c, n in zip(floats(data["chosen"]), floats(data["chosen_lengths"]))]
     torch.testing.assert_close(orpo.chosen_rewards, torch.tensor(expected, dtype=torch.float64), **FP64_TOL)
+    # AlphaPO logs β times its shaped reward, as TRL's CPOTrainer does with alpha != 0
+    shaped = call(data, loss_type="sigmoid", beta=0.3, alphapo_alpha=0.2)
+    logratios = floats(data["rejected"] - data["ref_rejected"])
+    expected = torch.tensor([0.3 * alphapo(x, 0.2) for x in logratios], dtype=torch.float64)
+    torch.testing.assert_close(shaped.rejected_rewards, expected, **FP64_TOL)
 
 
 def test_zero_length_sequences_are_clamped():
@@ -600,6 +640,10 @@ ERROR_CASES = [
      "f_divergence_type"),  # fmt: skip
     ("tau", dict(loss_type="discopop", discopop_tau=0.0), ValueError, "discopop_tau"),
     ("gamma-sigmoid", dict(gamma=0.5), ValueError, "gamma"),
+    ("simpo-0.6", dict(loss_type="sigmoid_norm", label_smoothing=0.6), ValueError, "label_smoothing"),
+    ("alphapo-orpo", dict(loss_type="orpo", alphapo_alpha=0.1), ValueError, "alphapo_alpha"),
+    ("alphapo-fdiv", dict(alphapo_alpha=0.1, f_divergence_type="js_divergence"), ValueError, "alphapo_alpha"),
+    ("nll-logps-alone", dict(loss_type="sft", chosen_nll_logps=torch.zeros(B)), ValueError, "chosen_nll_lengths"),
     ("bco-state-sigmoid", dict(bco_state=L.BCOState()), ValueError, "bco_state"),
     ("bco-state-type", dict(loss_type="bco_pair", bco_state={"mean": 0.0}), TypeError, "bco_state"),
 ]

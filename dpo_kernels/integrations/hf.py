@@ -15,6 +15,7 @@ Public API:
 - :func:`lm_head_of`: the (weight, bias, logit_scale, softcap) a model's logits are made of;
 - :func:`backbone_hidden_states`: the last hidden states, through PEFT and distributed wrappers;
 - :func:`token_logps_from_hidden`: the op on given hidden states and head.
+- :func:`position_logit_sums`: Σ_v z_v at every position, for a mean of the full logits.
 
 Needs ``transformers`` only for the models it is given; importing this module imports no Hugging Face
 package.
@@ -36,7 +37,8 @@ from ..tokens import Tokens, from_hidden
 # The keyword our forward patch answers to; any other call goes to the model's own forward.
 HIDDEN_FLAG = "dpo_kernels_hidden_states"
 # model(..., dpo_kernels_token_logps=dict(labels=..., **token_logps_from_hidden options)): the fused head
-# runs inside the model's forward, where FSDP2 has the root unit's parameters (the LM head) whole.
+# runs inside the model's forward, where FSDP2 has the root unit's parameters (the LM head) whole. With
+# logit_sums=True in the options the output also holds position_logit_sums of every position.
 TOKENS_FLAG = "dpo_kernels_token_logps"
 _PATCHED = "_dpo_kernels_hidden_forward"
 
@@ -55,7 +57,8 @@ class HiddenStatesOutput(collections.OrderedDict):
     """What the patched forward returns when called with ``dpo_kernels_hidden_states=True`` (or
     ``dpo_kernels_token_logps=...``): the backbone's ``last_hidden_state``, when router logits were
     requested the MoE ``aux_loss``, and with ``dpo_kernels_token_logps`` the fused head's ``tokens``
-    (:class:`dpo_kernels.tokens.Tokens`, its ``vocab_size`` read where the weight is whole). An
+    (:class:`dpo_kernels.tokens.Tokens`, its ``vocab_size`` read where the weight is whole) and, when its
+    options ask for ``logit_sums``, ``logit_sums`` (:func:`position_logit_sums`). An
     ``OrderedDict`` with attribute access (None for a missing key), so that distributed wrappers can walk it
     and rebuild it as its own class (FSDP1 does ``type(out)()``, then sets the items)."""
 
@@ -175,17 +178,19 @@ def install_hidden_forward(model) -> None:
         if token_options is not None:
             options = dict(token_options)
             labels = options.pop("labels")
+            logit_sums = options.pop("logit_sums", False)
             hidden_scored = hidden[:, -labels.shape[1] :]  # prompt learning prepends virtual tokens
-            tokens = _fused_head_call(self, hidden_scored, labels, options)
-            return HiddenStatesOutput(last_hidden_state=hidden, aux_loss=aux_loss, tokens=tokens)
+            tokens, sums = _fused_head_call(self, hidden_scored, labels, options, logit_sums)
+            return HiddenStatesOutput(last_hidden_state=hidden, aux_loss=aux_loss, tokens=tokens, logit_sums=sums)
         return HiddenStatesOutput(last_hidden_state=hidden, aux_loss=aux_loss)
 
     base.forward = types.MethodType(forward, base)
     setattr(base, _PATCHED, True)
 
 
-def _fused_head_call(base, hidden, labels, options):
-    """The fused head's :class:`Tokens` on ``hidden``, run as the LM head module's own forward.
+def _fused_head_call(base, hidden, labels, options, logit_sums=False):
+    """The fused head's :class:`Tokens` on ``hidden`` (and with ``logit_sums`` its
+    :func:`position_logit_sums`, else None), run as the LM head module's own forward.
 
     Wrappers that manage a module's parameters around its forward see the head used as ``lm_head(hidden)``
     would use it: DeepSpeed ZeRO-3's hooks on ``lm_head`` gather its partitioned weight for the call and
@@ -201,17 +206,21 @@ def _fused_head_call(base, hidden, labels, options):
 
     def fused_forward(_module, hidden, labels):
         head = lm_head_of(base)  # read here, where the weight is whole
-        return tuple(token_logps_from_hidden(hidden, head, labels, **options))  # a plain tuple: wrappers walk it
+        tokens = tuple(token_logps_from_hidden(hidden, head, labels, **options))  # a plain tuple: wrappers walk it
+        if not logit_sums:
+            return tokens, None
+        pass_options = {k: options[k] for k in ("backend", "memory_budget") if k in options}
+        return tokens, position_logit_sums(hidden, head, **pass_options)
 
     module.forward = types.MethodType(fused_forward, module)
     try:
-        tokens = module(hidden, labels)
+        tokens, sums = module(hidden, labels)
     finally:
         if had_own_forward:
             module.forward = previous
         else:
             del module.forward
-    return Tokens(*tokens)
+    return Tokens(*tokens), sums
 
 
 def _load_balancing_loss(text_config, router_logits, attention_mask):
@@ -249,8 +258,10 @@ def token_logps_from_hidden(
     backend: str = "auto",
     cu_seqlens: Optional[torch.Tensor] = None,
     gradient_filter=None,
+    shift: bool = True,
 ) -> Tokens:
-    """The fused head's per-token pass on (N, T, H) hidden states: position t scores ``labels[:, t + 1]``.
+    """The fused head's per-token pass on (N, T, H) hidden states: position t scores ``labels[:, t + 1]``
+    (``labels[:, t]`` with ``shift=False``).
 
     Under autocast the head runs in the autocast dtype, as ``nn.Linear`` would; otherwise the weight
     and bias are cast to the hidden states' dtype when they differ (differentiably). A head that is a
@@ -275,11 +286,41 @@ def token_logps_from_hidden(
     packed = None if cu_seqlens is None else packing.resolve(labels, cu_seqlens.to(labels.device), tokens_name="hidden")
     with torch.autocast(hidden.device.type, enabled=False):
         return from_hidden(
-            hidden, local["weight"], local["bias"], labels, ignore_index=int(ignore_index), shift=True,
+            hidden, local["weight"], local["bias"], labels, ignore_index=int(ignore_index), shift=shift,
             logit_scale=float(head.logit_scale), softcap=head.softcap, temperature=float(temperature),
             memory_budget=memory_budget, backend=backend, with_stats=with_stats, gradient_filter=gradient_filter,
             packed=packed, shard=shard,
         )  # fmt: skip
+
+
+# Rows of hidden states cast to fp32 at a time by position_logit_sums: a bf16 batch is never copied whole.
+_LOGIT_SUM_ROWS = 4096
+
+
+def position_logit_sums(hidden: torch.Tensor, head: LMHead, *, backend: str = "auto", memory_budget=None):
+    """(N, T) fp32 Σ_v z_v, the sum of the logits over the vocabulary at every position of ``hidden``
+    (N, T, H), padding and last position included, detached: what a mean of the full logits needs (TRL's
+    ORPO / CPO trainers log ``logits.mean()`` over all positions), without the (N, T, V) logits.
+
+    Without a softcap the logits are linear in the head, so Σ_v z_v = scale·(h·Σ_v W_v + Σ_v b_v): one
+    vector, no pass over the vocabulary. With a softcap (Gemma 2) it is the per-token statistic of a
+    no-autograd pass of the fused head scoring every position (``shift=False``, any label).
+    """
+    with torch.no_grad():
+        if head.softcap is not None:
+            labels = torch.zeros(hidden.shape[:2], dtype=torch.long, device=hidden.device)
+            tokens = token_logps_from_hidden(hidden, head, labels, with_stats=True, shift=False, backend=backend,
+                                             memory_budget=memory_budget)  # fmt: skip
+            return tokens.stats[..., 0].float()
+        column = head.weight.sum(0, dtype=torch.float32)
+        offset = 0.0 if head.bias is None else head.bias.sum(dtype=torch.float32)
+        if hasattr(column, "full_tensor"):  # a vocabulary-sharded DTensor head: the ranks' partial sums
+            column = column.full_tensor()
+            offset = offset.full_tensor() if hasattr(offset, "full_tensor") else offset
+        column = column.to(hidden.device)
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        sums = torch.cat([chunk.float() @ column for chunk in rows.split(_LOGIT_SUM_ROWS)])
+        return ((sums + offset) * head.logit_scale).reshape(hidden.shape[:2])
 
 
 # ------------------------------------------------------------------------------------ from a model

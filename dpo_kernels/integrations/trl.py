@@ -1,5 +1,7 @@
 """TRL's ``DPOTrainer`` (and ``KTOTrainer``: :class:`FusedKTOTrainer` / :func:`apply_fused_kto`, from
-:mod:`dpo_kernels.integrations.trl_kto`) with its loss computed by dpo_kernels: one line to adopt.
+:mod:`dpo_kernels.integrations.trl_kto`; the experimental ``ORPOTrainer`` and ``CPOTrainer``:
+``FusedORPOTrainer`` / ``apply_fused_orpo`` and ``FusedCPOTrainer`` / ``apply_fused_cpo``, from
+:mod:`dpo_kernels.integrations.trl_orpo_cpo`) with its loss computed by dpo_kernels: one line to adopt.
 
 ```python
 from dpo_kernels.integrations.trl import FusedDPOTrainer, apply_fused_dpo
@@ -38,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -50,6 +53,9 @@ from ._trl_support import unsupported as _unsupported
 from .collate import PackedPreferenceCollator
 from .trl_head import FusedHeadPatch, patch_fused_lm_head
 from .trl_kto import FusedKTOTrainer, apply_fused_kto
+
+if TYPE_CHECKING:  # imported on first use instead, by __getattr__ below
+    from .trl_orpo_cpo import FusedCPOTrainer, FusedORPOTrainer, apply_fused_cpo, apply_fused_orpo
 
 try:
     from trl import DPOTrainer
@@ -335,6 +341,19 @@ class FusedDPOTrainer(_FusedLoss, DPOTrainer):
         self._dpo_kernels_configure(backend, memory_budget, gradient_filter)
 
 
+# Names of trl_orpo_cpo, imported on first use: it imports trl.experimental, which warns on import, and a
+# DPO user should not see that warning.
+_EXPERIMENTAL = ("FusedCPOTrainer", "FusedORPOTrainer", "apply_fused_cpo", "apply_fused_orpo")
+
+
+def __getattr__(name):
+    if name in _EXPERIMENTAL:
+        from . import trl_orpo_cpo
+
+        return getattr(trl_orpo_cpo, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @functools.lru_cache(maxsize=None)
 def _fused_class(cls: type) -> type:
     if cls is DPOTrainer:
@@ -358,6 +377,7 @@ def apply_fused_dpo(trainer, *, backend: str = "auto", memory_budget: int | None
 
 
 __all__ = [
-    "ANY_TRL_ENV", "SUPPORTED_TRL", "FusedDPOTrainer", "FusedHeadPatch", "FusedKTOTrainer", "apply_fused_dpo",
-    "apply_fused_kto", "check_trl_version", "patch_fused_lm_head",
+    "ANY_TRL_ENV", "SUPPORTED_TRL", "FusedCPOTrainer", "FusedDPOTrainer", "FusedHeadPatch", "FusedKTOTrainer",
+    "FusedORPOTrainer", "apply_fused_cpo", "apply_fused_dpo", "apply_fused_kto", "apply_fused_orpo",
+    "check_trl_version", "patch_fused_lm_head",
 ]  # fmt: skip
