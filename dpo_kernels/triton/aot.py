@@ -175,6 +175,10 @@ LINEAR_FILTER_KERNELS = ("fused_linear_logps_bwd_dz_kernel",)
 # The dz buffer's row stride (its chunk width VC, a multiple of BLOCK_V for a chunked vocabulary) and
 # d_weight's (H): divisible by 16 in the aligned layout, as at V = 128256, H = 4096.
 LINEAR_PRODUCT_ALIGNED_INTS = ("stride_dz", "stride_dw")
+# The dz kernel's keep-flag row stride (its V tiles per chunk: 256 for VC = 16384 at BLOCK_V = 64, 2004 for one
+# chunk of V = 128256): divisible by 16 in the aligned layout, unmarked in the unaligned one, so that both of
+# the JIT's specializations are compiled (it only matters to FILTER; the launcher passes 0 without).
+LINEAR_DZ_ALIGNED_INTS = ("stride_keep",)
 LINEAR_FLOATS = ("logit_scale", "softcap", "temperature", "filter_eps")
 LINEAR_UNIT_STRIDES = ("stride_y", "stride_g")
 # Kernels whose tiles are reduced across warps (row max / sums of the online log-sum-exp, the softmax of
@@ -332,6 +336,8 @@ def linear_source(variant: LinearVariant):
         else:
             signature[arg] = "i32"
             aligned_ints = LINEAR_ALIGNED_INTS + (LINEAR_PRODUCT_ALIGNED_INTS if variant.product else ())
+            if variant.kernel == "fused_linear_logps_bwd_dz_kernel":
+                aligned_ints += LINEAR_DZ_ALIGNED_INTS
             if arg in ("v_per_split", "chunk_start") or (arg in aligned_ints and variant.layout == "aligned"):
                 attrs[(index,)] = [["tt.divisibility", 16]]
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)

@@ -390,6 +390,7 @@ def fused_linear_logps_bwd_dz_kernel(
     stride_wv,
     stride_y,
     stride_g,
+    stride_keep,  # keep_ptr's row stride, cdiv(VC, BLOCK_V); FILTER only (0 without: one JIT specialization)
     chunk_start,  # the chunk's first column as a global id: vocab_start + its offset in the slice
     logit_scale,
     softcap,
@@ -451,7 +452,10 @@ def fused_linear_logps_bwd_dz_kernel(
     )  # fmt: skip
     out = dz_ptr + rows[:, None] * stride_dz + (col0 + c)[None, :]
     if FILTER:
-        tl.store(keep_ptr + tl.cast(row_tile, tl.int64) * v_tiles + col_tile, keep.to(tl.int8))
+        # the row stride is an argument rather than v_tiles: v_tiles, row_tile and an offset kept live across the
+        # H loop for this store spilled fp32 sm_90 FILTER builds under Triton 3.6's ptxas (a 16-byte stack frame
+        # at 80 registers); read from the constant bank, the stride holds no register
+        tl.store(keep_ptr + tl.cast(row_tile, tl.int64) * stride_keep + col_tile, keep.to(tl.int8))
         in_tile = row_mask[:, None] & col_mask[None, :]
         tl.store(out, dacc.to(dz_ptr.dtype.element_ty), mask=tl.where(keep, in_tile, False))
     else:
@@ -960,7 +964,7 @@ def fused_linear_logps_bwd(grad, hidden, weight, bias, labels, lse, logit_scale=
             fused_linear_logps_bwd_dz_kernel[(row_blocks * v_tiles,)](
                 dz, grad, hidden, weight[c0:], bias_arg[c0:] if bias is not None else bias_arg, labels, lse,
                 chunk_keep, M, cols, H, dz_buf.stride(0), hidden.stride(0), weight.stride(0), labels.stride(0),
-                grad.stride(0), int(vocab_start) + c0, scale, cap, temp, float(filter_eps),
+                grad.stride(0), v_tiles if filtered else 0, int(vocab_start) + c0, scale, cap, temp, float(filter_eps),
                 HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
                 BLOCK_M=cfg.BLOCK_M, BLOCK_V=cfg.BLOCK_V, BLOCK_H=cfg.BLOCK_H, GROUP_M=GROUP_M,
                 UPCAST_DOT=upcast, FILTER=filtered, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
