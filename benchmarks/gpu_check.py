@@ -7,7 +7,8 @@
 
 Ceilings (measured once, on the card as found): a device-to-device copy of 4 GiB, counting the bytes read plus
 the bytes written, gives the memory bandwidth BW; an 8192³ bf16 matmul (2·8192³ FLOPs) gives the matrix rate R.
-Both on random data (zeros run faster and would flatter the ceiling), median of 10 after 3 warm-ups.
+Both on random data (zeros run faster and would flatter the ceiling), median of 10 after 3 warm-ups (the dry run:
+one call each).
 
 Routes (the fused LM head's choices the cost model made without a GPU, timed at real scale): the forward as the
 fused Triton kernel against the op's cuBLAS products + log-prob kernel, with and without statistics; and a
@@ -114,10 +115,17 @@ def _env_text(facts: dict) -> str:
 # Ceilings
 
 
+# The dry run (``--dry-run``) times each call once, without warm-up: its figures are no GPU figures, it proves the
+# code paths (under the interpreter, the fused head's kernels take seconds a call).
+ONCE = False
+
+
 def _time(fn, device, warmup=3, reps=10) -> float:
     """Median seconds of ``fn()``: CUDA events on a GPU (one sync after the timed call), perf_counter on CPU."""
     import torch
 
+    if ONCE:
+        warmup, reps = 0, 1
     for _ in range(warmup):
         fn()
     samples = []
@@ -445,6 +453,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="the folder the report goes to (report)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes")
     args = p.parse_args(argv)
+    global ONCE
+    ONCE = args.dry_run
     os.makedirs(args.work, exist_ok=True)
     if args.what == "env":
         facts = env_facts()

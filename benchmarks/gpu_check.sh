@@ -163,7 +163,7 @@ sys.exit(tuple(map(int, v('pytest-timeout').split('.')[:2])) < (2, 3))" 2>/dev/n
     export DPO_KERNELS_TEST_DEVICE=cuda
     # Every kernel test file (new ones included), less those that exercise no GPU code: the AOT compile
     # check (CPU-bound, proven here), the harness and this script (CPU), the trainer and multi-process runs.
-    files=${GPU_CHECK_TESTS:-tests --ignore=tests/test_aot_compile.py --ignore=tests/test_benchmarks.py \
+    files=${GPU_CHECK_TESTS:-tests --ignore=tests/test_aot_check.py --ignore=tests/test_benchmarks.py \
 --ignore=tests/test_gpu_check.py --ignore=tests/test_integrations_trl.py --ignore=tests/test_distributed.py}
     # Mostly Triton compile time on a fresh machine: spread it over the CPU cores.
     local workers=${GPU_CHECK_XDIST:-8}

@@ -1,7 +1,7 @@
 """Train a tiny causal LM with DPO on CPU through :class:`~dpo_kernels.integrations.trl.FusedDPOTrainer`.
 
     python -m dpo_kernels.demo            # a few hundred steps, a few minutes on CPU
-    python -m dpo_kernels.demo --quick    # a smoke run, under a minute
+    python -m dpo_kernels.demo --quick    # a smoke run, seconds
 
 Everything is made here: a Llama-style model from a config (random weights), a word-level tokenizer,
 and a synthetic preference dataset of additions ("7 + 5 =") whose chosen answer is the right sum and
@@ -45,11 +45,11 @@ def _parse(argv):
     p.add_argument("--no-compare", action="store_true", help="skip the comparison with the stock DPOTrainer")
     p.add_argument("--backend", default="auto", help="dpo_kernels backend: auto, native, torch, triton")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a smoke run: 30 steps, vocab 1024, 4 compare steps")
+    p.add_argument("--quick", action="store_true", help="a smoke run: 8 steps, 1 layer, vocab 256, 3 compare steps")
     args = p.parse_args(argv)
-    if args.quick:
-        args.steps, args.batch_size, args.examples, args.log_every = 40, 16, 400, 10
-        args.steps, args.examples, args.compare_steps, args.vocab = 30, 300, 4, 1024
+    if args.quick:  # every part of the demo runs, on the least that still trains and compares
+        args.steps, args.batch_size, args.examples, args.log_every, args.compare_steps = 8, 8, 64, 4, 3
+        args.vocab, args.hidden, args.layers = 256, 64, 1
     return args
 
 

@@ -49,6 +49,20 @@ def test_harness_smoke_on_a_tiny_config(tmp_path):
     timed = [r for r in data["results"] if r["kind"] != "skipped"]
     assert all(r["check"]["ok"] and r["time"]["fwd"]["n"] == 2 for r in timed)
     assert all("extra_bytes" in r for r in timed)  # memory measured (None only where /proc refuses)
+    # gpu_check's report reads this file (tests/test_gpu_check.py feeds it one recorded from a dry run, in
+    # tests/data/gpu_check): every row set against its floor, and the recording holds no field the harness has
+    # stopped writing.
+    from benchmarks import gpu_check
+
+    (tmp_path / "bench-logits").mkdir()
+    (tmp_path / "bench-logits" / "results.json").write_text(json.dumps(data))
+    rows = gpu_check.bench_rows(str(tmp_path), {"bandwidth_Bps": 1e11, "rate_flops": 1e12})
+    assert len(rows) == len(timed) and all(r["x_floor"] > 0 for r in rows)
+    fields = set().union(*map(set, data["results"]))
+    for workload in ("logits", "lm_head"):
+        recorded = json.loads((ROOT / "tests" / "data" / "gpu_check" / f"bench-{workload}.json").read_text())
+        assert set(recorded) <= set(data), workload
+        assert all(set(r) <= fields for r in recorded["results"]), workload
     assert {m["model"] for m in data["modeled"]["memory"]} == set(modeled.MODELS)
     times = data["modeled"]["modeled_time"]
     assert {r["model"] for r in times} == set(modeled.MODELS) and {r["gpu"] for r in times} == set(modeled.GPUS)

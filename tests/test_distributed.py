@@ -6,26 +6,17 @@ the single-process reference it computes itself (fp32, rtol 1e-5).
 """
 
 import os
-import socket
 import sys
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _spawn import leave, run_check, spawn
 from torch import nn
 
 pytestmark = pytest.mark.cpu_only("gloo process groups on CPU tensors")
 
 RTOL, ATOL = 1e-5, 1e-6
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank, world, port, checks):
@@ -34,24 +25,14 @@ def _entry(rank, world, port, checks):
     try:
         for name in checks:
             torch.manual_seed(1234)
-            start = time.perf_counter()
-            try:
-                globals()[name](rank, world)
-            except Exception as e:  # name the check in the error the parent re-raises
-                raise AssertionError(f"[rank {rank}/{world}] {name}: {traceback.format_exc()}") from e
-            if os.environ.get("DPO_KERNELS_TEST_TIMING") and rank == 0:
-                print(f"{name} (world {world}): {time.perf_counter() - start:.2f} s", file=sys.stderr)
+            run_check(globals()[name], f"{name} (world {world})", rank, world)
     finally:
         dist.destroy_process_group()
-    # Success: leave without the interpreter's teardown, which takes seconds per spawned process (gloo and
-    # library threads); failures above raise normally so that mp.spawn reports them.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 def _spawn(world, *checks):
-    mp.spawn(_entry, args=(world, _free_port(), checks), nprocs=world, join=True)
+    spawn(_entry, world, checks)
 
 
 # ------------------------------------------------------------------------------------------ helpers

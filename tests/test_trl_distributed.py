@@ -12,13 +12,12 @@ several loss configurations compares, on the same per-rank batch, the loss, ever
 import contextlib
 import functools
 import os
-import socket
 import sys
 import time
-import traceback
 
 import pytest
 import torch
+from _spawn import leave, run_check, spawn
 
 pytest.importorskip("trl")
 pytest.importorskip("peft")
@@ -31,12 +30,6 @@ RTOL, ATOL = 1e-5, 1e-6
 
 
 # ------------------------------------------------------------------------------------------ launching
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _patch_accelerate_fsdp_on_cpu():
@@ -84,11 +77,7 @@ def _entry(rank, world, port, settings, checks, tmp):
     for setting in settings.split(","):
         _fresh_state()
         _run_setting(rank, world, setting, checks, os.path.join(tmp, setting))
-    # Success: leave without the interpreter's teardown (gloo, DeepSpeed and library threads can abort it
-    # after all output); failures above raise normally so that mp.spawn reports them.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    leave()
 
 
 def _run_setting(rank, world, setting, checks, tmp):
@@ -103,20 +92,12 @@ def _run_setting(rank, world, setting, checks, tmp):
     for name in checks:
         if setting not in CHECK_SETTINGS.get(name, DPO_SETTINGS):
             continue
-        start = time.perf_counter()
-        try:
-            globals()[name](rank, world, setting, os.path.join(tmp, f"{name}-{rank}"))
-        except Exception as e:  # name the check in the error the parent re-raises
-            raise AssertionError(f"[rank {rank}/{world}] {setting} {name}: {traceback.format_exc()}") from e
-        if os.environ.get("DPO_KERNELS_TEST_TIMING") and rank == 0:
-            print(f"{setting} {name}: {time.perf_counter() - start:.2f} s", file=sys.stderr)
+        run_check(globals()[name], f"{setting} {name}", rank, world, setting, os.path.join(tmp, f"{name}-{rank}"))
 
 
 def _spawn(settings, *checks, tmp):
     """Run ``checks`` under each of the comma-separated ``settings`` in turn, in one pair of processes."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_entry, args=(WORLD, _free_port(), settings, checks, str(tmp)), nprocs=WORLD, join=True)
+    spawn(_entry, WORLD, settings, checks, str(tmp))
 
 
 # ---------------------------------------------------------------------------------- settings and models
