@@ -38,17 +38,15 @@ option: ``use_liger_kernel``, vision-language models / image datasets.
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
 from typing import TYPE_CHECKING
 
 import torch
 
 from .. import packing, preference
-from .._validation import gradient_filter_eps
 from ..reference import STATS
 from . import hf
-from ._trl_support import ANY_TRL_ENV, SUPPORTED_TRL, check_trl_version, raise_unsupported
+from ._trl_support import ANY_TRL_ENV, SUPPORTED_TRL, apply_fused, check_trl_version, raise_unsupported, store_options
 from ._trl_support import unsupported as _unsupported
 from .collate import PackedPreferenceCollator
 from .trl_head import FusedHeadPatch, patch_fused_lm_head
@@ -90,12 +88,7 @@ class _FusedLoss:
     _dpo_kernels_gradient_filter = None
 
     def _dpo_kernels_configure(self, backend: str, memory_budget, gradient_filter=None) -> None:
-        if memory_budget is not None and not (isinstance(memory_budget, int) and memory_budget >= 4):
-            raise ValueError(f"memory_budget must be None or a number of bytes >= 4, got {memory_budget!r}")
-        gradient_filter_eps(gradient_filter, torch.float32)  # a bad value raises here, at construction
-        self._dpo_kernels_backend = backend
-        self._dpo_kernels_memory_budget = memory_budget
-        self._dpo_kernels_gradient_filter = gradient_filter
+        store_options(self, backend, memory_budget, gradient_filter)
         found = _unsupported(self.args)
         if getattr(self, "_is_vlm", False) or getattr(self, "_is_vision_dataset", False):
             found.append("vision-language models and image datasets (untested with the backbone call)")
@@ -321,14 +314,11 @@ class FusedDPOTrainer(_FusedLoss, DPOTrainer):
 
     def __init__(self, *args, backend: str = "auto", memory_budget: int | None = None, gradient_filter=None, **kwargs):
         check_trl_version()
-        gradient_filter_eps(gradient_filter, torch.float32)  # a bad value raises before the model is set up
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         _raise_unsupported(_unsupported(config))
         # The precompute of reference log-probs runs inside DPOTrainer.__init__ and calls our
         # compute_ref_log_probs, which reads these.
-        self._dpo_kernels_backend = backend
-        self._dpo_kernels_memory_budget = memory_budget
-        self._dpo_kernels_gradient_filter = gradient_filter
+        store_options(self, backend, memory_budget, gradient_filter)
         # TRL 1.16 turns padding_free off with a warning that does not apply here: keep it from seeing it
         padding_free = getattr(config, "padding_free", False)
         if padding_free:
@@ -354,26 +344,14 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@functools.lru_cache(maxsize=None)
-def _fused_class(cls: type) -> type:
-    if cls is DPOTrainer:
-        return FusedDPOTrainer
-    return type(f"Fused{cls.__name__}", (_FusedLoss, cls), {"__module__": cls.__module__, "__doc__": cls.__doc__})
-
-
 def apply_fused_dpo(trainer, *, backend: str = "auto", memory_budget: int | None = None, gradient_filter=None):
     """Turn a constructed ``DPOTrainer`` (or subclass) into its fused version, in place; returns it.
 
     Reference log-probs that TRL already precomputed are kept (they are the same numbers). Raises like
     :class:`FusedDPOTrainer` for an unsupported TRL version or option.
     """
-    check_trl_version()
-    if not isinstance(trainer, DPOTrainer):
-        raise TypeError(f"apply_fused_dpo expects a trl.DPOTrainer, got {type(trainer).__name__}")
-    if not isinstance(trainer, _FusedLoss):
-        trainer.__class__ = _fused_class(type(trainer))
-    trainer._dpo_kernels_configure(backend, memory_budget, gradient_filter)
-    return trainer
+    return apply_fused(trainer, DPOTrainer, FusedDPOTrainer, _FusedLoss, "apply_fused_dpo", backend, memory_budget,
+                       gradient_filter)  # fmt: skip
 
 
 __all__ = [

@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 
 from .. import tokens
+from .._validation import check_memory_budget
 
 # The signature the patch replaces: ChunkedLogProbFunction.forward's parameters after ctx, and its outputs.
 _EXPECTED_PARAMS = (
@@ -197,8 +198,7 @@ def patch_fused_lm_head(backend: str = "auto", memory_budget: Optional[int] = No
     function. Raises ``TypeError`` when the installed TRL's function has another signature. What runs where
     (the entropy's gradient, ZeRO-3): see :mod:`dpo_kernels.integrations.trl_head`.
     """
-    if memory_budget is not None and not (isinstance(memory_budget, int) and memory_budget >= 4):
-        raise ValueError(f"memory_budget must be None or a number of bytes >= 4, got {memory_budget!r}")
+    check_memory_budget(memory_budget)
     utils = _trl_utils()
     current = getattr(utils, "_ChunkedLogProbFunction", None)
     if current is None:

@@ -26,15 +26,13 @@ Supported TRL and refused options: as for ``FusedDPOTrainer``.
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
 
 import torch
 
 from .. import losses, preference
-from .._validation import gradient_filter_eps
 from . import hf
-from ._trl_support import check_trl_version, raise_unsupported, unsupported
+from ._trl_support import apply_fused, check_trl_version, raise_unsupported, store_options, unsupported
 
 try:
     from trl import KTOTrainer
@@ -61,12 +59,7 @@ class _FusedKTOLoss:
     _dpo_kernels_gradient_filter = None
 
     def _dpo_kernels_configure(self, backend: str, memory_budget, gradient_filter=None) -> None:
-        if memory_budget is not None and not (isinstance(memory_budget, int) and memory_budget >= 4):
-            raise ValueError(f"memory_budget must be None or a number of bytes >= 4, got {memory_budget!r}")
-        gradient_filter_eps(gradient_filter, torch.float32)  # a bad value raises here, at construction
-        self._dpo_kernels_backend = backend
-        self._dpo_kernels_memory_budget = memory_budget
-        self._dpo_kernels_gradient_filter = gradient_filter
+        store_options(self, backend, memory_budget, gradient_filter)
         found = unsupported(self.args)
         if getattr(self, "_is_vlm", False) or getattr(self, "_is_vision_dataset", False):
             found.append("vision-language models and image datasets (untested with the backbone call)")
@@ -249,23 +242,13 @@ class FusedKTOTrainer(_FusedKTOLoss, KTOTrainer):
 
     def __init__(self, *args, backend: str = "auto", memory_budget: int | None = None, gradient_filter=None, **kwargs):
         check_trl_version()
-        gradient_filter_eps(gradient_filter, torch.float32)  # a bad value raises before the model is set up
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         raise_unsupported("FusedKTOTrainer", unsupported(config))
         # The precompute of reference log-probs runs inside KTOTrainer.__init__ and calls our
         # compute_ref_log_probs, which reads these.
-        self._dpo_kernels_backend = backend
-        self._dpo_kernels_memory_budget = memory_budget
-        self._dpo_kernels_gradient_filter = gradient_filter
+        store_options(self, backend, memory_budget, gradient_filter)
         super().__init__(*args, **kwargs)
         self._dpo_kernels_configure(backend, memory_budget, gradient_filter)
-
-
-@functools.lru_cache(maxsize=None)
-def _fused_class(cls: type) -> type:
-    if cls is KTOTrainer:
-        return FusedKTOTrainer
-    return type(f"Fused{cls.__name__}", (_FusedKTOLoss, cls), {"__module__": cls.__module__, "__doc__": cls.__doc__})
 
 
 def apply_fused_kto(trainer, *, backend: str = "auto", memory_budget: int | None = None, gradient_filter=None):
@@ -274,13 +257,8 @@ def apply_fused_kto(trainer, *, backend: str = "auto", memory_budget: int | None
     Reference log-probs that TRL already precomputed are kept (they are the same numbers). Raises like
     :class:`FusedKTOTrainer` for an unsupported TRL version or option.
     """
-    check_trl_version()
-    if not isinstance(trainer, KTOTrainer):
-        raise TypeError(f"apply_fused_kto expects a trl.KTOTrainer, got {type(trainer).__name__}")
-    if not isinstance(trainer, _FusedKTOLoss):
-        trainer.__class__ = _fused_class(type(trainer))
-    trainer._dpo_kernels_configure(backend, memory_budget, gradient_filter)
-    return trainer
+    return apply_fused(trainer, KTOTrainer, FusedKTOTrainer, _FusedKTOLoss, "apply_fused_kto", backend,
+                       memory_budget, gradient_filter)  # fmt: skip
 
 
 __all__ = ["FusedKTOTrainer", "apply_fused_kto"]

@@ -38,14 +38,12 @@ for ``FusedDPOTrainer``.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
 from .. import preference
-from .._validation import gradient_filter_eps
 from . import hf
-from ._trl_support import check_trl_version, raise_unsupported, unsupported
+from ._trl_support import apply_fused, check_trl_version, raise_unsupported, store_options, unsupported
 
 try:
     from trl.experimental.cpo import CPOTrainer
@@ -77,12 +75,7 @@ class _FusedPreferenceLoss:
     _dpo_kernels_gradient_filter = None
 
     def _dpo_kernels_configure(self, backend: str, memory_budget, gradient_filter=None) -> None:
-        if memory_budget is not None and not (isinstance(memory_budget, int) and memory_budget >= 4):
-            raise ValueError(f"memory_budget must be None or a number of bytes >= 4, got {memory_budget!r}")
-        gradient_filter_eps(gradient_filter, torch.float32)  # a bad value raises here, at construction
-        self._dpo_kernels_backend = backend
-        self._dpo_kernels_memory_budget = memory_budget
-        self._dpo_kernels_gradient_filter = gradient_filter
+        store_options(self, backend, memory_budget, gradient_filter)
         found = unsupported(self.args)
         if self.is_encoder_decoder:
             found.append("encoder-decoder models (the fused head scores a causal LM's shifted labels)")
@@ -200,7 +193,7 @@ class FusedORPOTrainer(_FusedORPOLoss, ORPOTrainer):
 
     def __init__(self, *args, backend: str = "auto", memory_budget: int | None = None, gradient_filter=None, **kwargs):
         check_trl_version()
-        gradient_filter_eps(gradient_filter, torch.float32)  # a bad value raises before the model is set up
+        store_options(self, backend, memory_budget, gradient_filter)  # raises before the model is set up
         config = kwargs.get("args", args[1] if len(args) > 1 else None)
         raise_unsupported("FusedORPOTrainer", unsupported(config))
         super().__init__(*args, **kwargs)
@@ -245,7 +238,7 @@ class FusedCPOTrainer(_FusedCPOLoss, CPOTrainer):
 
     def __init__(self, *args, backend: str = "auto", memory_budget: int | None = None, gradient_filter=None, **kwargs):
         check_trl_version()
-        gradient_filter_eps(gradient_filter, torch.float32)  # a bad value raises before the model is set up
+        store_options(self, backend, memory_budget, gradient_filter)  # raises before the model is set up
         config = kwargs.get("args", args[1] if len(args) > 1 else None)
         raise_unsupported("FusedCPOTrainer", unsupported(config))
         super().__init__(*args, **kwargs)
@@ -257,22 +250,8 @@ class FusedCPOTrainer(_FusedCPOLoss, CPOTrainer):
 _STOCK = {ORPOTrainer: (FusedORPOTrainer, _FusedORPOLoss), CPOTrainer: (FusedCPOTrainer, _FusedCPOLoss)}
 
 
-@functools.lru_cache(maxsize=None)
-def _fused_class(cls: type, stock: type) -> type:
-    fused, mixin = _STOCK[stock]
-    if cls is stock:
-        return fused
-    return type(f"Fused{cls.__name__}", (mixin, cls), {"__module__": cls.__module__, "__doc__": cls.__doc__})
-
-
 def _apply(trainer, stock, name, backend, memory_budget, gradient_filter):
-    check_trl_version()
-    if not isinstance(trainer, stock):
-        raise TypeError(f"{name} expects a trl.experimental {stock.__name__}, got {type(trainer).__name__}")
-    if not isinstance(trainer, _STOCK[stock][1]):
-        trainer.__class__ = _fused_class(type(trainer), stock)
-    trainer._dpo_kernels_configure(backend, memory_budget, gradient_filter)
-    return trainer
+    return apply_fused(trainer, stock, *_STOCK[stock], name, backend, memory_budget, gradient_filter)
 
 
 def apply_fused_orpo(trainer, *, backend: str = "auto", memory_budget: int | None = None, gradient_filter=None):
