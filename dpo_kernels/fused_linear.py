@@ -38,6 +38,56 @@ def _head_call(process_group, vocab_start, hidden_name, hidden, labels, heads: d
     return shard, local, hidden, labels, packed
 
 
+ROUTES = ("auto", "one_pass", "recompute")
+# The one-pass route's default budget for a group's fp32 logits: about 1 GiB on the GPU (Triton), as the
+# recompute route's chunks; on the CPU small enough that the buffer stays a few percent of what the naive
+# head holds, large enough for a pair of a few hundred scored tokens each at V = 32k.
+ONE_PASS_BUDGET = {"triton": 1 << 30}
+ONE_PASS_CPU_BUDGET = 64 << 20
+
+
+def _one_pass_plan(route, hidden, weight, bias, labels, *, backend, shard, packed, memory_budget, gradient_filter,
+                   ignore_index, shift, loss_type, loss_options):  # fmt: skip
+    """(groups, counts) of the one-pass route, or None for the recompute route (see fused_linear_dpo_loss)."""
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    if route == "recompute":
+        return None
+    reasons = []
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
+        reasons.append("no gradient is needed (the recompute route's forward is the one pass)")
+    if torch.compiler.is_compiling():
+        reasons.append("it reads the labels on the host, which torch.compile does not trace")
+    if labels.is_cuda and torch.cuda.is_current_stream_capturing():
+        reasons.append("it reads the labels on the host, which a CUDA graph capture cannot")
+    if shard is not None:
+        reasons.append("the head is vocabulary-parallel")
+    if packed is not None:
+        reasons.append("the batch is packed")
+    if gradient_filter is not None:
+        reasons.append("gradient_filter is a recompute-route option")
+    coupled = preference.couples_pairs(loss_type, loss_options)
+    if coupled:
+        reasons.append(coupled)
+    if reasons:
+        if route == "one_pass":
+            raise ValueError(f"route='one_pass' cannot run here: {'; '.join(reasons)}")
+        return None
+    resolved = tokens.ops.resolve_backend(backend, hidden.device, hidden.dtype)
+    budget = memory_budget or ONE_PASS_BUDGET.get(resolved, ONE_PASS_CPU_BUDGET)
+    counts = tokens.scored_counts(labels, ignore_index=ignore_index, shift=shift)
+    row_bytes = weight.shape[0] * (8 if hidden.dtype == torch.float64 else 4)
+    groups = preference.pair_groups(counts, row_bytes, budget)
+    if groups is None:
+        if route == "one_pass":
+            B = len(counts) // 2
+            need = max(counts[i] + counts[B + i] for i in range(B)) * row_bytes
+            raise ValueError(f"route='one_pass': a pair's scored rows need {need} bytes of fp32 logits, more than "
+                             f"memory_budget={budget}")  # fmt: skip
+        return None
+    return groups, counts
+
+
 def _n_sequences(hidden, packed) -> int:
     return hidden.shape[0] if packed is None else len(packed.bounds) - 1
 
@@ -141,6 +191,7 @@ def fused_linear_dpo_loss(
     cu_seqlens=None,
     position_ids=None,
     gradient_filter=None,
+    route: str = "auto",
     **loss_options,
 ):
     """The DPO loss of :func:`dpo_kernels.fused_dpo_loss` straight from the last hidden states.
@@ -158,6 +209,18 @@ def fused_linear_dpo_loss(
 
     ``gradient_filter`` (None | "auto" | float) as in :func:`fused_linear_sequence_logps`: the policy
     head's backward only (the reference side has none).
+
+    ``route``: how the policy's head is differentiated. "one_pass": pairs are scored in groups whose scored
+    rows' fp32 logits fit ``memory_budget`` (default 1 GiB on the Triton backend, 64 MiB on the CPU); each
+    group's logits are formed once, its loss terms' gradient taken while they are live (the loss family's
+    own code), dz written over them and the two gradient products run in the forward; the backward only
+    scales the saved gradients by the incoming one (6·M·H·V FLOPs instead of 8; the saved d_weight and
+    d_hidden are held from the forward to the backward). 16-bit d_weight is rounded once per group.
+    "recompute": the logits are dropped in the forward and recomputed in the backward. "auto" (default):
+    one-pass where it applies, else recompute: it needs a gradient, eager mode (no torch.compile trace, no
+    CUDA graph capture: the grouping reads the scored counts on the host), one device, an unpacked batch, no
+    ``gradient_filter``, a loss that does not couple pairs (not "aot" / "aot_unpaired", no ``bco_state``)
+    and every pair fitting the budget. "one_pass" where it does not apply raises, naming why.
     """
     heads = {"weight": weight, "bias": bias, "ref_weight": ref_weight, "ref_bias": ref_bias}
     shard, head, policy_hidden, labels, packed = _head_call(
@@ -178,21 +241,37 @@ def fused_linear_dpo_loss(
     if ref_logps is not None:
         ref = _check_ref_logps("ref_logps", ref_logps, _n_sequences(policy_hidden, packed))
     with_stats = preference.needs_stats(token_metrics, use_weighting)
+    plan = _one_pass_plan(
+        route, policy_hidden, head["weight"], head["bias"], labels, backend=backend, shard=shard, packed=packed,
+        memory_budget=memory_budget, gradient_filter=gradient_filter, ignore_index=ignore_index, shift=shift,
+        loss_type=loss_type, loss_options=loss_options,
+    )  # fmt: skip
     common = dict(ignore_index=ignore_index, shift=shift, logit_scale=logit_scale, softcap=softcap,
                   temperature=temperature, memory_budget=memory_budget, backend=backend, packed=packed,
                   shard=shard)  # fmt: skip
-    policy = tokens.from_hidden(policy_hidden, head["weight"], head["bias"], labels, with_stats=with_stats,
-                                gradient_filter=gradient_filter, **common)  # fmt: skip
+    policy = None
+    if plan is None:
+        policy = tokens.from_hidden(policy_hidden, head["weight"], head["bias"], labels, with_stats=with_stats,
+                                    gradient_filter=gradient_filter, **common)  # fmt: skip
     if ref_hidden is not None:
         ref_hidden = sharding.local(ref_hidden)
         check_ref_head(policy_hidden, head["weight"], ref_hidden, head["ref_weight"], head["ref_bias"])
         ref_head = head["weight"] if head["ref_weight"] is None else head["ref_weight"]
         with torch.no_grad():
             ref = tokens.from_hidden(ref_hidden, ref_head, head["ref_bias"], labels, **common)
-    return preference.dpo_from_passes(
-        policy, ref, with_stats=with_stats, beta=beta, loss_type=loss_type, average=average, ld_alpha=ld_alpha,
-        use_weighting=use_weighting, **loss_options,
-    )  # fmt: skip
+    options = dict(beta=beta, loss_type=loss_type, ld_alpha=ld_alpha, use_weighting=use_weighting, **loss_options)
+    if plan is not None:
+        groups, counts = plan
+        inputs = (policy_hidden, head["weight"], head["bias"])
+
+        def run(token_grad):
+            return tokens.one_pass(
+                *inputs, labels, groups, token_grad, ignore_index=ignore_index, shift=shift, logit_scale=logit_scale,
+                softcap=softcap, temperature=temperature, backend=backend, with_stats=with_stats, counts=counts,
+            )  # fmt: skip
+
+        return preference.dpo_one_pass(run, ref, inputs, with_stats=with_stats, average=average, **options)
+    return preference.dpo_from_passes(policy, ref, with_stats=with_stats, average=average, **options)
 
 
 def fused_linear_kto_loss(

@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from . import losses
+from .tokens import with_gradients
 
 # Loss types that need the number of scored tokens per sequence, or the chosen NLL.
 _NEEDS_NLL = ("sft", "orpo")
@@ -267,3 +268,64 @@ def kto_logged(metrics: dict, counts: dict) -> dict:
     if not (present["rewards/chosen"] and present["rewards/rejected"]):
         logged.pop("rewards/margins")
     return logged
+
+
+# ------------------------------------------------------------------------------------------- one pass
+
+
+def couples_pairs(loss_type, loss_options: dict) -> Optional[str]:
+    """Why the loss's gradient w.r.t. one pair's log-probs depends on other pairs' (None when the loss is a sum
+    of per-pair terms with fixed weights, which the one-pass route needs)."""
+    sorting = [t for t in loss_types(loss_type) if t in ("aot", "aot_unpaired")]
+    if sorting:
+        return f"loss types {sorting} sort the batch's margins"
+    if loss_options.get("bco_state") is not None:
+        return "bco_state centres the rewards on the batch's mean"
+    return None
+
+
+def pair_groups(counts: list, row_bytes: int, budget: int) -> Optional[list]:
+    """Consecutive groups of whole pairs (sequences i and i + B of the 2B ``counts`` of scored tokens) whose
+    rows take at most ``budget`` bytes at ``row_bytes`` each; None when a pair alone does not fit."""
+    B = len(counts) // 2
+    groups, group, used = [], [], 0
+    for i in range(B):
+        size = (counts[i] + counts[B + i]) * row_bytes
+        if size > budget:
+            return None
+        if group and used + size > budget:
+            groups.append(group)
+            group, used = [], 0
+        group += [i, B + i]
+        used += size
+    return groups + [group] if group else groups
+
+
+def dpo_one_pass(run, ref, inputs: tuple, *, with_stats: bool, average: bool, ld_alpha: Optional[float], **options):
+    """(loss, metrics) as :func:`dpo_from_passes`, the policy scored by ``run(token_grad)`` (the one-pass
+    head, ``dpo_kernels.tokens.one_pass``), which returns the policy's Tokens and the gradients w.r.t.
+    ``inputs`` it formed while each group's logits were live. ``token_grad`` is the loss family's own
+    gradient w.r.t. the per-token log-probs (autograd on (2B, T') tensors), read by ``run`` at one group's
+    tokens, where the groups not yet scored hold zeros: exact for a loss that does not couple pairs
+    (:func:`couples_pairs`). The returned loss carries those gradients, scaled by the incoming one."""
+    if isinstance(ref, torch.Tensor) or ref is None:
+        ref_logps = ref
+    else:
+        ref_logps = reduce_sequences(ref.logps, ref.mask, average=average, ld_alpha=ld_alpha)
+
+    def loss_of(tokens):
+        return dpo_from_tokens(
+            tokens.logps, tokens.mask, ref_logps, stats=tokens.stats if with_stats else None, lse=tokens.lse,
+            vocab_size=tokens.vocab_size, average=average, ld_alpha=ld_alpha, **options,
+        )  # fmt: skip
+
+    def token_grad(tokens):
+        logps = tokens.logps.detach().requires_grad_()
+        with torch.enable_grad():
+            loss, _ = loss_of(tokens._replace(logps=logps))
+        return torch.autograd.grad(loss, logps, allow_unused=True, materialize_grads=True)[0]
+
+    with torch.no_grad():
+        policy, grads = run(token_grad)
+        loss, metrics = loss_of(policy)
+    return with_gradients(loss, inputs, grads), metrics

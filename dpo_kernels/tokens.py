@@ -121,3 +121,103 @@ def per_sequence(tokens: Tokens, average: bool) -> torch.Tensor:
     """(N,) sum of the per-token log-probs, or their mean over scored tokens (0 where there are none)."""
     total = tokens.logps.sum(-1)
     return total / tokens.mask.sum(-1).clamp(min=1) if average else total
+
+
+def scored_counts(labels: torch.Tensor, *, ignore_index: int, shift: bool) -> list[int]:
+    """The number of scored tokens of each of the (N, T) ``labels``' sequences, on the host (one
+    synchronization): what the one-pass route groups its sequences by."""
+    T_out = max(labels.shape[1] - int(shift), 0)
+    return (labels[:, int(shift) : int(shift) + T_out] != ignore_index).sum(1).tolist()
+
+
+def one_pass(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    groups: list,
+    token_grad,
+    *,
+    ignore_index: int,
+    shift: bool,
+    logit_scale: float = 1.0,
+    softcap: Optional[float] = None,
+    temperature: float = 1.0,
+    backend: str = "auto",
+    with_stats: bool = False,
+    counts: Optional[list] = None,
+):
+    """The fused head in one pass: ``(tokens, (d_hidden, d_weight, d_bias))``.
+
+    ``groups``: lists of sequence indices (rows of ``hidden`` (N, T, H)), each group's scored rows' fp32 logits
+    formed at once into one buffer (sized for the largest group). After a group is scored its outputs are
+    written into the (N, T') per-token tensors, and ``token_grad(tokens)`` returns d loss / d logps (N, T')
+    given the tokens scored so far (those of later groups are zeros): it is read at the group's tokens only,
+    which is exact when the loss is a sum of terms of single groups. dz then overwrites the logits and the
+    two products run: d_hidden's rows of the group, d_weight and d_bias accumulated over the groups.
+    ``tokens`` (detached, with the scored mask) are the same as :func:`from_hidden`'s; ``counts`` the
+    per-sequence scored counts when the caller already has them (:func:`scored_counts`).
+    """
+    backend = ops.resolve_backend(backend, hidden.device, hidden.dtype)
+    N, T, _ = hidden.shape
+    T_out = max(T - int(shift), 0)
+    y = labels[:, int(shift) : int(shift) + T_out]
+    mask = y != ignore_index
+    counts = scored_counts(labels, ignore_index=ignore_index, shift=shift) if counts is None else counts
+    acc = ops.out_dtype(hidden)
+    logps = hidden.new_zeros((N, T_out), dtype=acc)
+    lse = hidden.new_zeros((N, T_out, 2), dtype=acc)
+    stats = hidden.new_zeros((N, T_out, ops.N_STATS if with_stats else 0), dtype=acc)
+    d_hidden = torch.zeros_like(hidden)
+    d_weight = torch.zeros_like(weight)
+    d_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None else None
+    rows_of = [sum(counts[s] for s in group) for group in groups]
+    buffer = hidden.new_empty(max(rows_of, default=0) * weight.shape[0], dtype=acc)
+    options = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature, backend=backend)
+    for group, rows in zip(groups, rows_of):
+        if rows == 0:
+            continue
+        index = torch.as_tensor(group, device=hidden.device)
+        n_sub, t = torch.nonzero_static(mask[index], size=rows).unbind(1)  # the count is known: no synchronization
+        n = index[n_sub]
+        h, y_rows = hidden[n, t], y[n, t].long()
+        z = buffer[: rows * weight.shape[0]].view(rows, weight.shape[0])
+        logp, row_lse, row_stats = ops.linear_logits(z, h, weight, bias, y_rows, with_stats=with_stats, **options)
+        logps[n, t], lse[n, t] = logp, row_lse
+        if with_stats:
+            stats[n, t] = row_stats
+        toks = Tokens(logps, ops.lse_value(lse), stats, mask, weight.shape[0])
+        g = token_grad(toks)[n, t].to(acc)
+        d_hidden[n, t] = ops.linear_logits_backward_(z, g, h, weight, bias, y_rows, row_lse, d_weight=d_weight,
+                                                     d_bias=d_bias, **options)  # fmt: skip
+    tokens = Tokens(logps, ops.lse_value(lse), stats, mask, weight.shape[0])
+    return tokens, (d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype))
+
+
+class _Precomputed(torch.autograd.Function):
+    """``value`` (detached) whose gradient w.r.t. ``inputs`` is ``grads`` (formed in the forward), scaled by the
+    incoming gradient. A backward with a gradient of exactly 1 (read on the host only for a CPU tensor: no
+    synchronization on the GPU) hands the saved tensors over, so that autograd can adopt them without a copy
+    when the graph is not retained."""
+
+    @staticmethod
+    def forward(ctx, value, *inputs_and_grads):
+        k = len(inputs_and_grads) // 2
+        ctx.save_for_backward(*inputs_and_grads[k:])
+        ctx.k = k
+        return value.detach().clone()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        saved = ctx.saved_tensors
+        unit = grad.device.type == "cpu" and bool(grad == 1)
+        scaled = [None if s is None else (s if unit else s * grad.to(s.dtype)) for s in saved]
+        return (None, *scaled, *([None] * ctx.k))
+
+
+def with_gradients(value: torch.Tensor, inputs: tuple, grads: tuple) -> torch.Tensor:
+    """``value`` as a differentiable function of ``inputs`` whose gradient is ``grads`` (None where an input is
+    None or needs none) times the incoming gradient: how the one-pass route hands back what it formed."""
+    pairs = [(i, g) for i, g in zip(inputs, grads) if i is not None and i.requires_grad]
+    return _Precomputed.apply(value, *(i for i, _ in pairs), *(g for _, g in pairs))

@@ -27,6 +27,8 @@ __all__ = [
     "BACKENDS",
     "N_STATS",
     "linear",
+    "linear_logits",
+    "linear_logits_backward_",
     "linear_token_logps",
     "linear_token_logps_backward",
     "logits",
@@ -103,3 +105,24 @@ def linear_token_logps_backward(grad_logp, hidden, weight, bias, labels, lse, *,
     )  # fmt: skip
     return d_hidden, d_weight, d_bias if bias is not None else None
 
+
+
+def linear_logits(logits, hidden, weight, bias, labels, *, logit_scale: float, softcap: Optional[float],
+                  temperature: float, backend: str, with_stats: bool = False, vocab_start: int = 0):  # fmt: skip
+    """The one-pass head's forward over compacted rows: (logp, lse, stats) of ``hidden`` (M, H), the rows'
+    transformed fp32 logits left in ``logits`` (M, V) for :func:`linear_logits_backward_`."""
+    return torch.ops.dpo_kernels.fused_linear_logits(
+        logits, hidden, weight, bias, labels, float(logit_scale), None if softcap is None else float(softcap),
+        float(temperature), backend, with_stats, vocab_start,
+    )  # fmt: skip
+
+
+def linear_logits_backward_(logits, grad, hidden, weight, bias, labels, lse, *, logit_scale: float,
+                            softcap: Optional[float], temperature: float, backend: str, d_weight, d_bias,
+                            vocab_start: int = 0) -> torch.Tensor:  # fmt: skip
+    """d_hidden (M, H) from the logits :func:`linear_logits` left (overwritten by dz), accumulating the head's
+    gradient into ``d_weight`` and ``d_bias`` (fp32, or None)."""
+    return torch.ops.dpo_kernels.fused_linear_logits_backward_(
+        logits, grad, hidden, weight, bias, labels, lse, float(logit_scale),
+        None if softcap is None else float(softcap), float(temperature), backend, d_weight, d_bias, vocab_start,
+    )  # fmt: skip

@@ -1,6 +1,7 @@
 """Which kernels run: the backend names, their resolution for a device and dtype, and the kernel modules
 behind each (the launchers of ``dpo_kernels.triton``, ``dpo_kernels.portable`` and the native library)."""
 
+import functools
 import importlib.util
 import os
 
@@ -88,6 +89,21 @@ def linear_forward(backend: str, softcap):
 
         return linear.fused_linear_logps_fwd if softcap is not None else linear.fused_linear_logps_fwd_cublas
     return linear_kernels(backend).fused_linear_logps_fwd
+
+
+def onepass_kernels(backend: str):
+    """The one-pass head's launchers ``(fused_linear_logits_fwd, fused_linear_logits_bwd_)``: Triton's own, or
+    the portable head's products around the logits path's kernels of the backend (the native library's
+    log-sum-exp and in-place gradient on the "native" backend)."""
+    if backend == "triton":
+        from ..triton import linear
+
+        return linear.fused_linear_logits_fwd, linear.fused_linear_logits_bwd_
+    scorer = logits_kernels(backend)
+    return (
+        functools.partial(portable_linear.fused_linear_logits_fwd, scorer=scorer),
+        functools.partial(portable_linear.fused_linear_logits_bwd_, scorer=scorer),
+    )
 
 
 def linear_kernels(backend: str):

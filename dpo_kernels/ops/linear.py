@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from .backends import linear_forward, linear_kernels
+from .backends import linear_forward, linear_kernels, onepass_kernels
 from .logits import N_STATS, check_label_range, out_dtype
 
 
@@ -182,3 +182,69 @@ def _backward(ctx, grad_logp, grad_lse, grad_stats):
 
 
 fused_linear_token_logps.register_autograd(_backward, setup_context=_setup_context)
+
+
+# The one-pass head: a group's logits formed once into a caller's fp32 buffer and scored, then, once the
+# caller has the loss's per-row gradient, overwritten in place by dz and consumed by the two products.
+# Rows are compacted by the caller (every row scored): these ops take (M, H) rows, not (N, T, H).
+
+
+@torch.library.custom_op("dpo_kernels::fused_linear_logits", mutates_args=("logits",))
+def fused_linear_logits(
+    logits: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    logit_scale: float,
+    softcap: Optional[float],
+    temperature: float,
+    backend: str,
+    with_stats: bool,
+    vocab_start: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (logp (M,), lse (M, 2), stats (M, 4 | 0)) of the rows ``hidden`` (M, H) at global ``labels`` (M,),
+    their transformed logits left in ``logits`` (M, V) (fp32; fp64 for fp64 inputs)."""
+    logp, lse, stats = onepass_kernels(backend)[0](
+        logits, hidden, weight, bias, labels, logit_scale, softcap, temperature, with_stats=with_stats,
+        vocab_start=vocab_start,
+    )  # fmt: skip
+    return logp, lse, stats if with_stats else logp.new_empty((hidden.shape[0], 0))
+
+
+@fused_linear_logits.register_fake
+def _(logits, hidden, weight, bias, labels, logit_scale, softcap, temperature, backend, with_stats, vocab_start=0):
+    M = hidden.shape[0]
+    dtype = out_dtype(hidden)
+    return (hidden.new_empty((M,), dtype=dtype), hidden.new_empty((M, 2), dtype=dtype),
+            hidden.new_empty((M, N_STATS if with_stats else 0), dtype=dtype))  # fmt: skip
+
+
+@torch.library.custom_op("dpo_kernels::fused_linear_logits_backward_", mutates_args=("logits", "d_weight", "d_bias"))
+def fused_linear_logits_backward_(
+    logits: torch.Tensor,
+    grad: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    labels: torch.Tensor,
+    lse: torch.Tensor,
+    logit_scale: float,
+    softcap: Optional[float],
+    temperature: float,
+    backend: str,
+    d_weight: torch.Tensor,
+    d_bias: Optional[torch.Tensor],
+    vocab_start: int = 0,
+) -> torch.Tensor:
+    """-> d_hidden (M, H) of Σ grad · logp over the rows, from the logits :func:`fused_linear_logits` left;
+    accumulates into ``d_weight`` (V, H) and ``d_bias`` ((V,) fp32, or None); ``logits`` ends up holding dz."""
+    return onepass_kernels(backend)[1](
+        logits, grad, hidden, weight, bias, labels, lse, logit_scale, softcap, temperature, d_weight=d_weight,
+        d_bias=d_bias, vocab_start=vocab_start,
+    )  # fmt: skip
+
+
+@fused_linear_logits_backward_.register_fake
+def _(logits, grad, hidden, *args):
+    return torch.empty_like(hidden)
