@@ -33,10 +33,12 @@ ASSUMPTIONS = [
     "each kernel reads each operand once and writes each output once from HBM, no cache reuse across kernels",
     "eager reference = slice, cast to fp32, log_softmax, gather; backward: gather's zero-filled scatter, log_softmax backward, cast back, the slice's zero-padded copy (42·V bytes/token)",
     "fused log-prob kernel (Triton): one online log-sum-exp pass over the logits in the forward, one read + one gradient write in the backward (6·V bytes/token; in-place writes over the logits, same traffic)",
-    f"GEMMs (cuBLAS in the naive LM head, Triton fused-linear): the weight is streamed once per {BLOCK_M}-row block "
-    f"(forward and d_hidden products), the hidden rows once per {BLOCK_V}-wide vocabulary block (d_weight); no L2 "
-    "reuse across concurrently running blocks, so this part is an upper bound (blocks running at the same time share "
-    "weight tiles through the 50 MB L2, so real HBM traffic is far lower; the FLOP bound is the better guide there)",
+    (
+        f"GEMMs (cuBLAS in the naive LM head, Triton fused-linear): the weight is streamed once per {BLOCK_M}-row block "
+        f"(forward and d_hidden products), the hidden rows once per {BLOCK_V}-wide vocabulary block (d_weight); no L2 "
+        "reuse across concurrently running blocks, so this part is an upper bound (blocks running at the same time share "
+        "weight tiles through the 50 MB L2, so real HBM traffic is far lower; the FLOP bound is the better guide there)"
+    ),
     "FLOPs: naive LM head 6·M·V·H (forward, d_hidden, d_weight); fused-linear 8·M·V·H (the logits are recomputed once, in the backward's dz kernel)",
 ]
 
@@ -93,9 +95,8 @@ def triton_linear_scratch_bytes(m: int, h: int, v: int, e: int = 2) -> int:
 
 def modeled_memory(models=None, n=N_SEQ, t=SEQ_LEN, dtype=torch.bfloat16) -> list[dict]:
     import dpo_kernels
-    from dpo_kernels import reference
-
     from benchmarks.providers import dpo_from_logps
+    from dpo_kernels import reference
 
     rows = []
     for model in models or MODELS:
@@ -297,8 +298,14 @@ def fused_linear_kernels(N, H, V, gpu, e=2, group_m=None, chunk_bytes=None, forw
     blocks in flight (sms / GROUP_M of them), their W / h rows once per group of GROUP_M row blocks / V
     tiles (the K-step working set of the programs in flight is a few MB, in L2)."""
     from dpo_kernels.triton.linear import (
-        DZ_CHUNK_BYTES, GROUP_M, LAUNCH_CONFIGS, PRODUCT_LAUNCH_CONFIGS, _vocab_splits, dz_chunk_columns,
-        forward_chunk_rows, forward_splits,
+        DZ_CHUNK_BYTES,
+        GROUP_M,
+        LAUNCH_CONFIGS,
+        PRODUCT_LAUNCH_CONFIGS,
+        _vocab_splits,
+        dz_chunk_columns,
+        forward_chunk_rows,
+        forward_splits,
     )  # fmt: skip
 
     bw, gemm_rate, sms, l2 = GPUS[gpu]
@@ -447,8 +454,10 @@ def logits_kernels(N, V, gpu, e=2):
     bw = GPUS[gpu][0]
     return {
         "naive: reference.sequence_logps": [_kernel("eager log-softmax fwd + bwd", 0, 42 * N * V, 1.0)],
-        "fused: sequence_logps (Triton)": [_kernel("Triton fwd", 0, N * V * e, 1.0),
-                                           _kernel("Triton bwd", 0, 2 * N * V * e, 1.0)],
+        "fused: sequence_logps (Triton)": [
+            _kernel("Triton fwd", 0, N * V * e, 1.0),
+            _kernel("Triton bwd", 0, 2 * N * V * e, 1.0),
+        ],
     }, bw
 
 
@@ -490,12 +499,18 @@ def modeled_times(models=None, n=N_SEQ, t=SEQ_LEN) -> list[dict]:
 
 
 PEERS = [  # their own published numbers, not ours and not modeled
-    "Liger-Kernel CuTe fused linear cross-entropy: 18.3 ms fwd+bwd at 4096 x 4096 x 128256 on an H200 "
-    "(about 147 ms per 32768 rows), as published by Liger-Kernel",
-    ("Liger-Kernel's published figure, not ours: 50.4 ms forward+backward at 8192 × 4096 × 131072 (rows × H × V), "
-     "bf16, on an H100 (its README; about 202 ms per 32768 rows if linear in the rows)"),
-    "Cut Cross-Entropy: 145 ms for Gemma-2-2B (8192 tokens, V 256000, H 2304) on an A100 with its gradient "
-    "filter, 357 ms without, as published by its authors",
+    (
+        "Liger-Kernel CuTe fused linear cross-entropy: 18.3 ms fwd+bwd at 4096 x 4096 x 128256 on an H200 "
+        "(about 147 ms per 32768 rows), as published by Liger-Kernel"
+    ),
+    (
+        "Liger-Kernel's published figure, not ours: 50.4 ms forward+backward at 8192 × 4096 × 131072 (rows × H × V), "
+        "bf16, on an H100 (its README; about 202 ms per 32768 rows if linear in the rows)"
+    ),
+    (
+        "Cut Cross-Entropy: 145 ms for Gemma-2-2B (8192 tokens, V 256000, H 2304) on an A100 with its gradient "
+        "filter, 357 ms without, as published by its authors"
+    ),
 ]
 
 
@@ -512,9 +527,9 @@ def time_markdown(rows) -> str:
                 "| launch | GFLOP | HBM GB | ms | note |", "|---|---:|---:|---:|---|"]  # fmt: skip
         out += [f"| {k['kernel']} | {k['flops'] / 1e9:.0f} | {k['hbm_bytes'] / 1e9:.2f} | {k['ms']:.1f} | {k['note']} |"
                 for k in r["kernels"]]  # fmt: skip
-    out += ["", f"Rates: cuBLAS at the GPU's GEMM ceiling, Triton tl.dot loops at {TRITON_DOT_RATE / 1e12:.0f} TFLOP/s "
+    out += ["", (f"Rates: cuBLAS at the GPU's GEMM ceiling, Triton tl.dot loops at {TRITON_DOT_RATE / 1e12:.0f} TFLOP/s "
             "(0.7 of the datasheet dense bf16 rate; an assumption until measured). An operand re-read by the programs "
-            f"in flight counts once when their working set fits in {L2_SHARE:.0%} of L2, else at every re-read.", "",
+            f"in flight counts once when their working set fits in {L2_SHARE:.0%} of L2, else at every re-read."), "",
             (f"One-pass: pairs of {PAIR_ROWS} scored rows, grouped by whole pairs whose fp32 logits fit "
              f"{ONEPASS_BUDGET / GiB:g} GiB; per group one logits GEMM kept in fp32, the log-prob pass, dz written in "
              "place, d_weight += dzᵀ·h (d_weight read and written every group) and d_hidden = dz·W; its floor is its "
@@ -537,12 +552,12 @@ def markdown(mem_rows, bw_rows) -> str:
             f"| {r['model']} (V {r['V']}, H {r['H']}) | {r['workload']} | {r['path']}{note} | {r['peak_bytes'] / GiB:.2f} "
             f"| {r['beyond_io_bytes'] / GiB:.2f} | {r['peak_bytes'] / naive[key]:.2f}× |"
         )
-    out += ["", "Logits workload: inputs = the logits (plus their gradient unless in-place); lm_head workload: inputs = "
-            "hidden + weight and their gradients.", ""]  # fmt: skip
-    out += [f"### Modeled bytes moved per token and H100 SXM bound (analytic, {H100_BW / 1e12:.2f} TB/s, "
-            f"{H100_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16 dense; {N_SEQ}×{SEQ_LEN} tokens)", ""]  # fmt: skip
-    out += ["| model | kernel (fwd+bwd) | logits-sized MB/token | GEMM streaming MB/token (no L2 reuse) | modeled BW bound ms "
-            "| of which logits-sized ms | modeled FLOP bound ms |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    out += ["", ("Logits workload: inputs = the logits (plus their gradient unless in-place); lm_head workload: inputs = "
+            "hidden + weight and their gradients."), ""]  # fmt: skip
+    out += [(f"### Modeled bytes moved per token and H100 SXM bound (analytic, {H100_BW / 1e12:.2f} TB/s, "
+            f"{H100_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16 dense; {N_SEQ}×{SEQ_LEN} tokens)"), ""]  # fmt: skip
+    out += [("| model | kernel (fwd+bwd) | logits-sized MB/token | GEMM streaming MB/token (no L2 reuse) | modeled BW bound ms "
+            "| of which logits-sized ms | modeled FLOP bound ms |"), "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in bw_rows:
         flop = f"{r['flop_bound_ms']:.1f}" if r["flop_bound_ms"] else "-"
         out.append(
@@ -557,5 +572,11 @@ def run(models=None) -> dict:
     mem, bw, times = modeled_memory(models), bandwidth_table(models), modeled_times(models)
     text = markdown(mem, bw) + "\n\n" + time_markdown(times)
     rows = [{k: r[k] for k in ("model", "workload", "path", "gpu", "ms", "floor_ms")} for r in times]
-    return {"memory": mem, "bandwidth": bw, "modeled_time": rows, "modeled_time_kernels": times,
-            "assumptions": ASSUMPTIONS, "markdown": text}
+    return {
+        "memory": mem,
+        "bandwidth": bw,
+        "modeled_time": rows,
+        "modeled_time_kernels": times,
+        "assumptions": ASSUMPTIONS,
+        "markdown": text,
+    }

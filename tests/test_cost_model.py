@@ -93,7 +93,7 @@ def test_filtered_formulas_match_interpreter_counts(M, H, V, dtype, chunk_cols, 
         fused_linear_logps_bwd(torch.randn(M), hidden, weight, b, labels, lse, config=SMALL, chunk_elements=chunk,
                                filter_eps=1e-4, products=products, keep_out=keep)  # fmt: skip
     flags = [k.tolist() for k in keep]
-    density = sum(map(sum, sum(flags, []))) / sum(len(f) * len(f[0]) for f in flags)
+    density = sum(sum(row) for f in flags for row in f) / sum(len(f) * len(f[0]) for f in flags)
     assert 0 < density < 0.75, density  # some tiles dropped, some kept
     e = torch.empty(0, dtype=dtype).element_size()
     model = modeled.triton_filtered_counts(M, H, V, e, SMALL, products, chunk_cols, flags, bias=bias)
