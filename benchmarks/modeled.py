@@ -33,10 +33,12 @@ ASSUMPTIONS = [
     "each kernel reads each operand once and writes each output once from HBM, no cache reuse across kernels",
     "eager reference = slice, cast to fp32, log_softmax, gather; backward: gather's zero-filled scatter, log_softmax backward, cast back, the slice's zero-padded copy (42·V bytes/token)",
     "fused log-prob kernel (Triton): one online log-sum-exp pass over the logits in the forward, one read + one gradient write in the backward (6·V bytes/token; in-place writes over the logits, same traffic)",
-    f"GEMMs (cuBLAS in the naive LM head, Triton fused-linear): the weight is streamed once per {BLOCK_M}-row block "
-    f"(forward and d_hidden products), the hidden rows once per {BLOCK_V}-wide vocabulary block (d_weight); no L2 "
-    "reuse across concurrently running blocks, so this part is an upper bound (blocks running at the same time share "
-    "weight tiles through the 50 MB L2, so real HBM traffic is far lower; the FLOP bound is the better guide there)",
+    (
+        f"GEMMs (cuBLAS in the naive LM head, Triton fused-linear): the weight is streamed once per {BLOCK_M}-row block "
+        f"(forward and d_hidden products), the hidden rows once per {BLOCK_V}-wide vocabulary block (d_weight); no L2 "
+        "reuse across concurrently running blocks, so this part is an upper bound (blocks running at the same time share "
+        "weight tiles through the 50 MB L2, so real HBM traffic is far lower; the FLOP bound is the better guide there)"
+    ),
     "FLOPs: naive LM head 6·M·V·H (forward, d_hidden, d_weight); fused-linear 8·M·V·H (the logits are recomputed once, in the backward's dz kernel)",
 ]
 
@@ -93,9 +95,8 @@ def triton_linear_scratch_bytes(m: int, h: int, v: int, e: int = 2) -> int:
 
 def modeled_memory(models=None, n=N_SEQ, t=SEQ_LEN, dtype=torch.bfloat16) -> list[dict]:
     import dpo_kernels
-    from dpo_kernels import reference
-
     from benchmarks.providers import dpo_from_logps
+    from dpo_kernels import reference
 
     rows = []
     for model in models or MODELS:
@@ -297,8 +298,14 @@ def fused_linear_kernels(N, H, V, gpu, e=2, group_m=None, chunk_bytes=None, forw
     blocks in flight (sms / GROUP_M of them), their W / h rows once per group of GROUP_M row blocks / V
     tiles (the K-step working set of the programs in flight is a few MB, in L2)."""
     from dpo_kernels.triton.linear import (
-        DZ_CHUNK_BYTES, GROUP_M, LAUNCH_CONFIGS, PRODUCT_LAUNCH_CONFIGS, _vocab_splits, dz_chunk_columns,
-        forward_chunk_rows, forward_splits,
+        DZ_CHUNK_BYTES,
+        GROUP_M,
+        LAUNCH_CONFIGS,
+        PRODUCT_LAUNCH_CONFIGS,
+        _vocab_splits,
+        dz_chunk_columns,
+        forward_chunk_rows,
+        forward_splits,
     )  # fmt: skip
 
     bw, gemm_rate, sms, l2 = GPUS[gpu]
@@ -379,6 +386,57 @@ def naive_lm_head_kernels(N, H, V, gpu, e=2):
     ], bw
 
 
+PAIR_ROWS = 1024  # the one-pass route's scale in the issue: scored rows per DPO pair (32 pairs at 32768 rows)
+ONEPASS_BUDGET = 1 << 30  # the one-pass route's default memory_budget on a GPU: bytes of fp32 logits per group
+
+
+def onepass_group_rows(N: int, V: int, pair_rows: int = PAIR_ROWS, budget_bytes: int = ONEPASS_BUDGET) -> int:
+    """Scored rows per group of the one-pass route: as many whole pairs as the fp32 logits (4·V bytes per row)
+    of fit in ``budget_bytes`` (at least one pair: a pair beyond the budget does not take this route)."""
+    pairs = budget_bytes // (4 * V * pair_rows)
+    if pairs < 1:
+        raise ValueError(f"a pair's fp32 logits ({4 * V * pair_rows} bytes) exceed the budget ({budget_bytes})")
+    return min(N, pairs * pair_rows)
+
+
+def onepass_linear_kernels(N, H, V, gpu, e=2, pair_rows=PAIR_ROWS, budget_bytes=ONEPASS_BUDGET, softcap=False,
+                           tanh_passes=3):  # fmt: skip
+    """The launches of the one-pass fused LM head (fwd + bwd, 6·N·H·V FLOPs) at N scored rows in pairs of
+    ``pair_rows``, counted per group of whole pairs whose fp32 logits fit ``budget_bytes`` and summed. Per
+    group of M rows: a cuBLAS GEMM writes the fp32 logits (4 bytes per logit, h and W read); with a softcap,
+    its tanh in place as ``fused_linear_logps_fwd_cublas`` applies it (``tanh_passes`` elementwise passes,
+    each reading and writing 4 bytes per logit: div_, tanh_, mul_); the logits path's kernel reads them
+    once (``cublas_forward_counts``, with statistics); the loss's per-row gradient (M floats, not counted);
+    an elementwise Triton kernel reads the (capped) logits and writes dz in place in the inputs' dtype (its
+    softcap factor 1 − t² from the capped logit, in registers), with the row's g, the two-part lse and the
+    label; cuBLAS d_weight += dzᵀ·h (beta = 1: the (V, H) d_weight read and written in weight's dtype every
+    group; the first group's read stands for the zero fill) and d_hidden = dz·W (the group's own rows: one
+    product over the whole vocabulary, written once in the inputs' dtype). cuBLAS at the GPU's GEMM rate,
+    as in ``fused_linear_kernels``. Groups of equal size are identical, so each kind of launch is one entry
+    with their summed counts (a ragged last group gets its own), which keeps the sum of per-group times."""
+    bw, gemm_rate, _, _ = GPUS[gpu]
+    rows = onepass_group_rows(N, V, pair_rows, budget_bytes)
+    full, rest = divmod(N, rows)
+    sizes = [(full, rows)] + ([(1, rest)] if rest else [])
+    out = []
+    for n, M in sizes:
+        logits = M * V
+        tag = f"{n} groups of {M} rows" if n > 1 else f"1 group of {M} rows"
+        fwd_io = sum(c["ld"] + c["st"] for c in cublas_forward_counts(M, V, with_stats=True).values())
+        out.append(_kernel("cuBLAS logits = h·Wᵀ (fp32 out, kept)", n * 2 * M * H * V,
+                           n * (4 * logits + M * H * e + V * H * e), gemm_rate, tag))  # fmt: skip
+        if softcap:
+            out.append(_kernel("softcap tanh in place (elementwise)", 0, n * tanh_passes * 8 * logits, gemm_rate,
+                               f"{tanh_passes} passes, 8 bytes per logit each"))  # fmt: skip
+        out.append(_kernel("Triton log-prob + stats over the kept logits", 0, n * fwd_io, gemm_rate))
+        out.append(_kernel("Triton dz in place (fp32 logits -> dz)", 0, n * (logits * (4 + e) + 20 * M), gemm_rate))
+        out.append(_kernel("cuBLAS d_weight += dzᵀ·h (beta 1)", n * 2 * M * H * V,
+                           n * (logits * e + M * H * e + 2 * V * H * e), gemm_rate, "d_weight read + written per group"))  # fmt: skip
+        out.append(_kernel("cuBLAS d_hidden = dz·W", n * 2 * M * H * V, n * (logits * e + V * H * e + M * H * e),
+                           gemm_rate))  # fmt: skip
+    return out, bw
+
+
 def previous_fused_linear_kernels(N, H, V, gpu, e=2, BM=64, BV=128):
     """The fused head before issue 14, by its count: 10·N·H·V on Triton, fp32 scratch slabs re-read and
     re-written per tile (8·N·H·V / BLOCK_V for d_hidden, 8·N·H·V / BLOCK_M for d_weight), above L2."""
@@ -396,8 +454,10 @@ def logits_kernels(N, V, gpu, e=2):
     bw = GPUS[gpu][0]
     return {
         "naive: reference.sequence_logps": [_kernel("eager log-softmax fwd + bwd", 0, 42 * N * V, 1.0)],
-        "fused: sequence_logps (Triton)": [_kernel("Triton fwd", 0, N * V * e, 1.0),
-                                           _kernel("Triton bwd", 0, 2 * N * V * e, 1.0)],
+        "fused: sequence_logps (Triton)": [
+            _kernel("Triton fwd", 0, N * V * e, 1.0),
+            _kernel("Triton bwd", 0, 2 * N * V * e, 1.0),
+        ],
     }, bw
 
 
@@ -408,8 +468,9 @@ def kernel_ms(k, bw) -> float:
 
 def modeled_times(models=None, n=N_SEQ, t=SEQ_LEN) -> list[dict]:
     """``modeled_time`` rows (model, workload, path, gpu, ms, floor_ms, kernels) at N = n·t scored rows.
-    Floors: lm_head 8·N·H·V at the GPU's GEMM rate (forward, one recompute, two products), logits the
-    bytes of reading the logits twice and writing their gradient once."""
+    Floors: lm_head 8·N·H·V at the GPU's GEMM rate (forward, one recompute, two products), the one-pass
+    route's own 6·N·H·V (no recompute; pairs of ``PAIR_ROWS`` rows, groups within ``ONEPASS_BUDGET``), logits
+    the bytes of reading the logits twice and writing their gradient once."""
     rows = []
     N = n * t
     for model in models or MODELS:
@@ -421,6 +482,8 @@ def modeled_times(models=None, n=N_SEQ, t=SEQ_LEN) -> list[dict]:
                 ("lm_head", "naive: matmul + reference", *naive_lm_head_kernels(N, H, V, gpu), lm_floor),
                 ("lm_head", "fused-linear (Triton + cuBLAS)", *fused_linear_kernels(N, H, V, gpu, forward=route),
                  lm_floor),
+                ("lm_head", "fused-linear one-pass", *onepass_linear_kernels(N, H, V, gpu, softcap=model in SOFTCAP_MODELS),
+                 1e3 * 6 * N * H * V / rate),
                 ("lm_head", f"fused-linear, the {other} forward instead (the route weighed)",
                  *fused_linear_kernels(N, H, V, gpu, forward=other), lm_floor),
                 ("lm_head", "fused-linear, previous design (by count)", *previous_fused_linear_kernels(N, H, V, gpu),
@@ -436,10 +499,18 @@ def modeled_times(models=None, n=N_SEQ, t=SEQ_LEN) -> list[dict]:
 
 
 PEERS = [  # their own published numbers, not ours and not modeled
-    "Liger-Kernel CuTe fused linear cross-entropy: 18.3 ms fwd+bwd at 4096 x 4096 x 128256 on an H200 "
-    "(about 147 ms per 32768 rows), as published by Liger-Kernel",
-    "Cut Cross-Entropy: 145 ms for Gemma-2-2B (8192 tokens, V 256000, H 2304) on an A100 with its gradient "
-    "filter, 357 ms without, as published by its authors",
+    (
+        "Liger-Kernel CuTe fused linear cross-entropy: 18.3 ms fwd+bwd at 4096 x 4096 x 128256 on an H200 "
+        "(about 147 ms per 32768 rows), as published by Liger-Kernel"
+    ),
+    (
+        "Liger-Kernel's published figure, not ours: 50.4 ms forward+backward at 8192 × 4096 × 131072 (rows × H × V), "
+        "bf16, on an H100 (its README; about 202 ms per 32768 rows if linear in the rows)"
+    ),
+    (
+        "Cut Cross-Entropy: 145 ms for Gemma-2-2B (8192 tokens, V 256000, H 2304) on an A100 with its gradient "
+        "filter, 357 ms without, as published by its authors"
+    ),
 ]
 
 
@@ -449,15 +520,21 @@ def time_markdown(rows) -> str:
     for r in rows:
         out.append(f"| {r['model']} | {r['workload']} | {r['path']} | {r['gpu']} | {r['ms']:.1f} | {r['floor_ms']:.1f} "
                    f"| {r['ms'] / r['floor_ms']:.2f}× |")  # fmt: skip
-    llama = [r for r in rows if r["model"] == "Llama-3-8B" and r["path"] == "fused-linear (Triton + cuBLAS)"]
+    heads = ("fused-linear (Triton + cuBLAS)", "fused-linear one-pass")
+    llama = [r for p in heads for r in rows if r["model"] == "Llama-3-8B" and r["path"] == p]
     for r in llama:
-        out += ["", f"Fused LM head at Llama-3-8B, {r['gpu']}, per launch:", "",
+        out += ["", f"{r['path']} at Llama-3-8B, {r['gpu']}, per launch:", "",
                 "| launch | GFLOP | HBM GB | ms | note |", "|---|---:|---:|---:|---|"]  # fmt: skip
         out += [f"| {k['kernel']} | {k['flops'] / 1e9:.0f} | {k['hbm_bytes'] / 1e9:.2f} | {k['ms']:.1f} | {k['note']} |"
                 for k in r["kernels"]]  # fmt: skip
-    out += ["", f"Rates: cuBLAS at the GPU's GEMM ceiling, Triton tl.dot loops at {TRITON_DOT_RATE / 1e12:.0f} TFLOP/s "
+    out += ["", (f"Rates: cuBLAS at the GPU's GEMM ceiling, Triton tl.dot loops at {TRITON_DOT_RATE / 1e12:.0f} TFLOP/s "
             "(0.7 of the datasheet dense bf16 rate; an assumption until measured). An operand re-read by the programs "
-            f"in flight counts once when their working set fits in {L2_SHARE:.0%} of L2, else at every re-read.", "",
+            f"in flight counts once when their working set fits in {L2_SHARE:.0%} of L2, else at every re-read."), "",
+            (f"One-pass: pairs of {PAIR_ROWS} scored rows, grouped by whole pairs whose fp32 logits fit "
+             f"{ONEPASS_BUDGET / GiB:g} GiB; per group one logits GEMM kept in fp32, the log-prob pass, dz written in "
+             "place, d_weight += dzᵀ·h (d_weight read and written every group) and d_hidden = dz·W; its floor is its "
+             "own 6·N·H·V, the other lm_head rows' 8·N·H·V. A softcap costs it the forward's tanh passes over the fp32 "
+             "logits (three, 24 bytes per logit, as the cuBLAS forward applies it)."), "",
             "Peers, by their own published numbers (not modeled here):"] + [f"- {p}" for p in PEERS]  # fmt: skip
     return "\n".join(out)
 
@@ -475,12 +552,12 @@ def markdown(mem_rows, bw_rows) -> str:
             f"| {r['model']} (V {r['V']}, H {r['H']}) | {r['workload']} | {r['path']}{note} | {r['peak_bytes'] / GiB:.2f} "
             f"| {r['beyond_io_bytes'] / GiB:.2f} | {r['peak_bytes'] / naive[key]:.2f}× |"
         )
-    out += ["", "Logits workload: inputs = the logits (plus their gradient unless in-place); lm_head workload: inputs = "
-            "hidden + weight and their gradients.", ""]  # fmt: skip
-    out += [f"### Modeled bytes moved per token and H100 SXM bound (analytic, {H100_BW / 1e12:.2f} TB/s, "
-            f"{H100_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16 dense; {N_SEQ}×{SEQ_LEN} tokens)", ""]  # fmt: skip
-    out += ["| model | kernel (fwd+bwd) | logits-sized MB/token | GEMM streaming MB/token (no L2 reuse) | modeled BW bound ms "
-            "| of which logits-sized ms | modeled FLOP bound ms |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    out += ["", ("Logits workload: inputs = the logits (plus their gradient unless in-place); lm_head workload: inputs = "
+            "hidden + weight and their gradients."), ""]  # fmt: skip
+    out += [(f"### Modeled bytes moved per token and H100 SXM bound (analytic, {H100_BW / 1e12:.2f} TB/s, "
+            f"{H100_BF16_FLOPS / 1e12:.0f} TFLOP/s bf16 dense; {N_SEQ}×{SEQ_LEN} tokens)"), ""]  # fmt: skip
+    out += [("| model | kernel (fwd+bwd) | logits-sized MB/token | GEMM streaming MB/token (no L2 reuse) | modeled BW bound ms "
+            "| of which logits-sized ms | modeled FLOP bound ms |"), "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in bw_rows:
         flop = f"{r['flop_bound_ms']:.1f}" if r["flop_bound_ms"] else "-"
         out.append(
@@ -495,5 +572,11 @@ def run(models=None) -> dict:
     mem, bw, times = modeled_memory(models), bandwidth_table(models), modeled_times(models)
     text = markdown(mem, bw) + "\n\n" + time_markdown(times)
     rows = [{k: r[k] for k in ("model", "workload", "path", "gpu", "ms", "floor_ms")} for r in times]
-    return {"memory": mem, "bandwidth": bw, "modeled_time": rows, "modeled_time_kernels": times,
-            "assumptions": ASSUMPTIONS, "markdown": text}
+    return {
+        "memory": mem,
+        "bandwidth": bw,
+        "modeled_time": rows,
+        "modeled_time_kernels": times,
+        "assumptions": ASSUMPTIONS,
+        "markdown": text,
+    }
