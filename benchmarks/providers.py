@@ -156,6 +156,18 @@ def _library_lm_head(backend: str):
     return build
 
 
+def _library_lm_head_loss(backend: str):
+    def build():
+        import dpo_kernels
+
+        def fn(h, w, labels):
+            return Out(dpo_kernels.fused_linear_dpo_loss(h, w, labels, backend=backend, token_metrics=False)[0], None)
+
+        return fn
+
+    return build
+
+
 def _trl_chunked():
     """TRL's chunked LM-head log-prob autograd function (``trl.kernels.ChunkedLogProbFunction``, imported
     by ``trl.trainer.utils`` as ``_ChunkedLogProbFunction``), called the way TRL's fused LM-head forward
@@ -250,6 +262,13 @@ def registry() -> list[Provider]:
         out.append(
             P(f"dpo_kernels.fused_linear[{backend}]", "lm_head", _library_lm_head(backend), _backend_available(backend),
               note=f"dpo_kernels.fused_linear_sequence_logps(backend={backend!r}), default memory budget")
+        )  # fmt: skip
+    for backend in ("native", "triton"):
+        out.append(
+            P(f"dpo_kernels.fused_linear_dpo_loss[{backend}]", "lm_head", _library_lm_head_loss(backend),
+              _backend_available(backend),
+              note=f"dpo_kernels.fused_linear_dpo_loss(backend={backend!r}), reference-free sigmoid, no token metrics: "
+              "the one-pass route (default memory budget)")
         )  # fmt: skip
     out += [
         P("trl.ChunkedLogProbFunction", "lm_head", _trl_chunked, lambda d: _have("trl"), kind="peer",

@@ -39,51 +39,32 @@ def _head_call(process_group, vocab_start, hidden_name, hidden, labels, heads: d
 
 
 ROUTES = ("auto", "one_pass", "recompute")
-# The one-pass route's default budget for a group's fp32 logits: about 1 GiB on the GPU (Triton), as the
-# recompute route's chunks; on the CPU small enough that the buffer stays a few percent of what the naive
-# head holds, large enough for a pair of a few hundred scored tokens each at V = 32k.
-ONE_PASS_BUDGET = {"triton": 1 << 30}
-ONE_PASS_CPU_BUDGET = 64 << 20
 
 
-def _one_pass_plan(route, hidden, weight, bias, labels, *, backend, shard, packed, memory_budget, gradient_filter,
-                   ignore_index, shift, loss_type, loss_options):  # fmt: skip
+def _one_pass_plan(route, hidden, weight, bias, labels, *, backend, memory_budget, ignore_index, shift, loss_type,
+                   loss_options, **refusal_options):  # fmt: skip
     """(groups, counts) of the one-pass route, or None for the recompute route (see fused_linear_dpo_loss)."""
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     if route == "recompute":
         return None
-    reasons = []
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))):
-        reasons.append("no gradient is needed (the recompute route's forward is the one pass)")
-    if torch.compiler.is_compiling():
-        reasons.append("it reads the labels on the host, which torch.compile does not trace")
-    if labels.is_cuda and torch.cuda.is_current_stream_capturing():
-        reasons.append("it reads the labels on the host, which a CUDA graph capture cannot")
-    if shard is not None:
-        reasons.append("the head is vocabulary-parallel")
-    if packed is not None:
-        reasons.append("the batch is packed")
-    if gradient_filter is not None:
-        reasons.append("gradient_filter is a recompute-route option")
-    coupled = preference.couples_pairs(loss_type, loss_options)
-    if coupled:
-        reasons.append(coupled)
+    needs_grad = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    reasons = preference.one_pass_refusals(loss_type, loss_options, needs_grad=needs_grad, labels=labels,
+                                           **refusal_options)  # fmt: skip
     if reasons:
         if route == "one_pass":
             raise ValueError(f"route='one_pass' cannot run here: {'; '.join(reasons)}")
         return None
-    resolved = tokens.ops.resolve_backend(backend, hidden.device, hidden.dtype)
-    budget = memory_budget or ONE_PASS_BUDGET.get(resolved, ONE_PASS_CPU_BUDGET)
-    counts = tokens.scored_counts(labels, ignore_index=ignore_index, shift=shift)
-    row_bytes = weight.shape[0] * (8 if hidden.dtype == torch.float64 else 4)
-    groups = preference.pair_groups(counts, row_bytes, budget)
+    groups, counts, budget = preference.one_pass_groups(
+        labels, weight.shape[0], hidden.dtype, hidden.device, backend=backend, memory_budget=memory_budget,
+        ignore_index=ignore_index, shift=shift,
+    )  # fmt: skip
     if groups is None:
         if route == "one_pass":
             B = len(counts) // 2
-            need = max(counts[i] + counts[B + i] for i in range(B)) * row_bytes
-            raise ValueError(f"route='one_pass': a pair's scored rows need {need} bytes of fp32 logits, more than "
-                             f"memory_budget={budget}")  # fmt: skip
+            rows = max(counts[i] + counts[B + i] for i in range(B))
+            raise ValueError(f"route='one_pass': a pair's {rows} scored rows need more fp32 logits than "
+                             f"memory_budget={budget} bytes hold")  # fmt: skip
         return None
     return groups, counts
 
@@ -262,15 +243,14 @@ def fused_linear_dpo_loss(
     options = dict(beta=beta, loss_type=loss_type, ld_alpha=ld_alpha, use_weighting=use_weighting, **loss_options)
     if plan is not None:
         groups, counts = plan
-        inputs = (policy_hidden, head["weight"], head["bias"])
 
         def run(token_grad):
             return tokens.one_pass(
-                *inputs, labels, groups, token_grad, ignore_index=ignore_index, shift=shift, logit_scale=logit_scale,
+                policy_hidden, head["weight"], head["bias"], labels, groups, token_grad, ignore_index=ignore_index, shift=shift, logit_scale=logit_scale,
                 softcap=softcap, temperature=temperature, backend=backend, with_stats=with_stats, counts=counts,
             )  # fmt: skip
 
-        return preference.dpo_one_pass(run, ref, inputs, with_stats=with_stats, average=average, **options)
+        return preference.dpo_one_pass(run, ref, with_stats=with_stats, average=average, **options)
     return preference.dpo_from_passes(policy, ref, with_stats=with_stats, average=average, **options)
 
 

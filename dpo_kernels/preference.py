@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from . import losses
-from .tokens import with_gradients
+from . import ops, tokens
 
 # Loss types that need the number of scored tokens per sequence, or the chosen NLL.
 _NEEDS_NLL = ("sft", "orpo")
@@ -273,15 +273,28 @@ def kto_logged(metrics: dict, counts: dict) -> dict:
 # ------------------------------------------------------------------------------------------- one pass
 
 
-def couples_pairs(loss_type, loss_options: dict) -> Optional[str]:
-    """Why the loss's gradient w.r.t. one pair's log-probs depends on other pairs' (None when the loss is a sum
-    of per-pair terms with fixed weights, which the one-pass route needs)."""
+def one_pass_refusals(loss_type, loss_options: dict, *, needs_grad: bool, labels: torch.Tensor, shard=None,
+                      packed=None, gradient_filter=None) -> list:  # fmt: skip
+    """Why the one-pass route (:func:`dpo_one_pass`) cannot run a loss step; empty when it can."""
+    reasons = []
+    if not (needs_grad and torch.is_grad_enabled()):
+        reasons.append("no gradient is needed (the recompute route's forward is the one pass)")
+    if torch.compiler.is_compiling():
+        reasons.append("it reads the labels on the host, which torch.compile does not trace")
+    if labels.is_cuda and torch.cuda.is_current_stream_capturing():
+        reasons.append("it reads the labels on the host, which a CUDA graph capture cannot")
+    if shard is not None:
+        reasons.append("the head is vocabulary-parallel")
+    if packed is not None:
+        reasons.append("the batch is packed")
+    if gradient_filter is not None:
+        reasons.append("gradient_filter is a recompute-route option")
     sorting = [t for t in loss_types(loss_type) if t in ("aot", "aot_unpaired")]
     if sorting:
-        return f"loss types {sorting} sort the batch's margins"
+        reasons.append(f"loss types {sorting} sort the batch's margins, coupling the pairs' gradients")
     if loss_options.get("bco_state") is not None:
-        return "bco_state centres the rewards on the batch's mean"
-    return None
+        reasons.append("bco_state centres the rewards on the batch's mean, coupling the pairs' gradients")
+    return reasons
 
 
 def pair_groups(counts: list, row_bytes: int, budget: int) -> Optional[list]:
@@ -301,31 +314,48 @@ def pair_groups(counts: list, row_bytes: int, budget: int) -> Optional[list]:
     return groups + [group] if group else groups
 
 
-def dpo_one_pass(run, ref, inputs: tuple, *, with_stats: bool, average: bool, ld_alpha: Optional[float], **options):
-    """(loss, metrics) as :func:`dpo_from_passes`, the policy scored by ``run(token_grad)`` (the one-pass
-    head, ``dpo_kernels.tokens.one_pass``), which returns the policy's Tokens and the gradients w.r.t.
-    ``inputs`` it formed while each group's logits were live. ``token_grad`` is the loss family's own
-    gradient w.r.t. the per-token log-probs (autograd on (2B, T') tensors), read by ``run`` at one group's
-    tokens, where the groups not yet scored hold zeros: exact for a loss that does not couple pairs
-    (:func:`couples_pairs`). The returned loss carries those gradients, scaled by the incoming one."""
+def one_pass_groups(labels, vocab_size: int, dtype: torch.dtype, device, *, backend: str, memory_budget, ignore_index,
+                    shift) -> tuple:  # fmt: skip
+    """(groups, counts, budget) of the one-pass route for (2B, T) ``labels`` under a head of ``vocab_size``
+    rows: groups None when a pair's scored rows' fp32 logits exceed the budget (one host synchronization)."""
+    budget = tokens.one_pass_budget(ops.resolve_backend(backend, device, dtype), memory_budget)
+    counts = tokens.scored_counts(labels, ignore_index=ignore_index, shift=shift)
+    row_bytes = vocab_size * (8 if dtype == torch.float64 else 4)
+    return pair_groups(counts, row_bytes, budget), counts, budget
+
+
+def one_pass_token_grad(loss_of):
+    """``token_grad`` of :func:`dpo_kernels.tokens.one_pass` for ``loss_of(tokens) -> (loss, metrics)``: the
+    loss family's own gradient w.r.t. the (2B, T') per-token log-probs (autograd on per-token tensors). Read at
+    one group's tokens, where the groups not yet scored hold zeros, it is exact for a loss that does not couple
+    pairs (:func:`one_pass_refusals`)."""
+
+    def token_grad(toks):
+        logps = toks.logps.detach().requires_grad_()
+        with torch.enable_grad():
+            loss, _ = loss_of(toks._replace(logps=logps))
+        return torch.autograd.grad(loss, logps, allow_unused=True, materialize_grads=True)[0]
+
+    return token_grad
+
+
+def dpo_one_pass(run, ref, *, with_stats: bool, average: bool, ld_alpha: Optional[float], **options):
+    """(loss, metrics) as :func:`dpo_from_passes`, the policy scored by ``run(token_grad)`` (the one-pass head,
+    :func:`dpo_kernels.tokens.one_pass`: the policy's Tokens and a carrier of the gradients it formed while
+    each group's logits were live). The loss's value is computed again from the scored tokens; the carrier
+    adds the gradient."""
     if isinstance(ref, torch.Tensor) or ref is None:
         ref_logps = ref
     else:
         ref_logps = reduce_sequences(ref.logps, ref.mask, average=average, ld_alpha=ld_alpha)
 
-    def loss_of(tokens):
+    def loss_of(toks):
         return dpo_from_tokens(
-            tokens.logps, tokens.mask, ref_logps, stats=tokens.stats if with_stats else None, lse=tokens.lse,
-            vocab_size=tokens.vocab_size, average=average, ld_alpha=ld_alpha, **options,
+            toks.logps, toks.mask, ref_logps, stats=toks.stats if with_stats else None, lse=toks.lse,
+            vocab_size=toks.vocab_size, average=average, ld_alpha=ld_alpha, **options,
         )  # fmt: skip
 
-    def token_grad(tokens):
-        logps = tokens.logps.detach().requires_grad_()
-        with torch.enable_grad():
-            loss, _ = loss_of(tokens._replace(logps=logps))
-        return torch.autograd.grad(loss, logps, allow_unused=True, materialize_grads=True)[0]
-
     with torch.no_grad():
-        policy, grads = run(token_grad)
+        policy, carrier = run(one_pass_token_grad(loss_of))
         loss, metrics = loss_of(policy)
-    return with_gradients(loss, inputs, grads), metrics
+    return loss + carrier, metrics

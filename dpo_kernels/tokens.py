@@ -123,6 +123,18 @@ def per_sequence(tokens: Tokens, average: bool) -> torch.Tensor:
     return total / tokens.mask.sum(-1).clamp(min=1) if average else total
 
 
+# The one-pass route's default budget for a group's fp32 logits: about 1 GiB on the GPU (Triton), as the
+# recompute route's chunks; on the CPU small enough that the buffer stays a few percent of what the naive
+# head holds, large enough for a pair of a few hundred scored tokens each at V = 32k.
+ONE_PASS_BUDGET = {"triton": 1 << 30}
+ONE_PASS_CPU_BUDGET = 64 << 20
+
+
+def one_pass_budget(backend: str, memory_budget: Optional[int]) -> int:
+    """Bytes of fp32 logits a one-pass group may hold: ``memory_budget``, or the resolved backend's default."""
+    return memory_budget or ONE_PASS_BUDGET.get(backend, ONE_PASS_CPU_BUDGET)
+
+
 def scored_counts(labels: torch.Tensor, *, ignore_index: int, shift: bool) -> list[int]:
     """The number of scored tokens of each of the (N, T) ``labels``' sequences, on the host (one
     synchronization): what the one-pass route groups its sequences by."""
@@ -147,7 +159,8 @@ def one_pass(
     with_stats: bool = False,
     counts: Optional[list] = None,
 ):
-    """The fused head in one pass: ``(tokens, (d_hidden, d_weight, d_bias))``.
+    """The fused head in one pass: ``(tokens, carrier)``, ``carrier`` a 0-dim zero whose gradient w.r.t.
+    ``hidden``, ``weight`` and ``bias`` is the loss's, formed here (add it to the loss's value).
 
     ``groups``: lists of sequence indices (rows of ``hidden`` (N, T, H)), each group's scored rows' fp32 logits
     formed at once into one buffer (sized for the largest group). After a group is scored its outputs are
@@ -191,7 +204,8 @@ def one_pass(
         d_hidden[n, t] = ops.linear_logits_backward_(z, g, h, weight, bias, y_rows, row_lse, d_weight=d_weight,
                                                      d_bias=d_bias, **options)  # fmt: skip
     tokens = Tokens(logps, ops.lse_value(lse), stats, mask, weight.shape[0])
-    return tokens, (d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype))
+    grads = (d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype))
+    return tokens, with_gradients(logps.new_zeros(()), (hidden, weight, bias), grads)
 
 
 class _Precomputed(torch.autograd.Function):
