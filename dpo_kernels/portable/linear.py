@@ -260,18 +260,20 @@ def fused_linear_logits_bwd_(
     acc = _acc_dtype(hidden.dtype)
     g = grad.to(acc) * (logit_scale / temperature)
     lse = lse.to(acc)
+    # out= is the very tensor passed as the logits (one view, not two ``[None]`` of the same buffer): the
+    # native backward tells its in-place mode from ``out is logits`` and refuses any other out
     if softcap is None:
-        scorer.token_logps_bwd(g[None], logits[None], labels[None], lse[None], -1, False, out=logits[None],
-                               vocab_start=vocab_start)  # fmt: skip
+        z = logits[None]
+        scorer.token_logps_bwd(g[None], z, labels[None], lse[None], -1, False, out=z, vocab_start=vocab_start)
     else:
         step = max(1, CHUNK_ELEMENTS // max(1, V))
         factor = logits.new_empty((min(step, M), V))
         for r in range(0, M, step):
-            z, rows = logits[r : r + step], slice(r, min(r + step, M))
-            f = torch.mul(z, temperature / softcap, out=factor[: z.shape[0]]).square_().neg_().add_(1)
-            scorer.token_logps_bwd(g[None, rows], z[None], labels[None, rows], lse[None, rows], -1, False,
-                                   out=z[None], vocab_start=vocab_start)  # fmt: skip
-            z.mul_(f)
+            z, rows = logits[None, r : r + step], slice(r, min(r + step, M))
+            f = torch.mul(z[0], temperature / softcap, out=factor[: z.shape[1]]).square_().neg_().add_(1)
+            scorer.token_logps_bwd(g[None, rows], z, labels[None, rows], lse[None, rows], -1, False, out=z,
+                                   vocab_start=vocab_start)  # fmt: skip
+            z[0].mul_(f)
     if d_bias is not None:
         d_bias += logits.sum(0)
     if not _low_precision(hidden.dtype):
