@@ -23,8 +23,8 @@ import functools
 
 import pytest
 import torch
-
 from conftest import DEVICE
+
 from dpo_kernels import reference
 from dpo_kernels.ops import native
 from dpo_kernels.portable import linear as portable_linear

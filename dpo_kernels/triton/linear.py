@@ -762,6 +762,7 @@ class LogitsDzConfig(NamedTuple):
     BLOCK_M: int  # rows per program of the one-pass dz kernel
     BLOCK_V: int
     num_warps: int
+    num_stages: int = 1
 
 
 # The one-pass backward's dz kernel (``fused_linear_logits_dz_kernel``): elementwise, memory-bound, and a row
@@ -1213,7 +1214,8 @@ def fused_linear_logits_bwd_(logits, grad, hidden, weight, bias, labels, lse, lo
     fused_linear_logits_dz_kernel[(triton.cdiv(M, cfg.BLOCK_M),)](
         logits, dz, grad, labels, lse, M, V, logits.stride(0), dz.stride(0), labels.stride(0), grad.stride(0),
         int(vocab_start), float(logit_scale), float(softcap) if softcap is not None else 1.0, float(temperature),
-        HAS_SOFTCAP=softcap is not None, BLOCK_M=cfg.BLOCK_M, BLOCK_V=cfg.BLOCK_V, num_warps=cfg.num_warps,
+        HAS_SOFTCAP=softcap is not None, BLOCK_M=cfg.BLOCK_M, BLOCK_V=cfg.BLOCK_V,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     if d_bias is not None:
         d_bias += torch.sum(dz, dim=0, dtype=torch.float32)
