@@ -15,6 +15,12 @@ chunk's dz = g · (onehot − softmax) (chained through the transform) in the in
 cuBLAS GEMMs consume it (d_weight rows of the chunk written once, d_hidden accumulated in fp32):
 8 · M · H · V FLOPs for forward + backward, no float atomics, deterministic.
 
+The one-pass route (``fused_linear_logits_fwd``, ``fused_linear_logits_bwd_``) forms a group's logits once,
+into an (M, V) fp32 buffer the caller keeps while it turns the log-probs into the loss's per-row gradient;
+``fused_linear_logits_dz_kernel`` then overwrites the buffer in place with dz (bf16/fp16: in the first half of
+each fp32 row) and two cuBLAS GEMMs consume it: 6 · M · H · V FLOPs for forward + backward, for 4 bytes of
+buffer per logit of the group.
+
 Vocabulary window: W_v, b_v are the rows v in [vocab_start, vocab_start + V) of a head (the whole head by
 default) and the labels are global ids; a label outside the window is not owned and scores z[label] = 0
 (logp = −(c + log s), never NaN or an out-of-bounds read). The log-sum-exp stays in the two parts (c, log s)
