@@ -14,8 +14,9 @@ failures"):
 - every row: no local memory (spills), at least one CTA per SM;
 - the log-prob forward/backward kernels read 16-byte vectors ("vec" yes) on aligned and odd rows, with and
   without statistics (not on a strided vocabulary);
-- the fused LM-head kernels but the merge multiply on tensor cores ("mma") in bf16/fp16 and in IEEE fp32
-  ("fma") in fp32.
+- the fused LM-head kernels but the merge and the one-pass dz kernel multiply on tensor cores ("mma") in
+  bf16/fp16 and in IEEE fp32 ("fma") in fp32; the one-pass dz kernel (no products) reads 16-byte vectors ("vec"
+  yes) where aligned.
 Exit status 0 when all hold, else 1 with each problem printed.
 """
 
@@ -72,7 +73,10 @@ def check_output(stdout: str, expected: list, archs, returncode: int = 0) -> lis
         logps = name.startswith(("token_logps_fwd_kernel", "token_logps_bwd_kernel")) and "strided_vocab" not in name
         if logps and row["vec"] != "yes":  # 16-byte loads on odd rows (V = 50257) too, the forward with statistics
             problems.append(f"{name}: vec {row['vec']}, expected yes (16-byte loads)")
-        if "fused_linear" in name and "merge" not in name:
+        if name.startswith("fused_linear_logits_dz_kernel"):  # elementwise: no products, vector loads
+            if " aligned " in name and row["vec"] != "yes":
+                problems.append(f"{name}: vec {row['vec']}, expected yes (16-byte loads)")
+        elif "fused_linear" in name and "merge" not in name:
             want = "fma" if " fp32/" in name else "mma"
             if row["vec"] != want:
                 problems.append(f"{name}: vec {row['vec']}, expected {want}")

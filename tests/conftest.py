@@ -46,9 +46,20 @@ LOW_PRECISION_ULPS = 1.0
 # The launchers every backend's kernels go through (module -> functions), guarded in the CUDA mode.
 KERNEL_ENTRY_POINTS = {
     "dpo_kernels.triton.logprobs": ("token_logps_fwd", "token_logps_bwd"),
-    "dpo_kernels.triton.linear": ("fused_linear_logps_fwd", "fused_linear_logps_fwd_cublas", "fused_linear_logps_bwd"),
+    "dpo_kernels.triton.linear": (
+        "fused_linear_logps_fwd",
+        "fused_linear_logps_fwd_cublas",
+        "fused_linear_logps_bwd",
+        "fused_linear_logits_fwd",
+        "fused_linear_logits_bwd_",
+    ),
     "dpo_kernels.portable.logprobs": ("token_logps_fwd", "token_logps_bwd"),
-    "dpo_kernels.portable.linear": ("fused_linear_logps_fwd", "fused_linear_logps_bwd"),
+    "dpo_kernels.portable.linear": (
+        "fused_linear_logps_fwd",
+        "fused_linear_logps_bwd",
+        "fused_linear_logits_fwd",
+        "fused_linear_logits_bwd_",
+    ),
     "dpo_kernels.ops.native": ("token_logps_fwd", "token_logps_bwd"),
 }
 

@@ -27,6 +27,8 @@ _spec.loader.exec_module(aot_check)
 
 def vec(name):
     """What a passing variant's "vec" column reads (aot.main's values)."""
+    if "fused_linear_logits_dz" in name:  # elementwise, no products: 16-byte loads where aligned
+        return "yes" if " aligned " in name else "no"
     if "fused_linear" in name and "merge" not in name:
         return "fma" if " fp32/" in name else "mma"
     return "no" if "strided_vocab" in name or "special_stats" in name or "merge" in name else "yes"
@@ -67,6 +69,7 @@ def test_checker_flags_each_fault(names):
     bf16_head = first(names, "fused_linear_logps_fwd_kernel bf16/")
     fp32_dz = first(names, "fused_linear_logps_bwd_dz_kernel fp32/", "filter")
     spilled = first(names, "fused_linear_logps_bwd_dw_kernel")
+    onepass_dz = first(names, "fused_linear_logits_dz_kernel bf16/", " aligned ")
     faults = {  # a fault -> the problem the checker names
         "exit status": (table(names), 1, "exited with status 1"),
         "summary": (table(names).replace("; 0 failures", "; 1 failures"), 0, "last line"),
@@ -81,6 +84,7 @@ def test_checker_flags_each_fault(names):
         "aligned unvectorized": (table(names, **{aligned_bwd: (0, "no", 2)}), 0, f"{aligned_bwd}: vec no"),
         "bf16 off the tensor cores": (table(names, **{bf16_head: (0, "fma", 2)}), 0, "expected mma"),
         "fp32 on the tensor cores (TF32)": (table(names, **{fp32_dz: (0, "mma", 2)}), 0, "expected fma"),
+        "one-pass dz unvectorized": (table(names, **{onepass_dz: (0, "no", 2)}), 0, f"{onepass_dz}: vec no"),
     }
     for fault, (text, rc, want) in faults.items():
         found = problems(text, rc)

@@ -121,6 +121,27 @@ def test_issue_budget_at_m128_h1024_v2048_bf16(forward):
     assert dots + aten_flops <= 8.4 * M * H * V, (dots, aten_flops)
 
 
+def test_one_pass_budget_at_m128_h1024_v2048_bf16():  # ~1.5 s: no interpreted tl.dot, unlike the case above
+    """The one-pass route (``fused_linear_logits_fwd`` + ``fused_linear_logits_bwd_``, the logits kept in an fp32
+    buffer): no Triton dots, three aten GEMMs (the forward's, d_weight's, d_hidden's): 6·M·H·V FLOPs, under the
+    6.3·M·H·V budget where the recompute route above counts 8; Triton stores one bf16 dz per logit (over the
+    buffer) and the per-row log-probs and lse."""
+    M, H, V = 128, 1024, 2048
+    hidden = torch.randn(M, H).bfloat16()
+    weight = (torch.randn(V, H) / H**0.5).bfloat16()
+    labels = torch.randint(0, V, (M,))
+    buf = torch.empty(M, V)
+    d_weight = torch.zeros_like(weight)
+    with traffic.count() as c, FlopCounterMode(display=False) as flops:
+        _, lse, _ = linear.fused_linear_logits_fwd(buf, hidden, weight, None, labels)
+        linear.fused_linear_logits_bwd_(buf, torch.randn(M), hidden, weight, None, labels, lse, d_weight=d_weight)
+    dots = sum(t["dot_flops"] for t in c.totals.values())
+    assert dots == 0 and flops.get_total_flops() == 6 * M * H * V
+    assert dots + flops.get_total_flops() <= 6.3 * M * H * V
+    assert c.totals["fused_linear_logits_dz_kernel"]["st"] == 2 * M * V
+    assert sum(t["st"] for t in c.totals.values()) == 2 * M * V + 3 * 4 * M  # + logp, the two-part lse
+
+
 def test_modeled_llama3_8b_h100_within_target():
     """The design's modeled fwd + bwd at Llama-3-8B scale on an H100 (datasheet) is <= 180 ms (1.3x the
     8·N·H·V floor), and its scratch <= 2 GiB by default."""

@@ -66,5 +66,7 @@ def test_the_guard_covers_every_backend_launcher():
         module = importlib.import_module(module_name)
         for name in names:
             assert callable(getattr(module, name)), f"{module_name}.{name}"
-        uses = "fused_linear_logps" if "linear" in module_name else "token_logps"
-        assert {n for n in vars(module) if n.startswith(uses) and n.endswith(("_fwd", "_bwd", "_fwd_cublas"))} == set(names)
+        # the head's recompute launchers and its one-pass ones (fused_linear_logits_fwd / _bwd_)
+        uses = ("fused_linear_logps", "fused_linear_logits") if "linear" in module_name else ("token_logps",)
+        ends = ("_fwd", "_bwd", "_bwd_", "_fwd_cublas")
+        assert {n for n in vars(module) if n.startswith(uses) and n.endswith(ends)} == set(names)

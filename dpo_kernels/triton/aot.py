@@ -18,7 +18,11 @@ with every combination of bias and softcap for H, row strides and pointers divis
 WITH_STATS (the per-token statistics), named "... stats ..."; the backward's dz kernel also with FILTER (the
 gradient filter's keep flags), named "... filter ...", and the filter's two product kernels (d_hidden,
 d_weight; blocks BLOCK_M x BLOCK_V x BLOCK_N/kBLOCK_K from ``linear.product_config``) per dtype, aligned
-and unaligned, d_weight with and without its d_bias sum ("bias"). Their checks: no spills, shared
+and unaligned, d_weight with and without its d_bias sum ("bias"); the one-pass backward's in-place dz kernel
+(``fused_linear_logits_dz_kernel``, blocks BLOCK_M x BLOCK_V from ``linear.LOGITS_DZ_CONFIG``) per dtype,
+without and with softcap, aligned and unaligned: no products, so its "vec" column reads yes / no for 16-byte
+loads as the log-prob kernels' does, and it is checked for 16-byte loads and stores when aligned and for the CTA
+barrier that orders its bf16/fp16 in-place stores after the other warps' loads. Their checks: no spills, shared
 memory within the architecture's per-block limit, bf16/fp16 products on tensor cores (mma.sync /
 wgmma in the PTX; HMMA on sm_80, HGMMA on sm_90 in the SASS when aligned), fp32 products off them
 (IEEE fp32, no TF32), a CTA barrier in the kernels that reduce across warps, and 16-byte global loads
@@ -163,6 +167,9 @@ LINEAR_POINTERS = {  # pointer argument -> element type ("X" hidden/weight dtype
     "fused_linear_logps_bwd_dw_kernel": {
         "dw_ptr": "X", "db_ptr": "fp32", "dz_ptr": "X", "hidden_ptr": "X", "keep_ptr": "i8",
     },
+    "fused_linear_logits_dz_kernel": {
+        "logits_ptr": "fp32", "dz_ptr": "X", "grad_ptr": "fp32", "labels_ptr": "i64", "lse_ptr": "fp32",
+    },
 }  # fmt: skip
 # The gradient filter's products (filter_eps > 0): blocked over H by ``linear.product_config``, not by the
 # logits tiles' launch config; d_weight also sums d_bias (HAS_BIAS), d_hidden has no features.
@@ -179,6 +186,14 @@ LINEAR_PRODUCT_ALIGNED_INTS = ("stride_dz", "stride_dw")
 # chunk of V = 128256): divisible by 16 in the aligned layout, unmarked in the unaligned one, so that both of
 # the JIT's specializations are compiled (it only matters to FILTER; the launcher passes 0 without).
 LINEAR_DZ_ALIGNED_INTS = ("stride_keep",)
+# The one-pass backward's in-place dz kernel: elementwise over the stored logits (no products), one variant per
+# dtype and softcap (``linear.LOGITS_DZ_CONFIG``), aligned (V and both row strides divisible by 16, as for a
+# buffer with V = 128256) and unaligned (V = 50257 rows). Its checks: 16-byte loads and stores when aligned, and
+# in bf16/fp16 the CTA barrier between each tile's load and its store (the 16-bit dz overwrites logits that
+# other warps read).
+LINEAR_LOGITS_DZ_KERNELS = ("fused_linear_logits_dz_kernel",)
+LINEAR_LOGITS_DZ_FEATURES = ("plain", "softcap")
+LINEAR_LOGITS_DZ_ALIGNED_INTS = ("V", "stride_lm", "stride_dz")
 LINEAR_FLOATS = ("logit_scale", "softcap", "temperature", "filter_eps")
 LINEAR_UNIT_STRIDES = ("stride_y", "stride_g")
 # Kernels whose tiles are reduced across warps (row max / sums of the online log-sum-exp, the softmax of
@@ -225,6 +240,13 @@ class LinearVariant:
         return launch_config(self._torch_dtype, aligned=self.layout == "aligned", with_stats=self.stats)
 
     @property
+    def logits_dz(self):
+        """The one-pass dz kernel's LogitsDzConfig (rows and columns per tile, warps); None for the other kernels."""
+        from .linear import LOGITS_DZ_CONFIG
+
+        return LOGITS_DZ_CONFIG if self.kernel in LINEAR_LOGITS_DZ_KERNELS else None
+
+    @property
     def product(self):
         """The filtered products' ProductConfig (H block, warps, stages); None for the other kernels."""
         from .linear import product_config
@@ -237,17 +259,23 @@ class LinearVariant:
     def warps(self):
         if self.kernel == "fused_linear_logps_merge_kernel":
             return 4
-        return (self.product or self.config).num_warps
+        return (self.logits_dz or self.product or self.config).num_warps
 
     @property
     def stages(self):
-        return (self.product or self.config).num_stages
+        return (self.logits_dz or self.product or self.config).num_stages
 
     @property
     def name(self):
         stats = " stats" if self.stats else ""
         if self.kernel == "fused_linear_logps_merge_kernel":
             return f"{self.kernel} fp32/i64 BLOCK={self._merge_block()} warps={self.warps}{stats} sm_{self.arch}"
+        if self.logits_dz:
+            d = self.logits_dz
+            return (
+                f"{self.kernel} {self.dtype}/i64 {d.BLOCK_M}x{d.BLOCK_V} warps={d.num_warps} stages={d.num_stages} "
+                f"{self.features} {self.layout} sm_{self.arch}"
+            )
         c = self.config
         p = self.product
         blocks = f"{c.BLOCK_M}x{c.BLOCK_V}x{p.BLOCK_N}/k{p.BLOCK_K}" if p else f"{c.BLOCK_M}x{c.BLOCK_V}x{c.BLOCK_H}"
@@ -266,6 +294,12 @@ class LinearVariant:
 def linear_variants(archs):
     for arch in archs:
         for kernel in LINEAR_POINTERS:
+            if kernel in LINEAR_LOGITS_DZ_KERNELS:
+                for dtype in DTYPES:
+                    for layout in ("aligned", "unaligned"):
+                        for features in LINEAR_LOGITS_DZ_FEATURES:
+                            yield LinearVariant(kernel, dtype, features, layout, arch)
+                continue
             if kernel in LINEAR_PRODUCT_KERNELS:
                 for dtype in DTYPES:
                     for layout in ("aligned", "unaligned"):
@@ -294,6 +328,9 @@ def linear_source(variant: LinearVariant):
     has_bias, has_softcap = LINEAR_FEATURES[variant.features]
     if variant.kernel == "fused_linear_logps_merge_kernel":
         constexprs = {"BLOCK": variant._merge_block()}
+    elif variant.logits_dz:
+        d = variant.logits_dz
+        constexprs = {"HAS_SOFTCAP": has_softcap, "BLOCK_M": d.BLOCK_M, "BLOCK_V": d.BLOCK_V}
     elif variant.product:
         from .linear import GROUP_M
 
@@ -338,6 +375,8 @@ def linear_source(variant: LinearVariant):
             aligned_ints = LINEAR_ALIGNED_INTS + (LINEAR_PRODUCT_ALIGNED_INTS if variant.product else ())
             if variant.kernel == "fused_linear_logps_bwd_dz_kernel":
                 aligned_ints += LINEAR_DZ_ALIGNED_INTS
+            if variant.logits_dz:
+                aligned_ints = LINEAR_LOGITS_DZ_ALIGNED_INTS
             if arg in ("v_per_split", "chunk_start") or (arg in aligned_ints and variant.layout == "aligned"):
                 attrs[(index,)] = [["tt.divisibility", 16]]
     return ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
@@ -347,9 +386,17 @@ def linear_problems(variant: LinearVariant, ptx: str, shared: int, sass: str = "
     problems = []
     if shared > MAX_SHARED.get(variant.arch, min(MAX_SHARED.values())):
         problems.append(f"shared memory {shared} B over the sm_{variant.arch} limit {MAX_SHARED.get(variant.arch)}")
-    if variant.kernel in LINEAR_BARRIER_KERNELS and not re.search(r"\bbar\.sync\b|\bbarrier\.sync\b", ptx):
+    barrier = re.search(r"\bbar\.sync\b|\bbarrier\.sync\b", ptx)
+    if variant.kernel in LINEAR_BARRIER_KERNELS and not barrier:
         problems.append("no CTA barrier (bar.sync) for the cross-warp reductions")
-    if variant.kernel != "fused_linear_logps_merge_kernel":
+    if variant.logits_dz:
+        if variant.dtype != "fp32" and not barrier:
+            problems.append("no CTA barrier (bar.sync) between the logits loads and the in-place 16-bit dz stores")
+        if variant.layout == "aligned" and not re.search(r"ld\.global(\.\w+)*\.v[248]", ptx):
+            problems.append("aligned variant without 16-byte global loads")
+        if variant.layout == "aligned" and not re.search(r"st\.global(\.\w+)*\.v[248]", ptx):
+            problems.append("aligned variant without vectorized global stores")
+    elif variant.kernel != "fused_linear_logps_merge_kernel":
         if variant.dtype == "fp32" and (uses_mma(ptx) or re.search(r"\b[HQ]?GMMA\b|\bHMMA\b", sass)):
             problems.append("fp32 products on tensor cores (TF32 mma): the fp32 path must be IEEE")
         if variant.dtype != "fp32" and not uses_mma(ptx):
@@ -430,9 +477,10 @@ def compile_variant(variant: Variant) -> dict:
     if usage.get("LOCAL", 0) or usage.get("STACK", 0):
         problems.append(f"register spills: local={usage.get('LOCAL')} stack={usage.get('STACK')}")
     if linear:
-        code = sass(kernel.asm["cubin"]) if variant.kernel != "fused_linear_logps_merge_kernel" else ""
+        products = variant.kernel != "fused_linear_logps_merge_kernel" and not variant.logits_dz
+        code = sass(kernel.asm["cubin"]) if products else ""
         problems += linear_problems(variant, ptx, kernel.metadata.shared, code)
-        if variant.kernel != "fused_linear_logps_merge_kernel":
+        if products:
             vector_loads = "mma" if uses_mma(ptx) else "fma"
     elif must_vectorize(variant) and not vector_loads:
         problems.append(f"{variant.layout} variant without vectorized global loads")

@@ -15,6 +15,12 @@ chunk's dz = g · (onehot − softmax) (chained through the transform) in the in
 cuBLAS GEMMs consume it (d_weight rows of the chunk written once, d_hidden accumulated in fp32):
 8 · M · H · V FLOPs for forward + backward, no float atomics, deterministic.
 
+The one-pass route (``fused_linear_logits_fwd``, ``fused_linear_logits_bwd_``) forms a group's logits once,
+into an (M, V) fp32 buffer the caller keeps while it turns the log-probs into the loss's per-row gradient;
+``fused_linear_logits_dz_kernel`` then overwrites the buffer in place with dz (bf16/fp16: in the first half of
+each fp32 row) and two cuBLAS GEMMs consume it: 6 · M · H · V FLOPs for forward + backward, for 4 bytes of
+buffer per logit of the group.
+
 Vocabulary window: W_v, b_v are the rows v in [vocab_start, vocab_start + V) of a head (the whole head by
 default) and the labels are global ids; a label outside the window is not owned and scores z[label] = 0
 (logp = −(c + log s), never NaN or an out-of-bounds read). The log-sum-exp stays in the two parts (c, log s)
@@ -594,6 +600,104 @@ def fused_linear_logps_bwd_dw_kernel(
         tl.store(db_ptr + cols, db, mask=col_mask & (h_tile == 0))
 
 
+@triton.jit
+def _logits_dz_tile(
+    z_rows,  # (BLOCK_M, 1) pointers to logits[rows, 0]: fp32, unit column stride
+    dz_rows,  # (BLOCK_M, 1) pointers to dz[rows, 0]: dtype of hidden, unit column stride, over logits' storage
+    col0,
+    cols,  # (BLOCK_V,) int32: 0 .. BLOCK_V − 1
+    mask,  # (BLOCK_M, BLOCK_V) or (BLOCK_M, 1): the rows < M (and, in the tail tile, the columns < V)
+    label,  # (BLOCK_M,) int64: each row's label as a column of the window (no column where not owned)
+    g,  # (BLOCK_M,) fp32, d loss / d logp
+    lse_m,  # (BLOCK_M,) fp32, the lse's part 0 (a row max)
+    log_s,  # (BLOCK_M,) fp32, the lse's part 1
+    logit_scale,
+    softcap,
+    temperature,
+    HAS_SOFTCAP: tl.constexpr,
+):
+    """Load the fp32 logits tile at col0, store its dz at the same columns of dz: _dlogits_tile's formula and
+    order of operations, the softcap's t = tanh(x / softcap) read back off the stored z = softcap · t /
+    temperature as t = z · (temperature / softcap)."""
+    c = col0 + cols
+    z = tl.load(z_rows + c[None, :], mask=mask, other=0.0)
+    p = tl.exp((z - lse_m[:, None]) - log_s[:, None])
+    dz = g[:, None] * (tl.where(c[None, :] == label[:, None], 1.0, 0.0) - p)
+    if HAS_SOFTCAP:
+        t = z * (temperature / softcap)
+        dz = dz * (1.0 - t * t) * (logit_scale / temperature)
+    else:
+        dz = dz * (logit_scale / temperature)
+    if dz_rows.dtype.element_ty != tl.float32:
+        # a 16-bit dz of columns [col0, col0 + BLOCK_V) lands on the fp32 columns [col0 / 2, (col0 + BLOCK_V) / 2):
+        # the program has loaded them (in this tile or an earlier one), but a tile's columns are spread over
+        # the warps, and without a barrier a warp could store over bytes another warp has yet to load (this
+        # tile's first half at col0 = 0, or an earlier tile's when the warps drift); fp32 dz overwrites each
+        # logit with its own gradient, in the thread that loaded it, so it needs none
+        tl.debug_barrier()
+    tl.store(dz_rows + c[None, :], dz.to(dz_rows.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def fused_linear_logits_dz_kernel(
+    logits_ptr,  # (M, V) fp32, strides (stride_lm, 1): the transformed logits z of fused_linear_logits_fwd
+    dz_ptr,  # (M, V) dtype of hidden, strides (stride_dz, 1), over logits' storage: fp32, the logits themselves
+    # (stride_dz = stride_lm); bf16/fp16, row r in the first half of logits row r's bytes (stride_dz = 2 · stride_lm)
+    grad_ptr,  # (M,) fp32, stride stride_g: d loss / d logp
+    labels_ptr,  # (M,) int64, stride stride_y: global ids, owned where in [vocab_start, vocab_start + V)
+    lse_ptr,  # (M, 2) fp32, contiguous: the two-part (m, log s) of the forward, or the whole vocabulary's
+    M,
+    V,
+    stride_lm,
+    stride_dz,
+    stride_y,
+    stride_g,
+    vocab_start,  # logits column 0 as a global vocabulary id
+    logit_scale,
+    softcap,
+    temperature,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """dz = d loss / d(h · Wᵀ + b) of the one-pass route, over the logits it is formed from, in place:
+    dz = g · (onehot(label) − exp((z − m) − log s)) · logit_scale / temperature (× (1 − t²), t = z ·
+    temperature / softcap, with HAS_SOFTCAP), the one-hot only where the window owns the label, rounded to
+    dz's dtype: ``_dlogits_tile`` on a stored logits tile instead of a recomputed one, no FLOPs but the
+    elementwise ones (an exp and about 6 more per logit).
+
+    One program per BLOCK_M rows walks their V tiles left to right, each loaded, turned into dz and stored
+    before the next: a 16-bit dz row is the first half of its fp32 logits row, and its tile at col0 covers
+    fp32 columns below col0 + BLOCK_V, which the program has read by then (a barrier between the load and
+    the store keeps its warps in step, ``_logits_dz_tile``); no other program touches the row. Whole
+    tiles load without a column mask (16-byte vectors where the row stride allows), then one masked tail.
+
+    Traffic: 4 bytes read and 4 (fp32) or 2 (bf16/fp16) written per logit, 20 bytes read per row (label,
+    g, both lse parts): M · V · (4 + b) + 20 · M bytes with b bytes per dz element.
+    """
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    cols = tl.arange(0, BLOCK_V)
+    # int64 columns of the window: a label outside it (another slice's) matches no column < V
+    label = tl.load(labels_ptr + rows * stride_y, mask=row_mask, other=-1).to(tl.int64) - vocab_start
+    g = tl.load(grad_ptr + rows * stride_g, mask=row_mask, other=0.0)
+    lse_m = tl.load(lse_ptr + rows * 2, mask=row_mask, other=0.0)
+    log_s = tl.load(lse_ptr + rows * 2 + 1, mask=row_mask, other=0.0)
+    z_rows = logits_ptr + rows[:, None] * stride_lm
+    dz_rows = dz_ptr + rows[:, None] * stride_dz
+    n_full = V // BLOCK_V * BLOCK_V
+    for col0 in range(0, n_full, BLOCK_V):
+        _logits_dz_tile(
+            z_rows, dz_rows, col0, cols, row_mask[:, None], label, g, lse_m, log_s,
+            logit_scale, softcap, temperature, HAS_SOFTCAP,
+        )  # fmt: skip
+    if n_full < V:
+        _logits_dz_tile(
+            z_rows, dz_rows, n_full, cols, row_mask[:, None] & (cols < V - n_full)[None, :], label, g, lse_m, log_s,
+            logit_scale, softcap, temperature, HAS_SOFTCAP,
+        )  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------------- launchers
 
 
@@ -658,6 +762,21 @@ GROUP_M = 16  # row blocks per program group of the backward's dz kernel (its L2
 # re-reads hidden twice (the dz kernel, d_weight) and the fp32 d_hidden accumulator once, writing it
 # back: 12 · M · H bytes per chunk in bf16.
 DZ_CHUNK_BYTES = 1 << 30
+
+
+class LogitsDzConfig(NamedTuple):
+    BLOCK_M: int  # rows per program of the one-pass dz kernel
+    BLOCK_V: int
+    num_warps: int
+    num_stages: int = 1
+
+
+# The one-pass backward's dz kernel (``fused_linear_logits_dz_kernel``): elementwise, memory-bound, and a row
+# can never be split across programs (the 16-bit dz overwrites its own row's logits), so a group of M rows is
+# at most M programs: one row each, for the most programs in flight. 2048-column tiles over 4 warps: 16 logits
+# per thread, four 16-byte fp32 loads in flight, no reductions, a few dozen registers. One config for every
+# dtype and vocabulary: the kernel has one variant per (dtype, softcap) for the AOT check to compile.
+LOGITS_DZ_CONFIG = LogitsDzConfig(BLOCK_M=1, BLOCK_V=2048, num_warps=4)
 
 
 def launch_config(dtype: torch.dtype, aligned: bool = True, with_stats: bool = False) -> LinearConfig:
@@ -990,3 +1109,124 @@ def fused_linear_logps_bwd(grad, hidden, weight, bias, labels, lse, logit_scale=
                 torch.sum(dz, dim=0, dtype=torch.float32, out=d_bias[c0 : c0 + cols])
     d_hidden = d_hidden if hidden.dtype == torch.float32 else d_hidden.to(hidden.dtype)
     return d_hidden, d_weight, d_bias.to(bias.dtype) if bias is not None else None
+
+
+# ------------------------------------------------------------------------------------------- one pass
+# The one-pass route: the logits of a group of rows are formed once into an fp32 buffer the caller owns,
+# scored, kept while the caller turns the log-probs into the loss's per-row gradient g, then overwritten in
+# place by dz and consumed by the two gradient GEMMs: 6·M·H·V FLOPs for forward + backward instead of the
+# recompute's 8, for a (M, V) fp32 buffer. ``dpo_kernels.portable.linear`` has the portable launchers of the
+# same contract.
+
+
+def _check_logits_buffer(logits, M: int, V: int, device) -> None:
+    if logits.dtype != torch.float32 or tuple(logits.shape) != (M, V) or logits.device != device:
+        raise ValueError(f"logits must be an (M, V) = ({M}, {V}) fp32 buffer on {device}, got "
+                         f"{logits.dtype} {tuple(logits.shape)} on {logits.device}")  # fmt: skip
+    if M and V and (logits.stride(1) != 1 or (M > 1 and logits.stride(0) < V)):
+        raise ValueError(f"logits need a unit column stride and a row stride >= V, got strides {logits.stride()}")
+
+
+def _dz_view(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """dz over the logits' storage: the buffer itself for fp32; for bf16/fp16 the (M, V) view whose row r is
+    the first half of logits row r's bytes (row stride 2 · logits.stride(0), unit column stride, a GEMM
+    operand with lda = 2 · logits.stride(0) as it stands)."""
+    if dtype == torch.float32:
+        return logits
+    return logits.view(dtype)[:, : logits.shape[1]]
+
+
+def _accumulate_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """out += a @ b with an fp32 accumulator, rounded into out's dtype once: one cuBLAS GEMM with beta = 1 on
+    CUDA (``addmm_``; ``_add_product`` for an fp32 out of 16-bit operands); on CPU (interpreter tests) a
+    16-bit out takes the widened operands' fp32 product plus its own widened values, rounded once."""
+    if out.dtype == torch.float32:
+        _add_product(out, a, b)
+    elif out.device.type == "cuda" and a.dtype == out.dtype:
+        out.addmm_(a, b)
+    else:
+        out.copy_(torch.addmm(out.float(), a.float(), b.float()))
+
+
+def fused_linear_logits_fwd(logits, hidden, weight, bias, labels, logit_scale=1.0, softcap=None, temperature=1.0, *,
+                            with_stats=False, vocab_start=0):  # fmt: skip
+    """(logp (M,), lse (M, 2), stats (M, 4) | None) as ``fused_linear_logps_fwd_cublas`` gives them, leaving the
+    rows' transformed logits z in ``logits`` for ``fused_linear_logits_bwd_``.
+
+    logits: an (M, V) fp32 buffer with a unit column stride and any row stride >= V, overwritten; hidden (M, H)
+    the compacted scored rows; weight (V, H), bias (V,) | None the rows [vocab_start, vocab_start + V) of a
+    head; labels (M,) int64 global ids. z = ((h · Wᵀ + b) · logit_scale, softcapped as softcap · tanh(z /
+    softcap), / temperature): one GEMM for all M rows straight into the buffer (an fp32 output, the scale as
+    its alpha: for fp32 inputs IEEE fp32, for bf16/fp16 the exact products summed in fp32), the bias and the
+    softcap in place (elementwise passes only for those), then ``logprobs.token_logps_fwd`` scores the buffer
+    with the window's start (an unowned label scores a label logit of 0: logp = −(m + log s), top1 = 0).
+
+    2·M·H·V FLOPs; bytes: the GEMM's operands and 4 · M · V written, then 4 · M · V read by the scorer (and
+    8 · M · V read and written per elementwise pass with a bias or a softcap).
+    """
+    from . import logprobs
+
+    _check(hidden, weight, bias, labels)
+    M, V = hidden.shape[0], weight.shape[0]
+    _check_logits_buffer(logits, M, V, hidden.device)
+    if M == 0:
+        empty = torch.empty((0, 2), dtype=torch.float32, device=hidden.device)
+        return empty[:, 0], empty, empty.new_empty((0, 4)) if with_stats else None
+    # the scale rides on the GEMM (its alpha), so a plain or scaled head makes no elementwise pass
+    scale = float(logit_scale) if softcap is not None else float(logit_scale) / float(temperature)
+    with _ieee_fp32_matmuls(hidden.dtype, hidden.device):
+        _add_product(logits, hidden, weight.T, beta=0, alpha=scale)
+    if bias is not None:
+        logits.add_(bias, alpha=scale)
+    if softcap is not None:
+        logits.div_(float(softcap)).tanh_().mul_(float(softcap) / float(temperature))
+    # compacted rows: every label is scored (an ignore_index no int64 label takes, an int32 argument)
+    logp, lse, stats = logprobs.token_logps_fwd(logits[None], labels[None], -(2**31), False, with_stats,
+                                                vocab_start=vocab_start)  # fmt: skip
+    return logp[0], lse[0], stats[0] if with_stats else None
+
+
+def fused_linear_logits_bwd_(logits, grad, hidden, weight, bias, labels, lse, logit_scale=1.0, softcap=None,
+                             temperature=1.0, *, d_weight, d_bias=None, vocab_start=0, config=None):  # fmt: skip
+    """d_hidden (M, H) in hidden's dtype from the logits ``fused_linear_logits_fwd`` left in ``logits``,
+    accumulating d_weight (V, H, its dtype) and d_bias ((V,) fp32, or None) in place; the buffer ends up
+    holding dz (fp32 inputs: the buffer itself; bf16/fp16: each row's first half, ``_dz_view``).
+
+    grad (M,) d loss / d logp (any stride); lse (M, 2) the forward's two parts, or the whole vocabulary's when
+    weight is a window (then dz is the window's columns of the whole head's gradient); the other arguments as
+    in the forward. ``fused_linear_logits_dz_kernel`` overwrites the logits with dz = g · (onehot(owned label)
+    − exp((z − m) − log s)) · logit_scale / temperature (× (1 − t²), t = z · temperature / softcap, with a
+    softcap), rounded to the inputs' dtype; then d_bias += Σ_rows dz (fp32, of the rounded dz as the recompute
+    route sums it), d_weight += dzᵀ · h (one GEMM, beta = 1, one rounding) and d_hidden = dz · W (one GEMM into
+    an fp32 accumulator, cast once): IEEE fp32 for fp32 inputs (``_ieee_fp32_matmuls``). ``config``
+    overrides ``LOGITS_DZ_CONFIG``.
+
+    4·M·H·V FLOPs (the GEMMs); bytes: the kernel's M · V · (4 + b) + 20 · M (b bytes per dz element), the
+    GEMMs' operands (dz twice), 4 · M · H for the accumulator and b · V · H read and written for d_weight.
+    Deterministic: no atomics.
+    """
+    _check(hidden, weight, bias, labels)
+    M, H = hidden.shape
+    V = weight.shape[0]
+    _check_logits_buffer(logits, M, V, hidden.device)
+    if d_weight.shape != weight.shape or (d_bias is not None and d_bias.shape != (V,)):
+        raise ValueError(f"d_weight {tuple(d_weight.shape)} / d_bias must match weight {tuple(weight.shape)} / (V,)")
+    if M == 0:
+        return torch.empty_like(hidden)
+    cfg = config or LOGITS_DZ_CONFIG
+    grad = grad.to(torch.float32)
+    lse = lse.to(torch.float32).contiguous()  # (M, 2): the kernel reads both parts of row m at 2m, 2m + 1
+    dz = _dz_view(logits, hidden.dtype)
+    fused_linear_logits_dz_kernel[(triton.cdiv(M, cfg.BLOCK_M),)](
+        logits, dz, grad, labels, lse, M, V, logits.stride(0), dz.stride(0), labels.stride(0), grad.stride(0),
+        int(vocab_start), float(logit_scale), float(softcap) if softcap is not None else 1.0, float(temperature),
+        HAS_SOFTCAP=softcap is not None, BLOCK_M=cfg.BLOCK_M, BLOCK_V=cfg.BLOCK_V,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if d_bias is not None:
+        d_bias += torch.sum(dz, dim=0, dtype=torch.float32)
+    d_hidden = torch.empty((M, H), dtype=torch.float32, device=hidden.device)
+    with _ieee_fp32_matmuls(hidden.dtype, hidden.device):
+        _accumulate_product(d_weight, dz.T, hidden)
+        _add_product(d_hidden, dz, weight, beta=0)
+    return d_hidden if hidden.dtype == torch.float32 else d_hidden.to(hidden.dtype)
