@@ -358,4 +358,4 @@ def dpo_one_pass(run, ref, *, with_stats: bool, average: bool, ld_alpha: Optiona
     with torch.no_grad():
         policy, carrier = run(one_pass_token_grad(loss_of))
         loss, metrics = loss_of(policy)
-    return loss + carrier, metrics
+    return loss + carrier, metrics  # the value plus an exact zero that carries the gradient

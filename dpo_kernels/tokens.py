@@ -205,7 +205,8 @@ def one_pass(
                                                      d_bias=d_bias, **options)  # fmt: skip
     tokens = Tokens(logps, ops.lse_value(lse), stats, mask, weight.shape[0])
     grads = (d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype))
-    return tokens, with_gradients(logps.new_zeros(()), (hidden, weight, bias), grads)
+    with torch.enable_grad():  # the caller scores under no_grad; the carrier is what autograd sees
+        return tokens, with_gradients(logps.new_zeros(()), (hidden, weight, bias), grads)
 
 
 class _Precomputed(torch.autograd.Function):
