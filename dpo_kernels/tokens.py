@@ -184,25 +184,26 @@ def one_pass(
     d_hidden = torch.zeros_like(hidden)
     d_weight = torch.zeros_like(weight)
     d_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None else None
-    rows_of = [sum(counts[s] for s in group) for group in groups]
-    buffer = hidden.new_empty(max(rows_of, default=0) * weight.shape[0], dtype=acc)
-    options = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature, backend=backend)
-    for group, rows in zip(groups, rows_of):
-        if rows == 0:
-            continue
-        index = torch.as_tensor(group, device=hidden.device)
-        n_sub, t = torch.nonzero_static(mask[index], size=rows).unbind(1)  # the count is known: no synchronization
-        n = index[n_sub]
-        h, y_rows = hidden[n, t], y[n, t].long()
-        z = buffer[: rows * weight.shape[0]].view(rows, weight.shape[0])
-        logp, row_lse, row_stats = ops.linear_logits(z, h, weight, bias, y_rows, with_stats=with_stats, **options)
-        logps[n, t], lse[n, t] = logp, row_lse
-        if with_stats:
-            stats[n, t] = row_stats
-        toks = Tokens(logps, ops.lse_value(lse), stats, mask, weight.shape[0])
-        g = token_grad(toks)[n, t].to(acc)
-        d_hidden[n, t] = ops.linear_logits_backward_(z, g, h, weight, bias, y_rows, row_lse, d_weight=d_weight,
-                                                     d_bias=d_bias, **options)  # fmt: skip
+    with torch.no_grad():  # what autograd sees is the carrier: the ops run outside its graph
+        rows_of = [sum(counts[s] for s in group) for group in groups]
+        buffer = hidden.new_empty(max(rows_of, default=0) * weight.shape[0], dtype=acc)
+        options = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature, backend=backend)
+        for group, rows in zip(groups, rows_of):
+            if rows == 0:
+                continue
+            index = torch.as_tensor(group, device=hidden.device)
+            n_sub, t = torch.nonzero_static(mask[index], size=rows).unbind(1)  # the count is known: no synchronization
+            n = index[n_sub]
+            h, y_rows = hidden[n, t], y[n, t].long()
+            z = buffer[: rows * weight.shape[0]].view(rows, weight.shape[0])
+            logp, row_lse, row_stats = ops.linear_logits(z, h, weight, bias, y_rows, with_stats=with_stats, **options)
+            logps[n, t], lse[n, t] = logp, row_lse
+            if with_stats:
+                stats[n, t] = row_stats
+            toks = Tokens(logps, ops.lse_value(lse), stats, mask, weight.shape[0])
+            g = token_grad(toks)[n, t].to(acc)
+            d_hidden[n, t] = ops.linear_logits_backward_(z, g, h, weight, bias, y_rows, row_lse, d_weight=d_weight,
+                                                         d_bias=d_bias, **options)  # fmt: skip
     tokens = Tokens(logps, ops.lse_value(lse), stats, mask, weight.shape[0])
     grads = (d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype))
     with torch.enable_grad():  # the caller scores under no_grad; the carrier is what autograd sees

@@ -180,8 +180,14 @@ def set_options(trainer, beta=0.1, loss_types=("sigmoid",), loss_weights=None, l
 
 
 @pytest.mark.parametrize("case", list(LOSS_CASES))
-def test_loss_metrics_and_gradients_match_stock(pair, case):
+def test_loss_metrics_and_gradients_match_stock(pair, case, monkeypatch):
+    """Every loss type, on the one-pass head where it applies (the default route; not for AOT's sorting)."""
+    from dpo_kernels.integrations import hf
+
     stock, fused, batch = pair
+    one_pass_calls = []
+    real_one_pass = hf.one_pass
+    monkeypatch.setattr(hf, "one_pass", lambda *a, **k: one_pass_calls.append(1) or real_one_pass(*a, **k))
     if LOSS_CASES[case].get("use_weighting"):  # TRL computes the WPO statistics only when configured to
         from trl.trainer.utils import add_fused_lm_head
 
@@ -189,6 +195,7 @@ def test_loss_metrics_and_gradients_match_stock(pair, case):
     for trainer in (stock, fused):
         set_options(trainer, **LOSS_CASES[case])
     assert_same_step(one_step(stock, batch), one_step(fused, batch))
+    assert bool(one_pass_calls) == (not case.startswith("aot")), one_pass_calls
 
 
 def test_options_from_dpo_config(tmp_path):

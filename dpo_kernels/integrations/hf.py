@@ -31,8 +31,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .. import packing, sharding
-from ..tokens import Tokens, from_hidden
+from .. import packing, preference, sharding
+from ..tokens import Tokens, from_hidden, one_pass
 
 # The keyword our forward patch answers to; any other call goes to the model's own forward.
 HIDDEN_FLAG = "dpo_kernels_hidden_states"
@@ -180,8 +180,9 @@ def install_hidden_forward(model) -> None:
             labels = options.pop("labels")
             logit_sums = options.pop("logit_sums", False)
             hidden_scored = hidden[:, -labels.shape[1] :]  # prompt learning prepends virtual tokens
-            tokens, sums = _fused_head_call(self, hidden_scored, labels, options, logit_sums)
-            return HiddenStatesOutput(last_hidden_state=hidden, aux_loss=aux_loss, tokens=tokens, logit_sums=sums)
+            tokens, sums, carrier = _fused_head_call(self, hidden_scored, labels, options, logit_sums)
+            return HiddenStatesOutput(last_hidden_state=hidden, aux_loss=aux_loss, tokens=tokens, logit_sums=sums,
+                                      one_pass_carrier=carrier)  # fmt: skip
         return HiddenStatesOutput(last_hidden_state=hidden, aux_loss=aux_loss)
 
     base.forward = types.MethodType(forward, base)
@@ -206,21 +207,25 @@ def _fused_head_call(base, hidden, labels, options, logit_sums=False):
 
     def fused_forward(_module, hidden, labels):
         head = lm_head_of(base)  # read here, where the weight is whole
-        tokens = tuple(token_logps_from_hidden(hidden, head, labels, **options))  # a plain tuple: wrappers walk it
+        rest = {k: v for k, v in options.items() if k != "one_pass"}
+        if options.get("one_pass") is not None:  # the loss family's token_grad: the one-pass route
+            tokens, carrier = one_pass_from_hidden(hidden, head, labels, options["one_pass"], **rest)
+            return tuple(tokens), None, carrier
+        tokens = tuple(token_logps_from_hidden(hidden, head, labels, **rest))  # a plain tuple: wrappers walk it
         if not logit_sums:
-            return tokens, None
+            return tokens, None, None
         pass_options = {k: options[k] for k in ("backend", "memory_budget") if k in options}
-        return tokens, position_logit_sums(hidden, head, **pass_options)
+        return tokens, position_logit_sums(hidden, head, **pass_options), None
 
     module.forward = types.MethodType(fused_forward, module)
     try:
-        tokens, sums = module(hidden, labels)
+        tokens, sums, carrier = module(hidden, labels)
     finally:
         if had_own_forward:
             module.forward = previous
         else:
             del module.forward
-    return Tokens(*tokens), sums
+    return Tokens(*tokens), sums, carrier
 
 
 def _load_balancing_loss(text_config, router_logits, attention_mask):
@@ -271,6 +276,19 @@ def token_logps_from_hidden(
     outputs are then laid out as (S, L) rows, one per sequence, with the shift inside each sequence.
     ``gradient_filter``: as in :func:`dpo_kernels.fused_linear_sequence_logps` (None: off).
     """
+    hidden, local, shard, labels = _head_inputs(hidden, head, labels, temperature)
+    packed = None if cu_seqlens is None else packing.resolve(labels, cu_seqlens.to(labels.device), tokens_name="hidden")
+    with torch.autocast(hidden.device.type, enabled=False):
+        return from_hidden(
+            hidden, local["weight"], local["bias"], labels, ignore_index=int(ignore_index), shift=shift,
+            logit_scale=float(head.logit_scale), softcap=head.softcap, temperature=float(temperature),
+            memory_budget=memory_budget, backend=backend, with_stats=with_stats, gradient_filter=gradient_filter,
+            packed=packed, shard=shard,
+        )  # fmt: skip
+
+
+def _head_inputs(hidden, head: LMHead, labels, temperature):
+    """(hidden, {weight, bias}, shard, labels) as the head's kernels take them (see token_logps_from_hidden)."""
     if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
         raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     dtype = hidden.dtype
@@ -282,14 +300,33 @@ def token_logps_from_hidden(
     # A DTensor weight stays one: gathering it (full_tensor()) would give an FSDP2 shard a gradient that is
     # sliced, never reduced over the data-parallel ranks; the sharded path refuses ranks with other tokens.
     shard, local = sharding.resolve(None, None, {"weight": (weight, 0), "bias": (bias, 0)})
-    labels = labels.to(hidden.device)
-    packed = None if cu_seqlens is None else packing.resolve(labels, cu_seqlens.to(labels.device), tokens_name="hidden")
-    with torch.autocast(hidden.device.type, enabled=False):
-        return from_hidden(
-            hidden, local["weight"], local["bias"], labels, ignore_index=int(ignore_index), shift=shift,
-            logit_scale=float(head.logit_scale), softcap=head.softcap, temperature=float(temperature),
-            memory_budget=memory_budget, backend=backend, with_stats=with_stats, gradient_filter=gradient_filter,
-            packed=packed, shard=shard,
+    return hidden, local, shard, labels.to(hidden.device)
+
+
+def one_pass_from_hidden(hidden, head: LMHead, labels, token_grad, *, ignore_index: int = -100, temperature=1.0,
+                         with_stats: bool = False, memory_budget=None, backend: str = "auto", shift: bool = True,
+                         **options):  # fmt: skip
+    """(Tokens, carrier): the one-pass head (:func:`dpo_kernels.tokens.one_pass`) on (2B, T, H) hidden states of
+    preference pairs, ``token_grad`` the loss family's gradient w.r.t. the per-token log-probs
+    (:func:`dpo_kernels.preference.one_pass_token_grad`); the carrier, a 0-dim zero to add to the loss, holds
+    the gradients formed. Where the route cannot run (a vocabulary-parallel head, a packed batch, a pair whose
+    scored rows exceed the budget): the recompute route's differentiable Tokens and a None carrier."""
+    common = dict(ignore_index=ignore_index, temperature=temperature, with_stats=with_stats,
+                  memory_budget=memory_budget, backend=backend, shift=shift)  # fmt: skip
+    inputs, local, shard, labels = _head_inputs(hidden, head, labels, temperature)
+    groups = None
+    if shard is None and options.get("cu_seqlens") is None:
+        groups, counts, _ = preference.one_pass_groups(
+            labels, local["weight"].shape[0], inputs.dtype, inputs.device, backend=backend,
+            memory_budget=memory_budget, ignore_index=ignore_index, shift=shift,
+        )  # fmt: skip
+    if groups is None:
+        return token_logps_from_hidden(hidden, head, labels, **common, **options), None
+    with torch.autocast(inputs.device.type, enabled=False):
+        return one_pass(
+            inputs, local["weight"], local["bias"], labels, groups, token_grad, ignore_index=int(ignore_index),
+            shift=shift, logit_scale=float(head.logit_scale), softcap=head.softcap, temperature=float(temperature),
+            backend=backend, with_stats=with_stats, counts=counts,
         )  # fmt: skip
 
 

@@ -86,6 +86,7 @@ class _FusedLoss:
     _dpo_kernels_backend = "auto"
     _dpo_kernels_memory_budget = None
     _dpo_kernels_gradient_filter = None
+    _dpo_kernels_route = "auto"
 
     def _dpo_kernels_configure(self, backend: str, memory_budget, gradient_filter=None) -> None:
         store_options(self, backend, memory_budget, gradient_filter)
@@ -167,17 +168,18 @@ class _FusedLoss:
 
     # ---------------------------------------------------------------------------------- per-token pass
 
-    def _dpo_kernels_tokens(self, model, model_kwargs, labels, *, with_stats: bool, pk=None):
-        """(Tokens, aux_loss) of ``model`` on the batch: backbone through every wrapper, fused head; for a
+    def _dpo_kernels_tokens(self, model, model_kwargs, labels, *, with_stats: bool, pk=None, one_pass=None):
+        """(Tokens, aux_loss, carrier) of ``model`` on the batch: backbone through every wrapper, fused head; for a
         packed batch (``pk``) laid out one sequence per row. The tokens' vocab_size comes from inside the
-        forward: outside it a ZeRO-3 or FSDP1 weight is a shard."""
+        forward: outside it a ZeRO-3 or FSDP1 weight is a shard. ``one_pass``: the loss family's token_grad,
+        for the one-pass head (``hf.one_pass_from_hidden``; carrier None where it fell back)."""
         hf.install_hidden_forward(model)  # idempotent; the precompute may run before configure
         options = dict(labels=labels, with_stats=with_stats, backend=self._dpo_kernels_backend,
                        memory_budget=self._dpo_kernels_memory_budget,
                        gradient_filter=self._dpo_kernels_gradient_filter if torch.is_grad_enabled() else None,
-                       cu_seqlens=None if pk is None else pk.cu_seqlens)  # fmt: skip
+                       cu_seqlens=None if pk is None else pk.cu_seqlens, one_pass=one_pass)  # fmt: skip
         out = model(**model_kwargs, **{hf.TOKENS_FLAG: options})  # the head runs inside the model's forward
-        return out.tokens, out.aux_loss
+        return out.tokens, out.aux_loss, out.one_pass_carrier
 
     def _dpo_kernels_ref_context(self):
         """The PEFT base (adapter disabled) or TRL's "ref" adapter, when there is no reference model."""
@@ -234,20 +236,39 @@ class _FusedLoss:
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
 
         pk = self._dpo_kernels_packing(inputs)
-        tokens, aux_loss = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=True, pk=pk)
+        # The reference first: the one-pass head takes the loss's gradient inside the policy's forward.
         if self.precompute_ref_logps:
-            ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(tokens.logps.device)
+            ref = torch.cat([inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]]).to(labels.device)
         else:
             ref = self._dpo_kernels_reference(model_kwargs, labels, pk)
-
         # ipo and sigmoid_norm divide by TRL's unshifted completion-mask count (one more than the scored
         # tokens when the prompt is empty)
-        loss, metrics = preference.dpo_from_tokens(
-            tokens.logps, tokens.mask, ref, stats=tokens.stats, lse=tokens.lse,
-            vocab_size=tokens.vocab_size,
-            norm_lengths=packing.layout(completion_mask.to(tokens.mask.device), pk).sum(-1),
-            **self._dpo_kernels_loss_options(),
-        )  # fmt: skip
+        norm_lengths = packing.layout(completion_mask.to(labels.device), pk).sum(-1)
+        loss_options = self._dpo_kernels_loss_options()
+
+        def loss_of(toks):
+            return preference.dpo_from_tokens(
+                toks.logps, toks.mask, ref, stats=toks.stats, lse=toks.lse, vocab_size=toks.vocab_size,
+                norm_lengths=norm_lengths, **loss_options,
+            )  # fmt: skip
+
+        one_pass = None
+        if self._dpo_kernels_route != "recompute":
+            reasons = preference.one_pass_refusals(
+                loss_options["loss_type"], loss_options, needs_grad=True, labels=labels, packed=pk,
+                gradient_filter=self._dpo_kernels_gradient_filter,
+            )  # fmt: skip
+            if reasons and self._dpo_kernels_route == "one_pass" and torch.is_grad_enabled():
+                raise ValueError(f"route='one_pass' cannot run here: {'; '.join(reasons)}")
+            one_pass = None if reasons else preference.one_pass_token_grad(loss_of)
+        tokens, aux_loss, carrier = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=True, pk=pk,
+                                                             one_pass=one_pass)  # fmt: skip
+        if carrier is None:
+            loss, metrics = loss_of(tokens)
+        else:
+            with torch.no_grad():
+                loss, metrics = loss_of(tokens)
+            loss = loss + carrier  # the value plus an exact zero that carries the one-pass head's gradients
 
         if self.aux_loss_enabled:
             loss = loss + self.router_aux_loss_coef * aux_loss
@@ -305,15 +326,19 @@ class FusedDPOTrainer(_FusedLoss, DPOTrainer):
     metrics and gradients, without the (B, T, V) logits.
 
     Extra keyword arguments: ``backend`` (``"auto"``, ``"native"``, ``"triton"``, ``"torch"``: the
-    fused op's backend), ``memory_budget`` (bytes of fp32 logits the portable path forms at a time) and
-    ``gradient_filter`` (None, "auto" or a float: the Triton backward's gradient filter, see
-    :func:`dpo_kernels.fused_linear_sequence_logps`).
+    fused op's backend), ``memory_budget`` (bytes of fp32 logits the head forms at a time), ``gradient_filter``
+    (None, "auto" or a float: the Triton backward's gradient filter, see
+    :func:`dpo_kernels.fused_linear_sequence_logps`) and ``route`` ("auto", "one_pass", "recompute": how the
+    policy's head is differentiated, as in :func:`dpo_kernels.fused_linear_dpo_loss`; "auto" takes the
+    one-pass route in training steps where it applies).
     Raises at construction outside :data:`SUPPORTED_TRL` and for the options listed in the module's
     documentation.
     """
 
-    def __init__(self, *args, backend: str = "auto", memory_budget: int | None = None, gradient_filter=None, **kwargs):
+    def __init__(self, *args, backend: str = "auto", memory_budget: int | None = None, gradient_filter=None,
+                 route: str = "auto", **kwargs):  # fmt: skip
         check_trl_version()
+        self._dpo_kernels_route = _check_route(route)
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         _raise_unsupported(_unsupported(config))
         # The precompute of reference log-probs runs inside DPOTrainer.__init__ and calls our
@@ -344,14 +369,26 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def apply_fused_dpo(trainer, *, backend: str = "auto", memory_budget: int | None = None, gradient_filter=None):
+def _check_route(route: str) -> str:
+    from ..fused_linear import ROUTES
+
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    return route
+
+
+def apply_fused_dpo(trainer, *, backend: str = "auto", memory_budget: int | None = None, gradient_filter=None,
+                    route: str = "auto"):  # fmt: skip
     """Turn a constructed ``DPOTrainer`` (or subclass) into its fused version, in place; returns it.
 
     Reference log-probs that TRL already precomputed are kept (they are the same numbers). Raises like
     :class:`FusedDPOTrainer` for an unsupported TRL version or option.
     """
-    return apply_fused(trainer, DPOTrainer, FusedDPOTrainer, _FusedLoss, "apply_fused_dpo", backend, memory_budget,
-                       gradient_filter)  # fmt: skip
+    route = _check_route(route)
+    trainer = apply_fused(trainer, DPOTrainer, FusedDPOTrainer, _FusedLoss, "apply_fused_dpo", backend, memory_budget,
+                          gradient_filter)  # fmt: skip
+    trainer._dpo_kernels_route = route
+    return trainer
 
 
 __all__ = [
