@@ -15,7 +15,8 @@ fused Triton kernel against the op's cuBLAS products + log-prob kernel, with and
 training step through ``fused_linear_dpo_loss`` with the scored rows compacted (the eager default: a nonzero()
 host synchronization in the forward and one in the backward) against every row run (the CUDA-graph path, no
 synchronization), all rows scored (the difference is the synchronizations' cost) and half of them a prompt
-(what compaction saves).
+(what compaction saves); and the same step on the one-pass route (the loss's gradient formed while each
+group's logits are live, 6·M·H·V) against the recompute route (8·M·H·V).
 
 Floors, per case (the least any implementation must do, over the measured ceilings):
 - logits: read the (N, T, V) logits once in the forward, read them and write their gradient once in the
@@ -204,9 +205,10 @@ def routes(device, n: int, t: int, h: int, v: int) -> dict:
     leaf_h = hidden.view(n, t, h).detach().requires_grad_()
     leaf_w = weight.detach().requires_grad_()
 
-    def step(y):
+    def step(y, route="recompute"):
         leaf_h.grad = leaf_w.grad = None
-        loss, _ = fused_linear_dpo_loss(leaf_h, leaf_w, y, beta=0.1, backend="triton", token_metrics=False)
+        loss, _ = fused_linear_dpo_loss(leaf_h, leaf_w, y, beta=0.1, backend="triton", token_metrics=False,
+                                        route=route)  # fmt: skip
         loss.backward()
 
     every_row = linear_ops._static_rows
@@ -215,6 +217,7 @@ def routes(device, n: int, t: int, h: int, v: int) -> dict:
         y[:, : int(t * share)] = -100
         tag = f"prompt{int(100 * share)}"
         out[f"step_compacted_{tag}_s"] = _time(lambda: step(y), device, warmup=2, reps=5)
+        out[f"step_one_pass_{tag}_s"] = _time(lambda: step(y, "one_pass"), device, warmup=2, reps=5)
         linear_ops._static_rows = lambda labels: True  # the path taken under graph capture
         try:
             out[f"step_all_rows_{tag}_s"] = _time(lambda: step(y), device, warmup=2, reps=5)
@@ -231,8 +234,14 @@ def _routes_markdown(r) -> list[str]:
              ("step, rows compacted (2 syncs), all scored", "step_compacted_prompt0_s",
               "all rows, no sync", "step_all_rows_prompt0_s"),
              ("step, rows compacted (2 syncs), half prompt", "step_compacted_prompt50_s",
-              "all rows, no sync", "step_all_rows_prompt50_s")]  # fmt: skip
+              "all rows, no sync", "step_all_rows_prompt50_s"),
+             ("step, one-pass route (6·M·H·V), all scored", "step_one_pass_prompt0_s",
+              "recompute route (8·M·H·V)", "step_compacted_prompt0_s"),
+             ("step, one-pass route, half prompt", "step_one_pass_prompt50_s",
+              "recompute route", "step_compacted_prompt50_s")]  # fmt: skip
     for name, key, other, other_key in pairs:
+        if key not in r:  # a report of an earlier version
+            continue
         md.append(f"| {name} | {_ms(r[key])} | {other} | {_ms(r[other_key])} | {r[key] / r[other_key]:.3f} |")
     return md
 
@@ -432,6 +441,9 @@ def _summary(steps, tests, ceil, routed, rows) -> str:
                    f"step compacted {_ms(routed['step_compacted_prompt0_s'])} / all rows "
                    f"{_ms(routed['step_all_rows_prompt0_s'])} (all scored), {_ms(routed['step_compacted_prompt50_s'])} "
                    f"/ {_ms(routed['step_all_rows_prompt50_s'])} (half prompt)")  # fmt: skip
+        if "step_one_pass_prompt0_s" in routed:
+            out.append(f"one-pass step ms: {_ms(routed['step_one_pass_prompt0_s'])} (all scored), "
+                       f"{_ms(routed['step_one_pass_prompt50_s'])} (half prompt) against the recompute route above")
     out.append(f"{'case':<40} {'provider':<32} {'check':<6} {'fwd+bwd ms':>11} {'floor ms':>9} {'x floor':>8}")
     for r in rows:
         t = ((r.get("time") or {}).get("total") or {}).get("median")

@@ -17,7 +17,8 @@
 #                  pytest-xdist workers when installed. Dry run: CPU mode, tests/test_errors.py
 #   ceilings       a 4 GiB device-to-device copy (GB/s) and an 8192³ bf16 matmul (TFLOP/s), once
 #   routes         the fused LM head at real scale: its forward as the fused Triton kernel against the op's
-#                  cuBLAS products, and a step with the rows compacted (nonzero() syncs) against all rows run
+#                  cuBLAS products, a step with the rows compacted (nonzero() syncs) against all rows run,
+#                  and the one-pass route's step (6·M·H·V) against the recompute route's (8·M·H·V)
 #   bench-logits   python -m benchmarks --device cuda at real scale, 2B=8 T=4096 V=128256 bf16: the
 #                  reference, every dpo_kernels backend, the peers that import
 #   bench-lm_head  the same for the LM-head workload, H=4096, all but the peers that torch.compile
