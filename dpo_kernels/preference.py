@@ -13,8 +13,7 @@ from typing import Optional
 
 import torch
 
-from . import losses
-from . import ops, tokens
+from . import losses, ops, tokens
 
 # Loss types that need the number of scored tokens per sequence, or the chosen NLL.
 _NEEDS_NLL = ("sft", "orpo")

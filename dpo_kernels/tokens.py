@@ -182,7 +182,8 @@ def one_pass(
     lse = hidden.new_zeros((N, T_out, 2), dtype=acc)
     stats = hidden.new_zeros((N, T_out, ops.N_STATS if with_stats else 0), dtype=acc)
     d_hidden = torch.zeros_like(hidden)
-    d_weight = torch.zeros_like(weight)
+    # only the gradients autograd will ask for: a frozen head (PEFT) costs no d_weight product
+    d_weight = torch.zeros_like(weight) if weight.requires_grad else None
     d_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None else None
     with torch.no_grad():  # what autograd sees is the carrier: the ops run outside its graph
         rows_of = [sum(counts[s] for s in group) for group in groups]
@@ -205,7 +206,7 @@ def one_pass(
             d_hidden[n, t] = ops.linear_logits_backward_(z, g, h, weight, bias, y_rows, row_lse, d_weight=d_weight,
                                                          d_bias=d_bias, **options)  # fmt: skip
     tokens = Tokens(logps, ops.lse_value(lse), stats, mask, weight.shape[0])
-    grads = (d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype))
+    grads = (d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype))  # None where not asked for
     with torch.enable_grad():  # the caller scores under no_grad; the carrier is what autograd sees
         return tokens, with_gradients(logps.new_zeros(()), (hidden, weight, bias), grads)
 

@@ -233,12 +233,13 @@ def fused_linear_logits_backward_(
     softcap: Optional[float],
     temperature: float,
     backend: str,
-    d_weight: torch.Tensor,
+    d_weight: Optional[torch.Tensor],
     d_bias: Optional[torch.Tensor],
     vocab_start: int = 0,
 ) -> torch.Tensor:
     """-> d_hidden (M, H) of Σ grad · logp over the rows, from the logits :func:`fused_linear_logits` left;
-    accumulates into ``d_weight`` (V, H) and ``d_bias`` ((V,) fp32, or None); ``logits`` ends up holding dz."""
+    accumulates into ``d_weight`` (V, H; None: not wanted) and ``d_bias`` ((V,) fp32, or None); ``logits`` ends
+    up holding dz."""
     return onepass_kernels(backend)[1](
         logits, grad, hidden, weight, bias, labels, lse, logit_scale, softcap, temperature, d_weight=d_weight,
         d_bias=d_bias, vocab_start=vocab_start,

@@ -246,7 +246,8 @@ def fused_linear_logits_bwd_(
     d_bias=None, vocab_start=0,
 ):
     """d_hidden (M, H) in hidden's dtype from the logits :func:`fused_linear_logits_fwd` left, accumulating
-    d_weight (V, H, its dtype) and d_bias ((V,) fp32, or None) in place; ``logits`` ends up holding dz.
+    d_weight (V, H, its dtype; None for a frozen head: no product) and d_bias ((V,) fp32, or None) in place;
+    ``logits`` ends up holding dz.
 
     dz = g·(onehot − exp((z − m) − log s)) chained through the transform, written over the logits by the
     scorer's in-place backward (``token_logps_bwd(..., out=logits)``) with g · logit_scale / temperature as
@@ -275,12 +276,14 @@ def fused_linear_logits_bwd_(
     if d_bias is not None:
         d_bias += logits.sum(0)
     if not _low_precision(hidden.dtype):
-        d_weight.addmm_(logits.T, hidden)
+        if d_weight is not None:
+            d_weight.addmm_(logits.T, hidden)
         return logits @ weight
     d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
     cols = max(1, min(V, CHUNK_ELEMENTS // max(1, M)))
     for c in range(0, V, cols):
         dz = logits[:, c : c + cols].to(hidden.dtype)
         d_hidden += dz @ weight[c : c + cols]
-        d_weight[c : c + cols].addmm_(dz.T, hidden)
+        if d_weight is not None:
+            d_weight[c : c + cols].addmm_(dz.T, hidden)
     return d_hidden.to(hidden.dtype)

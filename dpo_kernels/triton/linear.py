@@ -1189,8 +1189,8 @@ def fused_linear_logits_fwd(logits, hidden, weight, bias, labels, logit_scale=1.
 def fused_linear_logits_bwd_(logits, grad, hidden, weight, bias, labels, lse, logit_scale=1.0, softcap=None,
                              temperature=1.0, *, d_weight, d_bias=None, vocab_start=0, config=None):  # fmt: skip
     """d_hidden (M, H) in hidden's dtype from the logits ``fused_linear_logits_fwd`` left in ``logits``,
-    accumulating d_weight (V, H, its dtype) and d_bias ((V,) fp32, or None) in place; the buffer ends up
-    holding dz (fp32 inputs: the buffer itself; bf16/fp16: each row's first half, ``_dz_view``).
+    accumulating d_weight (V, H, its dtype; None: a frozen head, no product) and d_bias ((V,) fp32, or None) in
+    place; the buffer ends up holding dz (fp32 inputs: the buffer itself; bf16/fp16: each row's first half, ``_dz_view``).
 
     grad (M,) d loss / d logp (any stride); lse (M, 2) the forward's two parts, or the whole vocabulary's when
     weight is a window (then dz is the window's columns of the whole head's gradient); the other arguments as
@@ -1209,7 +1209,7 @@ def fused_linear_logits_bwd_(logits, grad, hidden, weight, bias, labels, lse, lo
     M, H = hidden.shape
     V = weight.shape[0]
     _check_logits_buffer(logits, M, V, hidden.device)
-    if d_weight.shape != weight.shape or (d_bias is not None and d_bias.shape != (V,)):
+    if (d_weight is not None and d_weight.shape != weight.shape) or (d_bias is not None and d_bias.shape != (V,)):
         raise ValueError(f"d_weight {tuple(d_weight.shape)} / d_bias must match weight {tuple(weight.shape)} / (V,)")
     if M == 0:
         return torch.empty_like(hidden)
@@ -1227,6 +1227,7 @@ def fused_linear_logits_bwd_(logits, grad, hidden, weight, bias, labels, lse, lo
         d_bias += torch.sum(dz, dim=0, dtype=torch.float32)
     d_hidden = torch.empty((M, H), dtype=torch.float32, device=hidden.device)
     with _ieee_fp32_matmuls(hidden.dtype, hidden.device):
-        _accumulate_product(d_weight, dz.T, hidden)
+        if d_weight is not None:  # None: a frozen head, no product
+            _accumulate_product(d_weight, dz.T, hidden)
         _add_product(d_hidden, dz, weight, beta=0)
     return d_hidden if hidden.dtype == torch.float32 else d_hidden.to(hidden.dtype)
