@@ -265,14 +265,18 @@ def _head_traffic(trainer, setting):
         yield record
 
 
-def _saved_tensors(loss):
-    """The tensors autograd holds for the backward of ``loss``: every node's saved tensors."""
+def _saved_tensors(loss, gradients=False):
+    """The tensors autograd holds for the backward of ``loss``: every node's saved tensors but the gradients the
+    one-pass head formed in the forward (its carrier's), or with ``gradients`` those alone."""
     found, seen, stack = [], set(), [loss.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
+        stack += [n for n, _ in node.next_functions]
+        if (type(node).__name__ == "_PrecomputedBackward") != gradients:
+            continue
         values = [getattr(node, name, None) for name in dir(node) if name.startswith("_saved_")]
         try:
             values += list(getattr(node, "saved_tensors", ()))  # autograd.Function (and custom op) nodes
@@ -280,7 +284,6 @@ def _saved_tensors(loss):
             pass
         for v in values:
             found += [t for t in (v if isinstance(v, (tuple, list)) else [v]) if isinstance(t, torch.Tensor)]
-        stack += [n for n, _ in node.next_functions]
     return found
 
 
@@ -296,6 +299,8 @@ def _step(trainer, setting, batch):
         loss = trainer.compute_loss(model, batch)
     if "head_shape" in traffic:
         traffic["saved_heads"] = [t for t in _saved_tensors(loss) if tuple(t.shape) == traffic["head_shape"]]
+        traffic["saved_head_grads"] = [t for t in _saved_tensors(loss, gradients=True)
+                                       if tuple(t.shape) == traffic["head_shape"]]  # fmt: skip
     if setting.startswith("zero"):
         model.backward(loss)  # the engine's backward: accelerator.backward would also step
     else:
@@ -316,9 +321,11 @@ def _same(stock, fused, what):
         assert traffic_f["full_tensor"] == 0
         elements = [t["elements"] for t in (traffic_s, traffic_f)]
         assert elements[1] <= elements[0], f"elements all-gathered in the forward, stock vs fused: {elements}"
-        # ZeRO-3: the head gathered for the fused call is released after it, and autograd kept no copy
+        # ZeRO-3: the head gathered for the fused call is released after it, and autograd kept no copy; the
+        # one-pass head holds its gradient (whole, as the recompute route's backward forms it) for the backward
         if "head_shape" in traffic_f:
             assert traffic_f["head_numel"] == 0 and traffic_f["saved_heads"] == [], traffic_f
+            assert len(traffic_f["saved_head_grads"]) <= 1, traffic_f
             assert traffic_s["head_numel"] == 0
     except AssertionError as e:
         raise AssertionError(f"{what}: {e}") from e
