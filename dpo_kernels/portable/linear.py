@@ -202,7 +202,7 @@ def fused_linear_logps_bwd(
 
 
 # ------------------------------------------------------------------------------------------- one pass
-# The one-pass route (``dpo_kernels.onepass``): the logits of a group of rows are formed once, kept in an
+# The one-pass route (``dpo_kernels.tokens.one_pass``): the logits of a group of rows are formed once, kept in an
 # fp32 buffer while the caller turns their log-probs into the loss's per-row gradient, then overwritten
 # in place by dz and consumed by the two gradient products: 6·M·H·V FLOPs instead of 8.
 
