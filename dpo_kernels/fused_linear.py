@@ -38,22 +38,15 @@ def _head_call(process_group, vocab_start, hidden_name, hidden, labels, heads: d
     return shard, local, hidden, labels, packed
 
 
-ROUTES = ("auto", "one_pass", "recompute")
-
-
 def _one_pass_plan(route, hidden, weight, bias, labels, *, backend, memory_budget, ignore_index, shift, loss_type,
                    loss_options, **refusal_options):  # fmt: skip
     """(groups, counts) of the one-pass route, or None for the recompute route (see fused_linear_dpo_loss)."""
-    if route not in ROUTES:
-        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-    if route == "recompute":
+    if preference.check_route(route) == "recompute":
         return None
     needs_grad = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     reasons = preference.one_pass_refusals(loss_type, loss_options, needs_grad=needs_grad, labels=labels,
                                            **refusal_options)  # fmt: skip
-    if reasons:
-        if route == "one_pass":
-            raise ValueError(f"route='one_pass' cannot run here: {'; '.join(reasons)}")
+    if not preference.one_pass_applies(route, reasons):
         return None
     groups, counts, budget = preference.one_pass_groups(
         labels, weight.shape[0], hidden.dtype, hidden.device, backend=backend, memory_budget=memory_budget,

@@ -272,6 +272,24 @@ def kto_logged(metrics: dict, counts: dict) -> dict:
 # ------------------------------------------------------------------------------------------- one pass
 
 
+ROUTES = ("auto", "one_pass", "recompute")
+
+
+def check_route(route: str) -> str:
+    """``route`` of the policy head's differentiation (see ``dpo_kernels.fused_linear_dpo_loss``), checked."""
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
+    return route
+
+
+def one_pass_applies(route: str, reasons: list) -> bool:
+    """Whether ``route`` takes the one-pass route given :func:`one_pass_refusals`' ``reasons``; "one_pass" where
+    there are reasons raises, naming them."""
+    if route == "one_pass" and reasons:
+        raise ValueError(f"route='one_pass' cannot run here: {'; '.join(reasons)}")
+    return route != "recompute" and not reasons
+
+
 def one_pass_refusals(loss_type, loss_options: dict, *, needs_grad: bool, labels: torch.Tensor, shard=None,
                       packed=None, gradient_filter=None) -> list:  # fmt: skip
     """Why the one-pass route (:func:`dpo_one_pass`) cannot run a loss step; empty when it can."""

@@ -258,9 +258,9 @@ class _FusedLoss:
                 loss_options["loss_type"], loss_options, needs_grad=True, labels=labels, packed=pk,
                 gradient_filter=self._dpo_kernels_gradient_filter,
             )  # fmt: skip
-            if reasons and self._dpo_kernels_route == "one_pass" and torch.is_grad_enabled():
-                raise ValueError(f"route='one_pass' cannot run here: {'; '.join(reasons)}")
-            one_pass = None if reasons else preference.one_pass_token_grad(loss_of)
+            # an evaluation step (no gradient) takes the recompute route whatever the route asked for
+            route = self._dpo_kernels_route if torch.is_grad_enabled() else "auto"
+            one_pass = preference.one_pass_token_grad(loss_of) if preference.one_pass_applies(route, reasons) else None
         tokens, aux_loss, carrier = self._dpo_kernels_tokens(model, model_kwargs, labels, with_stats=True, pk=pk,
                                                              one_pass=one_pass)  # fmt: skip
         if carrier is None:
@@ -338,7 +338,7 @@ class FusedDPOTrainer(_FusedLoss, DPOTrainer):
     def __init__(self, *args, backend: str = "auto", memory_budget: int | None = None, gradient_filter=None,
                  route: str = "auto", **kwargs):  # fmt: skip
         check_trl_version()
-        self._dpo_kernels_route = _check_route(route)
+        self._dpo_kernels_route = preference.check_route(route)
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         _raise_unsupported(_unsupported(config))
         # The precompute of reference log-probs runs inside DPOTrainer.__init__ and calls our
@@ -369,14 +369,6 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _check_route(route: str) -> str:
-    from ..fused_linear import ROUTES
-
-    if route not in ROUTES:
-        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
-    return route
-
-
 def apply_fused_dpo(trainer, *, backend: str = "auto", memory_budget: int | None = None, gradient_filter=None,
                     route: str = "auto"):  # fmt: skip
     """Turn a constructed ``DPOTrainer`` (or subclass) into its fused version, in place; returns it.
@@ -384,7 +376,7 @@ def apply_fused_dpo(trainer, *, backend: str = "auto", memory_budget: int | None
     Reference log-probs that TRL already precomputed are kept (they are the same numbers). Raises like
     :class:`FusedDPOTrainer` for an unsupported TRL version or option.
     """
-    route = _check_route(route)
+    route = preference.check_route(route)
     trainer = apply_fused(trainer, DPOTrainer, FusedDPOTrainer, _FusedLoss, "apply_fused_dpo", backend, memory_budget,
                           gradient_filter)  # fmt: skip
     trainer._dpo_kernels_route = route
