@@ -39,27 +39,27 @@ def _head_call(process_group, vocab_start, hidden_name, hidden, labels, heads: d
 
 
 def _one_pass_plan(route, hidden, weight, bias, labels, *, backend, memory_budget, ignore_index, shift, loss_type,
-                   loss_options, **refusal_options):  # fmt: skip
-    """(groups, counts) of the one-pass route, or None for the recompute route (see fused_linear_dpo_loss)."""
+                   loss_options, gradient_filter, packed, shard):  # fmt: skip
+    """(groups, scored) of the one-pass route, or None for the recompute route (see fused_linear_dpo_loss)."""
     if preference.check_route(route) == "recompute":
         return None
     needs_grad = any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     reasons = preference.one_pass_refusals(loss_type, loss_options, needs_grad=needs_grad, labels=labels,
-                                           **refusal_options)  # fmt: skip
+                                           gradient_filter=gradient_filter)  # fmt: skip
     if not preference.one_pass_applies(route, reasons):
         return None
-    groups, counts, budget = preference.one_pass_groups(
+    groups, scored, budget = preference.one_pass_groups(
         labels, weight.shape[0], hidden.dtype, hidden.device, backend=backend, memory_budget=memory_budget,
-        ignore_index=ignore_index, shift=shift,
+        ignore_index=ignore_index, shift=shift, packed=packed, shard=shard,
     )  # fmt: skip
     if groups is None:
         if route == "one_pass":
-            B = len(counts) // 2
+            counts, B = scored.counts, len(scored.counts) // 2
             rows = max(counts[i] + counts[B + i] for i in range(B))
             raise ValueError(f"route='one_pass': a pair's {rows} scored rows need more fp32 logits than "
                              f"memory_budget={budget} bytes hold")  # fmt: skip
         return None
-    return groups, counts
+    return groups, scored
 
 
 def _n_sequences(hidden, packed) -> int:
@@ -190,11 +190,13 @@ def fused_linear_dpo_loss(
     own code), dz written over them and the two gradient products run in the forward; the backward only
     scales the saved gradients by the incoming one (6·M·H·V FLOPs instead of 8; the saved d_weight and
     d_hidden are held from the forward to the backward). 16-bit d_weight is rounded once per group.
+    A packed batch is grouped by its sequences' pairs; a vocabulary-parallel head combines each group's rows
+    over the ranks (one all-gather per group) and sizes the groups by the widest rank's slice.
     "recompute": the logits are dropped in the forward and recomputed in the backward. "auto" (default):
     one-pass where it applies, else recompute: it needs a gradient, eager mode (no torch.compile trace, no
-    CUDA graph capture: the grouping reads the scored counts on the host), one device, an unpacked batch, no
-    ``gradient_filter``, a loss that does not couple pairs (not "aot" / "aot_unpaired", no ``bco_state``)
-    and every pair fitting the budget. "one_pass" where it does not apply raises, naming why.
+    CUDA graph capture: the grouping reads the scored counts on the host), no ``gradient_filter``, a loss
+    that does not couple pairs (not "aot" / "aot_unpaired", no ``bco_state``) and every pair fitting the
+    budget. "one_pass" where it does not apply raises, naming why.
     """
     heads = {"weight": weight, "bias": bias, "ref_weight": ref_weight, "ref_bias": ref_bias}
     shard, head, policy_hidden, labels, packed = _head_call(
@@ -235,12 +237,13 @@ def fused_linear_dpo_loss(
             ref = tokens.from_hidden(ref_hidden, ref_head, head["ref_bias"], labels, **common)
     options = dict(beta=beta, loss_type=loss_type, ld_alpha=ld_alpha, use_weighting=use_weighting, **loss_options)
     if plan is not None:
-        groups, counts = plan
+        groups, scored = plan
 
         def run(token_grad):
             return tokens.one_pass(
-                policy_hidden, head["weight"], head["bias"], labels, groups, token_grad, ignore_index=ignore_index, shift=shift, logit_scale=logit_scale,
-                softcap=softcap, temperature=temperature, backend=backend, with_stats=with_stats, counts=counts,
+                policy_hidden, head["weight"], head["bias"], labels, groups, scored, token_grad,
+                ignore_index=ignore_index, shift=shift, logit_scale=logit_scale, softcap=softcap,
+                temperature=temperature, backend=backend, with_stats=with_stats, packed=packed, shard=shard,
             )  # fmt: skip
 
         return preference.dpo_one_pass(run, ref, with_stats=with_stats, average=average, **options)

@@ -290,8 +290,8 @@ def one_pass_applies(route: str, reasons: list) -> bool:
     return route != "recompute" and not reasons
 
 
-def one_pass_refusals(loss_type, loss_options: dict, *, needs_grad: bool, labels: torch.Tensor, shard=None,
-                      packed=None, gradient_filter=None) -> list:  # fmt: skip
+def one_pass_refusals(loss_type, loss_options: dict, *, needs_grad: bool, labels: torch.Tensor,
+                      gradient_filter=None) -> list:  # fmt: skip
     """Why the one-pass route (:func:`dpo_one_pass`) cannot run a loss step; empty when it can."""
     reasons = []
     if not (needs_grad and torch.is_grad_enabled()):
@@ -300,10 +300,6 @@ def one_pass_refusals(loss_type, loss_options: dict, *, needs_grad: bool, labels
         reasons.append("it reads the labels on the host, which torch.compile does not trace")
     if labels.is_cuda and torch.cuda.is_current_stream_capturing():
         reasons.append("it reads the labels on the host, which a CUDA graph capture cannot")
-    if shard is not None:
-        reasons.append("the head is vocabulary-parallel")
-    if packed is not None:
-        reasons.append("the batch is packed")
     if gradient_filter is not None:
         reasons.append("gradient_filter is a recompute-route option")
     sorting = [t for t in loss_types(loss_type) if t in ("aot", "aot_unpaired")]
@@ -332,13 +328,16 @@ def pair_groups(counts: list, row_bytes: int, budget: int) -> Optional[list]:
 
 
 def one_pass_groups(labels, vocab_size: int, dtype: torch.dtype, device, *, backend: str, memory_budget, ignore_index,
-                    shift) -> tuple:  # fmt: skip
-    """(groups, counts, budget) of the one-pass route for (2B, T) ``labels`` under a head of ``vocab_size``
-    rows: groups None when a pair's scored rows' fp32 logits exceed the budget (one host synchronization)."""
+                    shift, packed=None, shard=None) -> tuple:  # fmt: skip
+    """(groups, scored, budget) of the one-pass route for (2B, T) ``labels`` (a packed batch's (1, total) with
+    ``packed``) under a head of ``vocab_size`` rows (this rank's, with ``shard``): ``scored`` the batch's
+    :func:`dpo_kernels.tokens.scored_counts` (one host synchronization), groups None when a pair's scored rows'
+    fp32 logits exceed the budget."""
     budget = tokens.one_pass_budget(ops.resolve_backend(backend, device, dtype), memory_budget)
-    counts = tokens.scored_counts(labels, ignore_index=ignore_index, shift=shift)
-    row_bytes = vocab_size * (8 if dtype == torch.float64 else 4)
-    return pair_groups(counts, row_bytes, budget), counts, budget
+    scored = tokens.scored_counts(labels, vocab_size, ignore_index=ignore_index, shift=shift, packed=packed,
+                                  shard=shard)  # fmt: skip
+    row_bytes = scored.vocab_rows * (8 if dtype == torch.float64 else 4)
+    return pair_groups(scored.counts, row_bytes, budget), scored, budget
 
 
 def one_pass_token_grad(loss_of):

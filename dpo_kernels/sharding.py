@@ -16,7 +16,9 @@ checksum of its labels) lets every rank combine them itself:
 The backward is the kernels' own, handed the global lse: g·(onehot_owned − exp((z − C) − log S)) is the
 rank's slice of the whole gradient; the fused head's d_hidden, a partial sum over the vocabulary, is
 all-reduced once. Collectives per forward + backward: one all-gather per scored pass, plus one all-reduce
-for a head's backward. Host synchronizations: the same as on one device (the label checks of a pass are
+for a head's backward. The one-pass head (``dpo_kernels.tokens.one_pass``) checks the windows and labels
+once for the batch with its scored counts (:func:`agree_rows`, one all-gather), combines each group's rows
+with one unchecked all-gather (:func:`combine_rows`) and all-reduces d_hidden once. Host synchronizations: the same as on one device (the label checks of a pass are
 one flag, read once; a device-side assert on CUDA).
 """
 
@@ -180,29 +182,43 @@ def _empty_partials(y, with_stats, dtype):
     return parts
 
 
-def _exchange(parts, labels, y, scored, shard, local_vocab, with_stats):
-    """All-gather the partials with a header (the rank's window and a checksum of its labels), check the
-    windows and labels, combine. -> (logp, lse, stats) in (N, T') layout, zeros where unscored, and the
-    whole vocabulary's size V (a 0-dim tensor: reading it on the host would synchronize)."""
+def _header(labels, shard, local_vocab) -> torch.Tensor:
+    """(4,) int64: the rank's window (start, size), a checksum of its labels and their number."""
     flat = labels.reshape(-1).long()
     weights = torch.arange(flat.numel(), device=flat.device) % 1_000_003 + 1  # keeps the sum below 2^63
-    header = torch.stack([torch.tensor(shard.start, device=flat.device), torch.tensor(local_vocab, device=flat.device),
-                          (flat * weights).sum(), torch.tensor(flat.numel(), device=flat.device)])  # fmt: skip
-    header = header.view(parts.dtype)
-    k = parts.shape[1]
-    head_rows = -(-header.numel() // k)
-    mine = torch.cat([torch.cat([header, header.new_zeros(head_rows * k - header.numel())]).view(head_rows, k), parts])
-    world = dist.get_world_size(shard.group)
-    gathered = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine, group=shard.group)
-    gathered = torch.stack(gathered)
-    headers = gathered[:, :head_rows].reshape(world, -1)[:, : header.numel()].contiguous().view(torch.int64)
+    return torch.stack([torch.tensor(shard.start, device=flat.device), torch.tensor(local_vocab, device=flat.device),
+                        (flat * weights).sum(), torch.tensor(flat.numel(), device=flat.device)])  # fmt: skip
+
+
+def _verify(headers, y, scored):
+    """(flags, V) of the ranks' gathered (W, 4) headers: flags (ok, tiles, same, starts, sizes) for
+    :func:`_check`, V the whole vocabulary's size (0-dim)."""
     starts, sizes, digests, counts = headers.unbind(-1)
     vocab = starts[-1] + sizes[-1]
     tiles = (starts[0] == 0) & (starts[1:] == starts[:-1] + sizes[:-1]).all()
     same = (digests == digests[0]).all() & (counts == counts[0]).all()
     in_range = ~(scored & ((y < 0) | (y >= vocab))).any()
-    _check(tiles & same & in_range, tiles, same, starts, sizes)
+    return (tiles & same & in_range, tiles, same, starts, sizes), vocab
+
+
+def _gather(mine: torch.Tensor, shard) -> torch.Tensor:
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(shard.group))]
+    dist.all_gather(gathered, mine, group=shard.group)
+    return torch.stack(gathered)
+
+
+def _exchange(parts, labels, y, scored, shard, local_vocab, with_stats):
+    """All-gather the partials with a header (the rank's window and a checksum of its labels), check the
+    windows and labels, combine. -> (logp, lse, stats) in (N, T') layout, zeros where unscored, and the
+    whole vocabulary's size V (a 0-dim tensor: reading it on the host would synchronize)."""
+    header = _header(labels, shard, local_vocab).view(parts.dtype)
+    k = parts.shape[1]
+    head_rows = -(-header.numel() // k)
+    mine = torch.cat([torch.cat([header, header.new_zeros(head_rows * k - header.numel())]).view(head_rows, k), parts])
+    gathered = _gather(mine, shard)
+    headers = gathered[:, :head_rows].reshape(gathered.shape[0], -1)[:, : header.numel()].contiguous()
+    flags, vocab = _verify(headers.view(torch.int64), y, scored)
+    _check(*flags)
     logp, lse, stats = combine(gathered[:, head_rows:], with_stats)
     shape = scored.shape
     keep = scored.reshape(-1, 1)
@@ -215,8 +231,11 @@ def _check(ok, tiles, same, starts, sizes):
     if ok.is_cuda:
         torch._assert_async(ok, "vocabulary-parallel call: the ranks' windows, labels or label range are wrong")
         return
-    if bool(ok):
-        return
+    if not bool(ok):
+        _raise(tiles, same, starts, sizes)
+
+
+def _raise(tiles, same, starts, sizes):
     if not bool(same):
         raise ValueError(
             "labels differ across the ranks of the vocabulary-parallel group: every rank must see the same tokens. "
@@ -231,6 +250,42 @@ def _check(ok, tiles, same, starts, sizes):
         )
     vocab = int(starts[-1] + sizes[-1])
     raise ValueError(f"labels must lie in [0, {vocab}) (the whole vocabulary) or equal ignore_index")
+
+
+# ------------------------------------------------------------------------------------- the one-pass head
+
+
+def agree_rows(counts: torch.Tensor, y: torch.Tensor, scored: torch.Tensor, shard: VocabShard, local_vocab: int):
+    """``(counts, widest, V)`` on the host for the one-pass head's grouping: the (S,) per-sequence scored
+    ``counts``, the widest rank's slice (every rank must size its groups alike) and the whole vocabulary's size.
+    The ranks' windows and labels (``y``, ``scored``: what the rows score) are checked here, once for every
+    group's exchange: one all-gather and one host read; a failing check raises on every rank alike."""
+    gathered = _gather(torch.cat([_header(y, shard, local_vocab), counts.long()]), shard)
+    flags, vocab = _verify(gathered[:, :4], y, scored)
+    ok, widest, vocab, *counts = torch.cat([flags[0].long()[None], gathered[:, 1].amax()[None], vocab[None],
+                                            gathered[0, 4:]]).tolist()  # fmt: skip
+    if not ok:
+        _raise(*flags[1:])
+    return counts, widest, vocab
+
+
+def combine_rows(out, y: torch.Tensor, shard: VocabShard, local_vocab: int, with_stats: bool, dtype: torch.dtype):
+    """(logp, lse, stats) of the whole vocabulary for ``y`` (M,), the labels of M scored rows (a one-pass
+    group: every rank holds the same rows, checked by :func:`agree_rows`), from this rank's (logp, lse,
+    stats) of its slice (None for an empty slice; ``dtype`` the outputs'): one all-gather."""
+    if out is None:
+        parts = _empty_partials(y, with_stats, dtype)
+    else:
+        parts = _partials(*out, y, torch.ones_like(y, dtype=torch.bool), shard.start, local_vocab)
+    return combine(_gather(parts, shard), with_stats)
+
+
+def sum_over_ranks(partial: torch.Tensor, shard: VocabShard) -> torch.Tensor:
+    """The sum of the ranks' partial sums over their vocabulary slices (d_hidden of the fused head), in fp32 or
+    wider whatever ``partial``'s dtype; one all-reduce."""
+    total = partial.to(ops.out_dtype(partial), copy=True)
+    dist.all_reduce(total, group=shard.group)
+    return total
 
 
 # ------------------------------------------------------------------------------------------ passes
@@ -299,9 +354,7 @@ class _ShardedLinear(torch.autograd.Function):
                 grad_logp.to(lse.dtype), hidden, weight, bias, labels, lse, **ctx.options, vocab_start=ctx.shard.start
             )
         if ctx.needs_input_grad[0]:  # the hidden states are replicated: their gradient sums every rank's slice
-            total = d_hidden.to(ops.out_dtype(hidden))
-            dist.all_reduce(total, group=ctx.shard.group)
-            d_hidden = total.to(hidden.dtype)
+            d_hidden = sum_over_ranks(d_hidden, ctx.shard).to(hidden.dtype)
         else:
             d_hidden = None
         return d_hidden, d_weight, d_bias, *nones

@@ -135,11 +135,28 @@ def one_pass_budget(backend: str, memory_budget: Optional[int]) -> int:
     return memory_budget or ONE_PASS_BUDGET.get(backend, ONE_PASS_CPU_BUDGET)
 
 
-def scored_counts(labels: torch.Tensor, *, ignore_index: int, shift: bool) -> list[int]:
-    """The number of scored tokens of each of the (N, T) ``labels``' sequences, on the host (one
-    synchronization): what the one-pass route groups its sequences by."""
-    T_out = max(labels.shape[1] - int(shift), 0)
-    return (labels[:, int(shift) : int(shift) + T_out] != ignore_index).sum(1).tolist()
+class Scored(NamedTuple):
+    """What the one-pass route groups a batch by, read on the host at once: ``counts`` the scored tokens of
+    each sequence, ``vocab_rows`` a buffer row's length (this head's rows, or with a vocabulary shard the
+    widest rank's slice: every rank must form the same groups) and ``vocab_size`` the whole vocabulary's."""
+
+    counts: list
+    vocab_rows: int
+    vocab_size: int
+
+
+def scored_counts(labels: torch.Tensor, vocab_rows: int, *, ignore_index: int, shift: bool,
+                  packed: Optional[packing.Packing] = None, shard: Optional[sharding.VocabShard] = None) -> Scored:
+    """:class:`Scored` of (N, T) ``labels`` (a packed batch's (1, total) with ``packed``) under a head of
+    ``vocab_rows`` rows (this rank's with ``shard``): one host read; with ``shard`` one all-gather too, which
+    checks the ranks' windows and labels for every later exchange of the one-pass head."""
+    labels, shift = packing.kernel_labels(labels, packed, ignore_index, shift)
+    y = labels[:, int(shift) :]
+    scored = y != ignore_index
+    counts = packing.layout(scored, packed).sum(1)
+    if shard is None:
+        return Scored(counts.tolist(), vocab_rows, vocab_rows)
+    return Scored(*sharding.agree_rows(counts, y, scored, shard, vocab_rows))
 
 
 def one_pass(
@@ -148,6 +165,7 @@ def one_pass(
     bias: Optional[torch.Tensor],
     labels: torch.Tensor,
     groups: list,
+    scored: Scored,
     token_grad,
     *,
     ignore_index: int,
@@ -157,55 +175,69 @@ def one_pass(
     temperature: float = 1.0,
     backend: str = "auto",
     with_stats: bool = False,
-    counts: Optional[list] = None,
+    packed: Optional[packing.Packing] = None,
+    shard: Optional[sharding.VocabShard] = None,
 ):
     """The fused head in one pass: ``(tokens, carrier)``, ``carrier`` a 0-dim zero whose gradient w.r.t.
     ``hidden``, ``weight`` and ``bias`` is the loss's, formed here (add it to the loss's value).
 
-    ``groups``: lists of sequence indices (rows of ``hidden`` (N, T, H)), each group's scored rows' fp32 logits
-    formed at once into one buffer (sized for the largest group). After a group is scored its outputs are
-    written into the (N, T') per-token tensors, and ``token_grad(tokens)`` returns d loss / d logps (N, T')
-    given the tokens scored so far (those of later groups are zeros): it is read at the group's tokens only,
-    which is exact when the loss is a sum of terms of single groups. dz then overwrites the logits and the
-    two products run: d_hidden's rows of the group, d_weight and d_bias accumulated over the groups.
-    ``tokens`` (detached, with the scored mask) are the same as :func:`from_hidden`'s; ``counts`` the
-    per-sequence scored counts when the caller already has them (:func:`scored_counts`).
+    ``groups``: lists of sequence indices (rows of ``hidden`` (N, T, H), or a packed batch's sequences), each
+    group's scored rows' fp32 logits formed at once into one buffer (sized for the largest group);
+    ``scored``: the batch's :func:`scored_counts`. After a group is scored its outputs
+    are written into the per-token tensors (the padded layout, as :func:`from_hidden`'s), and
+    ``token_grad(tokens)`` returns d loss / d logps given the tokens scored so far (those of later groups are
+    zeros): it is read at the group's tokens only, which is exact when the loss is a sum of terms of single
+    groups. dz then overwrites the logits and the two products run: d_hidden's rows of the group, d_weight
+    and d_bias accumulated over the groups. ``tokens`` (detached, with the scored mask) are the same as
+    :func:`from_hidden`'s.
+
+    With ``shard`` (this rank's rows of a vocabulary-parallel head) every group's rows are combined over the
+    ranks by one all-gather before the loss's gradient is taken, dz is this rank's slice of the whole
+    gradient, and d_hidden, a partial sum over the vocabulary, is all-reduced once at the end.
     """
     backend = ops.resolve_backend(backend, hidden.device, hidden.dtype)
-    N, T, _ = hidden.shape
-    T_out = max(T - int(shift), 0)
-    y = labels[:, int(shift) : int(shift) + T_out]
-    mask = y != ignore_index
-    counts = scored_counts(labels, ignore_index=ignore_index, shift=shift) if counts is None else counts
+    y, shift = packing.kernel_labels(labels, packed, ignore_index, shift)
+    y = y[:, int(shift) : int(shift) + max(hidden.shape[1] - int(shift), 0)]  # the label each position scores
+    mask = packing.layout(y != ignore_index, packed)  # (S, L): one row per sequence
+    starts = None if packed is None else packed.cu_seqlens[:-1]
     acc = ops.out_dtype(hidden)
-    logps = hidden.new_zeros((N, T_out), dtype=acc)
-    lse = hidden.new_zeros((N, T_out, 2), dtype=acc)
-    stats = hidden.new_zeros((N, T_out, ops.N_STATS if with_stats else 0), dtype=acc)
-    d_hidden = torch.zeros_like(hidden)
+    logps = hidden.new_zeros(mask.shape, dtype=acc)
+    lse = hidden.new_zeros((*mask.shape, 2), dtype=acc)
+    stats = hidden.new_zeros((*mask.shape, ops.N_STATS if with_stats else 0), dtype=acc)
+    d_hidden = torch.zeros_like(hidden, dtype=acc if shard is not None else hidden.dtype)
     # only the gradients autograd will ask for: a frozen head (PEFT) costs no d_weight product
     d_weight = torch.zeros_like(weight) if weight.requires_grad else None
     d_bias = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None else None
+    V_r, vocab_start = weight.shape[0], 0 if shard is None else shard.start
     with torch.no_grad():  # what autograd sees is the carrier: the ops run outside its graph
-        rows_of = [sum(counts[s] for s in group) for group in groups]
-        buffer = hidden.new_empty(max(rows_of, default=0) * weight.shape[0], dtype=acc)
-        options = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature, backend=backend)
+        rows_of = [sum(scored.counts[s] for s in group) for group in groups]
+        buffer = hidden.new_empty(max(rows_of, default=0) * V_r, dtype=acc)
+        options = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature, backend=backend,
+                       vocab_start=vocab_start)  # fmt: skip
         for group, rows in zip(groups, rows_of):
             if rows == 0:
                 continue
             index = torch.as_tensor(group, device=hidden.device)
             n_sub, t = torch.nonzero_static(mask[index], size=rows).unbind(1)  # the count is known: no synchronization
-            n = index[n_sub]
-            h, y_rows = hidden[n, t], y[n, t].long()
-            z = buffer[: rows * weight.shape[0]].view(rows, weight.shape[0])
-            logp, row_lse, row_stats = ops.linear_logits(z, h, weight, bias, y_rows, with_stats=with_stats, **options)
+            n = index[n_sub]  # (sequence, position) in the padded layout; (row, column) of hidden:
+            at = (n, t) if packed is None else (torch.zeros_like(n), starts[n] + t)
+            h, y_rows = hidden[at], y[at].long()
+            z = buffer[: rows * V_r].view(rows, V_r)
+            out = ops.linear_logits(z, h, weight, bias, y_rows, with_stats=with_stats, **options) if V_r else None
+            if shard is None:
+                logp, row_lse, row_stats = out
+            else:
+                logp, row_lse, row_stats = sharding.combine_rows(out, y_rows, shard, V_r, with_stats, acc)
             logps[n, t], lse[n, t] = logp, row_lse
             if with_stats:
                 stats[n, t] = row_stats
-            toks = Tokens(logps, ops.lse_value(lse), stats, mask, weight.shape[0])
-            g = token_grad(toks)[n, t].to(acc)
-            d_hidden[n, t] = ops.linear_logits_backward_(z, g, h, weight, bias, y_rows, row_lse, d_weight=d_weight,
-                                                         d_bias=d_bias, **options)  # fmt: skip
-    tokens = Tokens(logps, ops.lse_value(lse), stats, mask, weight.shape[0])
+            g = token_grad(Tokens(logps, ops.lse_value(lse), stats, mask, scored.vocab_size))[n, t].to(acc)
+            if V_r:
+                d_hidden[at] = ops.linear_logits_backward_(z, g, h, weight, bias, y_rows, row_lse, d_weight=d_weight,
+                                                           d_bias=d_bias, **options).to(d_hidden.dtype)  # fmt: skip
+        if shard is not None and hidden.requires_grad:  # the hidden states are replicated over the ranks
+            d_hidden = sharding.sum_over_ranks(d_hidden, shard).to(hidden.dtype)
+    tokens = Tokens(logps, ops.lse_value(lse), stats, mask, scored.vocab_size)
     grads = (d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype))  # None where not asked for
     with torch.enable_grad():  # the caller scores under no_grad; the carrier is what autograd sees
         return tokens, with_gradients(logps.new_zeros(()), (hidden, weight, bias), grads)

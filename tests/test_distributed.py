@@ -238,30 +238,36 @@ def check_fused_linear_gradient_filter(rank, world):
 
 
 def check_fused_linear_dpo_loss(rank, world):
+    """The vocabulary-parallel DPO loss equals one device's on both routes of the policy head: one-pass in
+    groups sized by the widest rank's slice (one pair per group here), and recompute; with statistics and
+    WPO weights; and with a vocabulary smaller than the group, the last ranks' slices empty."""
     import dpo_kernels
     from dpo_kernels import distributed as D
 
-    N, T, H, V = 4, 8, 12, 31
-    hidden, ref_hidden = torch.randn(N, T, H), torch.randn(N, T, H)
-    weight = torch.randn(V, H) * 0.5
-    _, labels = _batch(N, T, V)
-    h_full, w_full = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    loss, metrics = dpo_kernels.fused_linear_dpo_loss(
-        h_full, w_full, labels, ref_hidden=ref_hidden, beta=0.3, backend="torch"
-    )
-    loss.backward()
-    w_shard, start = _shard(weight, 0, rank, world)
-    w_shard.requires_grad_()
-    h = hidden.clone().requires_grad_()
-    vp_loss, vp_metrics = D.vocab_parallel_fused_linear_dpo_loss(
-        h, w_shard, labels, ref_hidden=ref_hidden, beta=0.3, backend="torch"
-    )
-    close(vp_loss, loss.detach())
-    for key in metrics.keys() & vp_metrics.keys():
-        close(vp_metrics[key], metrics[key])
-    vp_loss.backward()
-    close(h.grad, h_full.grad)
-    close(w_shard.grad, w_full.grad[start : start + w_shard.shape[0]])
+    N, T, H = 4, 8, 12
+    for V in (31, world - 1):
+        hidden, ref_hidden = torch.randn(N, T, H), torch.randn(N, T, H)
+        weight = torch.randn(V, H) * 0.5
+        _, labels = _batch(N, T, V)
+        options = dict(ref_hidden=ref_hidden, beta=0.3, backend="torch", use_weighting=True, token_metrics=True)
+        h_full, w_full = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss, metrics = dpo_kernels.fused_linear_dpo_loss(h_full, w_full, labels, route="recompute", **options)
+        loss.backward()
+        w_shard, start = _shard(weight, 0, rank, world)
+        widest = -(-V // world)
+        for route in ("one_pass", "recompute"):
+            w_shard.grad = None
+            w_shard.requires_grad_()
+            h = hidden.clone().requires_grad_()
+            vp_loss, vp_metrics = D.vocab_parallel_fused_linear_dpo_loss(
+                h, w_shard, labels, route=route, memory_budget=2 * (T - 1) * widest * 4, **options
+            )
+            close(vp_loss, loss.detach())
+            for key in metrics.keys() & vp_metrics.keys():
+                close(vp_metrics[key], metrics[key])
+            vp_loss.backward()
+            close(h.grad, h_full.grad)
+            close(w_shard.grad, w_full.grad[start : start + w_shard.shape[0]])
 
 
 # ------------------------------------------------------------------------------------------ DTensor
@@ -512,13 +518,21 @@ def check_packed(rank, world):
     close(dpo_kernels.sequence_logps(l_shard, labels, process_group=group, cu_seqlens=cu, backend="torch"), padded)
     close(dpo_kernels.fused_linear_sequence_logps(hidden, w_shard, labels, process_group=group,
                                                   position_ids=position_ids, backend="torch"), padded)  # fmt: skip
+    # the one-pass head on a packed batch, one pair per group: loss, metrics and gradients
     ref_logps = torch.randn(4)
-    loss, metrics = dpo_kernels.fused_linear_dpo_loss(hidden, w_shard, labels, ref_logps=ref_logps, cu_seqlens=cu,
-                                                      process_group=group, backend="torch")  # fmt: skip
-    want, want_metrics = reference.dpo_loss(logits, ref_logps, labels, cu_seqlens=cu)
-    close(loss, want)
+    h, w = hidden.clone().requires_grad_(), w_shard.requires_grad_()
+    loss, metrics = dpo_kernels.fused_linear_dpo_loss(h, w, labels, ref_logps=ref_logps, cu_seqlens=cu,
+                                                      process_group=group, backend="torch", route="one_pass",
+                                                      memory_budget=11 * -(-V // world) * 4)  # fmt: skip
+    loss.backward()
+    h_full, w_full = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    want, want_metrics = reference.dpo_loss(reference.lm_head_logits(h_full, w_full), ref_logps, labels, cu_seqlens=cu)
+    want.backward()
+    close(loss, want.detach())
     for key in want_metrics:
         close(metrics[key], want_metrics[key])
+    close(h.grad, h_full.grad)
+    close(w.grad, w_full.grad[start : start + w.shape[0]])
 
 
 # ----------------------------------------------------------------------------------- FSDP2 and DDP

@@ -23,7 +23,11 @@ MODELS = {"llama": llama, "gpt2": gpt2}
 
 @pytest.mark.parametrize("reference", ["ref_model", "precomputed"])
 @pytest.mark.parametrize("model", list(MODELS))
-def test_padding_free_step_matches_the_stock_padded_step(tmp_path, model, reference):
+def test_padding_free_step_matches_the_stock_padded_step(tmp_path, model, reference, monkeypatch):
+    """The packed batch's step (on the one-pass head, the default route) equals the stock padded step."""
+    one_pass_calls = []
+    real_one_pass = hf.one_pass
+    monkeypatch.setattr(hf, "one_pass", lambda *a, **k: one_pass_calls.append(k["packed"]) or real_one_pass(*a, **k))
     kw = dict(model_fn=MODELS[model], loss_type=["sigmoid", "ipo"], loss_weights=[1.0, 0.5], use_weighting=True)
     if reference == "precomputed":
         kw.update(ref=False, precompute_ref_log_probs=True)
@@ -40,6 +44,7 @@ def test_padding_free_step_matches_the_stock_padded_step(tmp_path, model, refere
                 for p in trainer.model.parameters():
                     p.add_(0.05 * torch.randn_like(p))
     assert_same_step(one_step(stock, padded), one_step(fused, packed))
+    assert one_pass_calls and all(pk is not None for pk in one_pass_calls)
 
 
 @pytest.mark.parametrize("model", list(MODELS))

@@ -305,28 +305,27 @@ def _head_inputs(hidden, head: LMHead, labels, temperature):
 
 def one_pass_from_hidden(hidden, head: LMHead, labels, token_grad, *, ignore_index: int = -100, temperature=1.0,
                          with_stats: bool = False, memory_budget=None, backend: str = "auto", shift: bool = True,
-                         **options):  # fmt: skip
+                         cu_seqlens=None, **options):  # fmt: skip
     """(Tokens, carrier): the one-pass head (:func:`dpo_kernels.tokens.one_pass`) on (2B, T, H) hidden states of
-    preference pairs, ``token_grad`` the loss family's gradient w.r.t. the per-token log-probs
-    (:func:`dpo_kernels.preference.one_pass_token_grad`); the carrier, a 0-dim zero to add to the loss, holds
-    the gradients formed. Where the route cannot run (a vocabulary-parallel head, a packed batch, a pair whose
-    scored rows exceed the budget): the recompute route's differentiable Tokens and a None carrier."""
+    preference pairs (a packed batch's (1, total, H) with ``cu_seqlens``), ``token_grad`` the loss family's
+    gradient w.r.t. the per-token log-probs (:func:`dpo_kernels.preference.one_pass_token_grad`); the carrier,
+    a 0-dim zero to add to the loss, holds the gradients formed. Where a pair's scored rows exceed the budget:
+    the recompute route's differentiable Tokens and a None carrier."""
     common = dict(ignore_index=ignore_index, temperature=temperature, with_stats=with_stats,
-                  memory_budget=memory_budget, backend=backend, shift=shift)  # fmt: skip
+                  memory_budget=memory_budget, backend=backend, shift=shift, cu_seqlens=cu_seqlens)  # fmt: skip
     inputs, local, shard, labels = _head_inputs(hidden, head, labels, temperature)
-    groups = None
-    if shard is None and options.get("cu_seqlens") is None:
-        groups, counts, _ = preference.one_pass_groups(
-            labels, local["weight"].shape[0], inputs.dtype, inputs.device, backend=backend,
-            memory_budget=memory_budget, ignore_index=ignore_index, shift=shift,
-        )  # fmt: skip
+    packed = None if cu_seqlens is None else packing.resolve(labels, cu_seqlens.to(labels.device), tokens_name="hidden")
+    groups, scored, _ = preference.one_pass_groups(
+        labels, local["weight"].shape[0], inputs.dtype, inputs.device, backend=backend, memory_budget=memory_budget,
+        ignore_index=ignore_index, shift=shift, packed=packed, shard=shard,
+    )  # fmt: skip
     if groups is None:
         return token_logps_from_hidden(hidden, head, labels, **common, **options), None
     with torch.autocast(inputs.device.type, enabled=False):
         return one_pass(
-            inputs, local["weight"], local["bias"], labels, groups, token_grad, ignore_index=int(ignore_index),
+            inputs, local["weight"], local["bias"], labels, groups, scored, token_grad, ignore_index=int(ignore_index),
             shift=shift, logit_scale=float(head.logit_scale), softcap=head.softcap, temperature=float(temperature),
-            backend=backend, with_stats=with_stats, counts=counts,
+            backend=backend, with_stats=with_stats, packed=packed, shard=shard,
         )  # fmt: skip
 
 

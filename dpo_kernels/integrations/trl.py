@@ -255,7 +255,7 @@ class _FusedLoss:
         one_pass = None
         if self._dpo_kernels_route != "recompute":
             reasons = preference.one_pass_refusals(
-                loss_options["loss_type"], loss_options, needs_grad=True, labels=labels, packed=pk,
+                loss_options["loss_type"], loss_options, needs_grad=True, labels=labels,
                 gradient_filter=self._dpo_kernels_gradient_filter,
             )  # fmt: skip
             # an evaluation step (no gradient) takes the recompute route whatever the route asked for
