@@ -3,7 +3,8 @@ dz and consumed by two GEMMs) against each backend's recompute launchers.
 
 Backends: "triton" (``triton.linear.fused_linear_logits_fwd`` / ``_bwd_`` vs ``fused_linear_logps_fwd_cublas``
 / ``fused_linear_logps_bwd``), "torch" and "native" (``portable.linear.fused_linear_logits_fwd`` / ``_bwd_``
-with the portable or the native log-prob scorer vs ``portable.linear.fused_linear_logps_fwd`` / ``_bwd``).
+with the portable or the native log-prob scorer vs ``portable.linear.fused_linear_logps_fwd`` / ``_bwd``), and
+"native+widened": the portable launchers' fp32 products on widened weight chunks (CPUs without 16-bit GEMMs).
 
 - forward: logp, the two-part lse and the statistics equal the recompute forward's (the same logits, in fp32
   for Triton, rounded to the inputs' dtype for the portable launchers, as each recompute route forms them);
@@ -20,6 +21,7 @@ Triton case's forwards and backwards run once, shared by the forward and backwar
 """
 
 import functools
+from unittest import mock
 
 import pytest
 import torch
@@ -41,6 +43,10 @@ CASES = {
     "bf16-window-aligned-stats": (torch.bfloat16, 21, 48, 256, False, 1.0, None, 1.0, 30, 0, True, None),
 }
 BACKENDS = ("triton", "torch", "native")
+# "+widened": the portable one-pass launchers' 16-bit products as fp32 GEMMs on widened weight chunks (the CPU
+# path without native 16-bit GEMMs); the plain portable backends run the 16-bit GEMMs, whatever this CPU has.
+WIDENED = "native+widened"
+BACKEND_CASES = [(b, c) for b in BACKENDS for c in CASES] + [(WIDENED, c) for c in CASES if c.startswith("bf16")]
 
 
 class Launchers:
@@ -48,17 +54,23 @@ class Launchers:
 
     def __init__(self, name):
         self.name = name
+        name, _, mode = name.partition("+")
         if name == "native" and not native.has_kernel(DEVICE):
             pytest.skip("dpo_kernels._C is not built")
         self.scorer = {"torch": portable_logprobs, "native": native}.get(name)
+        self.widened = mode == "widened"
+
+    def _portable(self):
+        return mock.patch.object(portable_linear, "_widened_products", lambda hidden: self.widened)
 
     def onepass_fwd(self, logits, hidden, weight, bias, labels, transform, with_stats, vocab_start):
         if self.scorer is None:
             return triton_linear.fused_linear_logits_fwd(logits, hidden, weight, bias, labels, *transform,
                                                          with_stats=with_stats, vocab_start=vocab_start)  # fmt: skip
-        return portable_linear.fused_linear_logits_fwd(logits, hidden, weight, bias, labels, *transform,
-                                                       scorer=self.scorer, with_stats=with_stats,
-                                                       vocab_start=vocab_start)  # fmt: skip
+        with self._portable():
+            return portable_linear.fused_linear_logits_fwd(logits, hidden, weight, bias, labels, *transform,
+                                                           scorer=self.scorer, with_stats=with_stats,
+                                                           vocab_start=vocab_start)  # fmt: skip
 
     def onepass_bwd_(self, logits, grad, hidden, weight, bias, labels, lse, transform, d_weight, d_bias, vocab_start,
                      config):  # fmt: skip
@@ -66,9 +78,10 @@ class Launchers:
             return triton_linear.fused_linear_logits_bwd_(logits, grad, hidden, weight, bias, labels, lse, *transform,
                                                           d_weight=d_weight, d_bias=d_bias, vocab_start=vocab_start,
                                                           config=config)  # fmt: skip
-        return portable_linear.fused_linear_logits_bwd_(logits, grad, hidden, weight, bias, labels, lse, *transform,
-                                                        scorer=self.scorer, d_weight=d_weight, d_bias=d_bias,
-                                                        vocab_start=vocab_start)  # fmt: skip
+        with self._portable():
+            return portable_linear.fused_linear_logits_bwd_(logits, grad, hidden, weight, bias, labels, lse,
+                                                            *transform, scorer=self.scorer, d_weight=d_weight,
+                                                            d_bias=d_bias, vocab_start=vocab_start)  # fmt: skip
 
     def recompute(self, hidden, weight, bias, labels, grad, transform, with_stats, vocab_start):
         """((logp, lse, stats), (d_hidden, d_weight, d_bias)) of the recompute route."""
@@ -148,8 +161,7 @@ def assert_as_good(onepass, recompute, truth):
     assert onepass_err <= 2 * recompute_err + floor, (onepass_err, recompute_err, floor)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "case"), BACKEND_CASES)
 def test_forward_matches_recompute(backend, case):
     (logp, lse, stats), _, ((logp_r, lse_r, stats_r), _), (hidden, *_) = run(backend, case)
     M = hidden.shape[0]
@@ -164,8 +176,7 @@ def test_forward_matches_recompute(backend, case):
         assert_fp32_match(stats, stats_r)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("backend", "case"), BACKEND_CASES)
 def test_backward_matches_recompute(backend, case):
     _, onepass, (_, recompute), inputs = run(backend, case)
     hidden, weight, bias = inputs[:3]
@@ -184,7 +195,7 @@ def test_backward_matches_recompute(backend, case):
 
 
 @pytest.mark.parametrize("case", ["fp32-bias-scale-temp-window-strided", "bf16-window-aligned-stats"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [*BACKENDS, WIDENED])
 def test_d_weight_accumulates(backend, case):
     """bwd_ on rows [0, 16) then [16, M) of the buffer (into d_weight, d_bias already holding values) equals one
     call on all M rows: the same d_hidden rows, the same sums added once."""

@@ -9,7 +9,8 @@ inputs).
 bf16/fp16 inputs: the matmuls run in the input dtype (fp32 accumulation inside the GEMM), their
 outputs rounded to it as the naive ``hidden @ weight.T`` rounds its logits and its gradients; an fp32
 copy of a weight chunk per row chunk and an fp32 GEMM would cost 5-7x more on CPUs with bf16 GEMMs
-and waste tensor cores on GPUs. Everything after the matmul (transform, log-sum-exp, dz) and every
+and waste tensor cores on GPUs (the one-pass launchers below do widen them on CPUs whose 16-bit GEMMs are
+emulated). Everything after the matmul (transform, log-sum-exp, dz) and every
 accumulation across chunks stays in fp32.
 
 Transform (see ``dpo_kernels.reference.lm_head_logits``):
@@ -207,6 +208,26 @@ def fused_linear_logps_bwd(
 # in place by dz and consumed by the two gradient products: 6·M·H·V FLOPs instead of 8.
 
 
+def _widened_products(hidden: torch.Tensor) -> bool:
+    """Whether the one-pass route runs a 16-bit head's products as fp32 GEMMs on widened chunks of the weight:
+    on a CPU without native bf16 / fp16 GEMMs (oneDNN's own check), where a 16-bit GEMM is emulated and
+    several times slower than an fp32 one. The operands are exact in fp32 and the outputs are rounded to
+    16 bits where the 16-bit GEMM rounds them, so only the summation order differs."""
+    if hidden.device.type != "cpu" or not _low_precision(hidden.dtype):
+        return False
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported if hidden.dtype == torch.bfloat16 else (
+        torch.ops.mkldnn._is_mkldnn_fp16_supported)  # fmt: skip
+    return not native()
+
+
+def _weight_chunks(weight: torch.Tensor):
+    """(vocabulary slice, those rows of ``weight`` widened to fp32), at most ``CHUNK_ELEMENTS`` values each."""
+    V, H = weight.shape
+    cols = max(1, min(V, CHUNK_ELEMENTS // max(1, H)))
+    for c in range(0, V, cols):
+        yield slice(c, min(c + cols, V)), weight[c : c + cols].float()
+
+
 def fused_linear_logits_fwd(
     logits, hidden, weight, bias, labels, logit_scale, softcap, temperature, *, scorer, with_stats=False,
     vocab_start=0,
@@ -218,11 +239,16 @@ def fused_linear_logits_fwd(
     (M,) global ids. ``scorer``: the logits path's launchers (``token_logps_fwd``) that score the buffer, the
     native library's or :mod:`dpo_kernels.portable.logprobs`. The logits are those of :func:`_logits` (a
     bf16/fp16 product rounded to its dtype, as the recompute route and the naive head round them): one
-    GEMM into the buffer for fp32, row chunks through a bounded temporary for 16-bit inputs.
+    GEMM into the buffer for fp32, row chunks through a bounded temporary for 16-bit inputs (vocabulary
+    chunks of fp32 products, rounded, where :func:`_widened_products`).
     """
     M = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
-    if _low_precision(hidden.dtype):
+    if _widened_products(hidden):
+        h = hidden.float()
+        for vocab, w in _weight_chunks(weight):
+            logits[:, vocab] = (h @ w.T).to(hidden.dtype)
+    elif _low_precision(hidden.dtype):
         step = max(1, CHUNK_ELEMENTS // max(1, weight.shape[0]))
         for r in range(0, M, step):
             logits[r : r + step].copy_(hidden[r : r + step] @ weight.T)
@@ -255,7 +281,8 @@ def fused_linear_logits_bwd_(
     capped logits, is taken per row chunk before they are overwritten. Then d_hidden = dz·W and
     d_weight += dzᵀ·h: two GEMMs over the whole buffer for fp32, or per vocabulary chunk through a bounded
     16-bit copy of dz (the products in the inputs' dtype, as the recompute route runs them; each d_weight
-    row gets one product, so one rounding per call).
+    row gets one product, so one rounding per call; fp32 products of the rounded dz on widened weight chunks
+    where :func:`_widened_products`).
     """
     M, V = logits.shape
     acc = _acc_dtype(hidden.dtype)
@@ -280,6 +307,14 @@ def fused_linear_logits_bwd_(
             d_weight.addmm_(logits.T, hidden)
         return logits @ weight
     d_hidden = torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
+    if _widened_products(hidden):
+        h = hidden.float()
+        for vocab, w in _weight_chunks(weight):
+            dz = logits[:, vocab].to(hidden.dtype).float()  # dz rounded as the 16-bit product's operand
+            d_hidden.addmm_(dz, w)
+            if d_weight is not None:  # one rounding of d_weight + dzᵀ·h, as a 16-bit addmm_
+                d_weight[vocab] = torch.addmm(d_weight[vocab].float(), dz.T, h)
+        return d_hidden.to(hidden.dtype)
     cols = max(1, min(V, CHUNK_ELEMENTS // max(1, M)))
     for c in range(0, V, cols):
         dz = logits[:, c : c + cols].to(hidden.dtype)
