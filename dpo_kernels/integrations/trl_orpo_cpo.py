@@ -74,6 +74,16 @@ class _FusedPreferenceLoss:
     _dpo_kernels_memory_budget = None
     _dpo_kernels_gradient_filter = None
 
+    def __init__(self, *args, backend: str = "auto", memory_budget: int | None = None, gradient_filter=None, **kwargs):
+        """The stock trainer's construction, with dpo_kernels' options checked before the model is set up and
+        the loss step configured after."""
+        check_trl_version()
+        store_options(self, backend, memory_budget, gradient_filter)
+        config = kwargs.get("args", args[1] if len(args) > 1 else None)
+        raise_unsupported(self._dpo_kernels_trainer, unsupported(config))
+        super().__init__(*args, **kwargs)
+        self._dpo_kernels_configure(backend, memory_budget, gradient_filter)
+
     def _dpo_kernels_configure(self, backend: str, memory_budget, gradient_filter=None) -> None:
         store_options(self, backend, memory_budget, gradient_filter)
         found = unsupported(self.args)
@@ -191,14 +201,6 @@ class FusedORPOTrainer(_FusedORPOLoss, ORPOTrainer):
     encoder-decoder models and ``use_liger_kernel``.
     """
 
-    def __init__(self, *args, backend: str = "auto", memory_budget: int | None = None, gradient_filter=None, **kwargs):
-        check_trl_version()
-        store_options(self, backend, memory_budget, gradient_filter)  # raises before the model is set up
-        config = kwargs.get("args", args[1] if len(args) > 1 else None)
-        raise_unsupported("FusedORPOTrainer", unsupported(config))
-        super().__init__(*args, **kwargs)
-        self._dpo_kernels_configure(backend, memory_budget, gradient_filter)
-
 
 # -------------------------------------------------------------------------------------------------- CPO
 
@@ -235,14 +237,6 @@ class FusedCPOTrainer(_FusedCPOLoss, CPOTrainer):
     ``memory_budget`` and ``gradient_filter``. Raises at construction outside the supported TRL versions, for
     encoder-decoder models and ``use_liger_kernel``.
     """
-
-    def __init__(self, *args, backend: str = "auto", memory_budget: int | None = None, gradient_filter=None, **kwargs):
-        check_trl_version()
-        store_options(self, backend, memory_budget, gradient_filter)  # raises before the model is set up
-        config = kwargs.get("args", args[1] if len(args) > 1 else None)
-        raise_unsupported("FusedCPOTrainer", unsupported(config))
-        super().__init__(*args, **kwargs)
-        self._dpo_kernels_configure(backend, memory_budget, gradient_filter)
 
 
 # ------------------------------------------------------------------------------------------ on a trainer
