@@ -313,7 +313,7 @@ def fused_linear_logits_bwd_(
             dz = logits[:, vocab].to(hidden.dtype).float()  # dz rounded as the 16-bit product's operand
             d_hidden.addmm_(dz, w)
             if d_weight is not None:  # one rounding of d_weight + dzᵀ·h, as a 16-bit addmm_
-                d_weight[vocab] = torch.addmm(d_weight[vocab].float(), dz.T, h)
+                d_weight[vocab] = d_weight[vocab].float().addmm_(dz.T, h)
         return d_hidden.to(hidden.dtype)
     cols = max(1, min(V, CHUNK_ELEMENTS // max(1, M)))
     for c in range(0, V, cols):
