@@ -239,8 +239,8 @@ def check_fused_linear_gradient_filter(rank, world):
 
 def check_fused_linear_dpo_loss(rank, world):
     """The vocabulary-parallel DPO loss equals one device's on both routes of the policy head: one-pass in
-    groups sized by the widest rank's slice (one pair per group here), and recompute; with statistics and
-    WPO weights; and with a vocabulary smaller than the group, the last ranks' slices empty."""
+    groups sized by the widest rank's slice (one pair per group here) on every backend, and recompute; with
+    statistics and WPO weights; and with a vocabulary smaller than the group, the last ranks' slices empty."""
     import dpo_kernels
     from dpo_kernels import distributed as D
 
@@ -249,18 +249,19 @@ def check_fused_linear_dpo_loss(rank, world):
         hidden, ref_hidden = torch.randn(N, T, H), torch.randn(N, T, H)
         weight = torch.randn(V, H) * 0.5
         _, labels = _batch(N, T, V)
-        options = dict(ref_hidden=ref_hidden, beta=0.3, backend="torch", use_weighting=True, token_metrics=True)
+        options = dict(ref_hidden=ref_hidden, beta=0.3, use_weighting=True, token_metrics=True)
         h_full, w_full = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        loss, metrics = dpo_kernels.fused_linear_dpo_loss(h_full, w_full, labels, route="recompute", **options)
+        loss, metrics = dpo_kernels.fused_linear_dpo_loss(h_full, w_full, labels, route="recompute", backend="torch",
+                                                          **options)  # fmt: skip
         loss.backward()
         w_shard, start = _shard(weight, 0, rank, world)
         widest = -(-V // world)
-        for route in ("one_pass", "recompute"):
+        for route, backend in [("recompute", "torch"), *(("one_pass", b) for b in _backends(world))]:
             w_shard.grad = None
             w_shard.requires_grad_()
             h = hidden.clone().requires_grad_()
             vp_loss, vp_metrics = D.vocab_parallel_fused_linear_dpo_loss(
-                h, w_shard, labels, route=route, memory_budget=2 * (T - 1) * widest * 4, **options
+                h, w_shard, labels, route=route, backend=backend, memory_budget=2 * (T - 1) * widest * 4, **options
             )
             close(vp_loss, loss.detach())
             for key in metrics.keys() & vp_metrics.keys():
