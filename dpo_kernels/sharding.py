@@ -18,8 +18,9 @@ rank's slice of the whole gradient; the fused head's d_hidden, a partial sum ove
 all-reduced once. Collectives per forward + backward: one all-gather per scored pass, plus one all-reduce
 for a head's backward. The one-pass head (``dpo_kernels.tokens.one_pass``) checks the windows and labels
 once for the batch with its scored counts (:func:`agree_rows`, one all-gather), combines each group's rows
-with one unchecked all-gather (:func:`combine_rows`) and all-reduces d_hidden once. Host synchronizations: the same as on one device (the label checks of a pass are
-one flag, read once; a device-side assert on CUDA).
+with one unchecked all-gather (:func:`combine_rows`) and all-reduces d_hidden once. Host synchronizations:
+the same as on one device (the label checks of a pass are one flag, read once; a device-side assert on
+CUDA; the one-pass head's ride on its one read of the scored counts).
 """
 
 from __future__ import annotations

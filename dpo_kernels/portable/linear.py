@@ -10,8 +10,8 @@ bf16/fp16 inputs: the matmuls run in the input dtype (fp32 accumulation inside t
 outputs rounded to it as the naive ``hidden @ weight.T`` rounds its logits and its gradients; an fp32
 copy of a weight chunk per row chunk and an fp32 GEMM would cost 5-7x more on CPUs with bf16 GEMMs
 and waste tensor cores on GPUs (the one-pass launchers below do widen them on CPUs whose 16-bit GEMMs are
-emulated). Everything after the matmul (transform, log-sum-exp, dz) and every
-accumulation across chunks stays in fp32.
+emulated). Everything after the matmul (transform, log-sum-exp, dz) and every accumulation across chunks
+stays in fp32.
 
 Transform (see ``dpo_kernels.reference.lm_head_logits``):
     z = (h·Wᵀ + b)·logit_scale;  z = softcap·tanh(z / softcap) if softcap;  z = z / temperature
