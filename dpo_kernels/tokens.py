@@ -182,7 +182,8 @@ def one_pass(
     ``hidden``, ``weight`` and ``bias`` is the loss's, formed here (add it to the loss's value).
 
     ``groups``: lists of sequence indices (rows of ``hidden`` (N, T, H), or a packed batch's sequences), each
-    group's scored rows' fp32 logits formed at once into one buffer (sized for the largest group);
+    group's scored rows' logits formed at once into one buffer (sized for the largest group; fp32, or 16-bit
+    where ``ops.linear_logits_dtype`` allows);
     ``scored``: the batch's :func:`scored_counts`. After a group is scored its outputs
     are written into the per-token tensors (the padded layout, as :func:`from_hidden`'s), and
     ``token_grad(tokens)`` returns d loss / d logps given the tokens scored so far (those of later groups are
@@ -211,7 +212,8 @@ def one_pass(
     V_r, vocab_start = weight.shape[0], 0 if shard is None else shard.start
     with torch.no_grad():  # what autograd sees is the carrier: the ops run outside its graph
         rows_of = [sum(scored.counts[s] for s in group) for group in groups]
-        buffer = hidden.new_empty(max(rows_of, default=0) * V_r, dtype=acc)
+        buffer_dtype = ops.linear_logits_dtype(backend, hidden, bias, logit_scale, softcap, temperature)
+        buffer = hidden.new_empty(max(rows_of, default=0) * V_r, dtype=buffer_dtype)
         options = dict(logit_scale=logit_scale, softcap=softcap, temperature=temperature, backend=backend,
                        vocab_start=vocab_start)  # fmt: skip
         for group, rows in zip(groups, rows_of):

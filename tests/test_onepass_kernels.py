@@ -41,12 +41,17 @@ CASES = {
     "fp32-softcap-aligned-stats": (torch.float32, 21, 48, 256, False, 1.0, 5.0, 1.0, 0, 0, True, None),
     "bf16-all-window-strided": (torch.bfloat16, 21, 48, 301, True, 0.5, 4.0, 1.7, 30, 3, False, SMALL_DZ),
     "bf16-window-aligned-stats": (torch.bfloat16, 21, 48, 256, False, 1.0, None, 1.0, 30, 0, True, None),
+    # a plain 16-bit head (no bias, no transform): the portable launchers' 16-bit buffer (ops.linear_logits_dtype)
+    "bf16-plain-window-strided-stats-16bit-buffer": (torch.bfloat16, 21, 48, 301, False, 1.0, None, 1.0, 30, 3, True,
+                                                     None),  # fmt: skip
 }
 BACKENDS = ("triton", "torch", "native")
 # "+widened": the portable one-pass launchers' 16-bit products as fp32 GEMMs on widened weight chunks (the CPU
 # path without native 16-bit GEMMs); the plain portable backends run the 16-bit GEMMs, whatever this CPU has.
 WIDENED = "native+widened"
-BACKEND_CASES = [(b, c) for b in BACKENDS for c in CASES] + [(WIDENED, c) for c in CASES if c.startswith("bf16")]
+BACKEND_CASES = [(b, c) for b in BACKENDS for c in CASES if not (b == "triton" and c.endswith("16bit-buffer"))] + [
+    (WIDENED, c) for c in CASES if c.startswith("bf16")
+]
 
 
 class Launchers:
@@ -113,9 +118,9 @@ def make_inputs(dtype, M, H, V, bias, vocab_start, seed=0):
     return [x.to(DEVICE) if x is not None else None for x in (hidden, weight, b, labels, grad)]
 
 
-def logits_buffer(M, V, pad):
-    """An (M, V) fp32 buffer, its row stride V + pad, filled with garbage (NaN): every column gets written."""
-    return torch.full((M, V + pad), float("nan"), device=DEVICE)[:, :V]
+def logits_buffer(M, V, pad, dtype=torch.float32):
+    """An (M, V) buffer, its row stride V + pad, filled with garbage (NaN): every column gets written."""
+    return torch.full((M, V + pad), float("nan"), dtype=dtype, device=DEVICE)[:, :V]
 
 
 @functools.cache
@@ -125,7 +130,7 @@ def run(backend, case):
     kernels = Launchers(backend)
     hidden, weight, b, labels, grad = make_inputs(dtype, M, H, V, bias, vocab_start)
     transform = (scale, softcap, temp)
-    buf = logits_buffer(M, V, pad)
+    buf = logits_buffer(M, V, pad, dtype if case.endswith("16bit-buffer") else torch.float32)
     fwd = kernels.onepass_fwd(buf, hidden, weight, b, labels, transform, with_stats, vocab_start)
     d_weight = torch.zeros_like(weight)
     d_bias = torch.zeros(V, device=DEVICE) if bias else None
@@ -228,3 +233,18 @@ def test_d_weight_accumulates(backend, case):
     if bias:
         assert_fp32_match(d_bias, once_b)
         assert not torch.equal(once_b, start_b)
+
+
+def test_a_16bit_buffer_needs_a_plain_head():
+    """The portable launchers take a 16-bit buffer only where its numbers are the fp32 buffer's: no bias and no
+    transform (ops.linear_logits_dtype picks it there); anything else raises instead of rounding the logits."""
+    from dpo_kernels import ops
+
+    hidden, weight, b, labels, _ = make_inputs(torch.bfloat16, 8, 16, 40, True, 0)
+    assert ops.linear_logits_dtype("native", hidden, None, 1.0, None, 1.0) == torch.bfloat16
+    assert ops.linear_logits_dtype("triton", hidden, None, 1.0, None, 1.0) == torch.float32
+    assert ops.linear_logits_dtype("native", hidden, b, 1.0, None, 1.0) == torch.float32
+    assert ops.linear_logits_dtype("native", hidden, None, 1.0, 30.0, 1.0) == torch.float32
+    with pytest.raises(ValueError, match="plain"):
+        portable_linear.fused_linear_logits_fwd(logits_buffer(8, 40, 0, torch.bfloat16), hidden, weight, b, labels,
+                                                1.0, None, 1.0, scorer=portable_logprobs)  # fmt: skip

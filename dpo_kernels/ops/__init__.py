@@ -106,11 +106,23 @@ def linear_token_logps_backward(grad_logp, hidden, weight, bias, labels, lse, *,
     return d_hidden, d_weight, d_bias if bias is not None else None
 
 
+def linear_logits_dtype(backend: str, hidden: torch.Tensor, bias, logit_scale: float, softcap: Optional[float],
+                        temperature: float) -> torch.dtype:  # fmt: skip
+    """The dtype of the one-pass head's logits buffer: fp32 (fp64 for fp64 inputs), or on the portable and
+    native backends a 16-bit head's own dtype when it has no bias and no transform: its logits are the 16-bit
+    products, exact in 16 bits, and dz is rounded to 16 bits before its products anyway, so half the buffer
+    holds the same numbers."""
+    plain = bias is None and logit_scale == 1.0 and softcap is None and temperature == 1.0
+    if plain and backend != "triton" and hidden.dtype in (torch.bfloat16, torch.float16):
+        return hidden.dtype
+    return out_dtype(hidden)
+
 
 def linear_logits(logits, hidden, weight, bias, labels, *, logit_scale: float, softcap: Optional[float],
                   temperature: float, backend: str, with_stats: bool = False, vocab_start: int = 0):  # fmt: skip
     """The one-pass head's forward over compacted rows: (logp, lse, stats) of ``hidden`` (M, H), the rows'
-    transformed fp32 logits left in ``logits`` (M, V) for :func:`linear_logits_backward_`."""
+    transformed logits left in ``logits`` (M, V; its dtype :func:`linear_logits_dtype`) for
+    :func:`linear_logits_backward_`."""
     return torch.ops.dpo_kernels.fused_linear_logits(
         logits, hidden, weight, bias, labels, float(logit_scale), None if softcap is None else float(softcap),
         float(temperature), backend, with_stats, vocab_start,

@@ -184,7 +184,7 @@ def _backward(ctx, grad_logp, grad_lse, grad_stats):
 fused_linear_token_logps.register_autograd(_backward, setup_context=_setup_context)
 
 
-# The one-pass head: a group's logits formed once into a caller's fp32 buffer and scored, then, once the
+# The one-pass head: a group's logits formed once into a caller's buffer and scored, then, once the
 # caller has the loss's per-row gradient, overwritten in place by dz and consumed by the two products.
 # Rows are compacted by the caller (every row scored): these ops take (M, H) rows, not (N, T, H).
 
@@ -204,7 +204,8 @@ def fused_linear_logits(
     vocab_start: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (logp (M,), lse (M, 2), stats (M, 4 | 0)) of the rows ``hidden`` (M, H) at global ``labels`` (M,),
-    their transformed logits left in ``logits`` (M, V) (fp32; fp64 for fp64 inputs)."""
+    their transformed logits left in ``logits`` (M, V) (fp32, fp64 for fp64 inputs; or a plain 16-bit head's
+    dtype on the portable backends: ``ops.linear_logits_dtype``)."""
     logp, lse, stats = onepass_kernels(backend)[0](
         logits, hidden, weight, bias, labels, logit_scale, softcap, temperature, with_stats=with_stats,
         vocab_start=vocab_start,

@@ -24,6 +24,9 @@ import torch
 CHUNK_ELEMENTS = 1 << 22
 # A vocabulary chunk of at most this many columns keeps row chunks tall when V is 128k-256k.
 MAX_VOCAB_CHUNK = 32768
+# Weight rows widened to fp32 at a time where the one-pass launchers widen 16-bit products (4 MiB: with the
+# d_weight rows widened beside them and the products' outputs, a few percent of a group's logits buffer).
+WIDENED_ELEMENTS = 1 << 20
 # Backward row tile: up to this many rows share one vocabulary tile (so a tile of the default chunk is
 # 2048 × 2048 logits), which keeps the d_weight products' inner dimension long and, for M up to it,
 # makes every d_weight row a single product.
@@ -221,11 +224,22 @@ def _widened_products(hidden: torch.Tensor) -> bool:
 
 
 def _weight_chunks(weight: torch.Tensor):
-    """(vocabulary slice, those rows of ``weight`` widened to fp32), at most ``CHUNK_ELEMENTS`` values each."""
+    """(vocabulary slice, those rows of ``weight`` widened to fp32), at most ``WIDENED_ELEMENTS`` values each."""
     V, H = weight.shape
-    cols = max(1, min(V, CHUNK_ELEMENTS // max(1, H)))
+    cols = max(1, min(V, WIDENED_ELEMENTS // max(1, H)))
     for c in range(0, V, cols):
         yield slice(c, min(c + cols, V)), weight[c : c + cols].float()
+
+
+def _narrow_buffer(logits, hidden, bias, logit_scale, softcap, temperature) -> bool:
+    """Whether ``logits`` is a 16-bit buffer (``ops.linear_logits_dtype``): the plain head's products are stored
+    as they are, and dz is written over them in 16 bits."""
+    if logits.dtype == _acc_dtype(hidden.dtype):
+        return False
+    if logits.dtype != hidden.dtype or bias is not None or (logit_scale, softcap, temperature) != (1.0, None, 1.0):
+        raise ValueError(f"a {logits.dtype} logits buffer holds a plain {hidden.dtype} head's logits (no bias, no "
+                         f"transform); this head needs a {_acc_dtype(hidden.dtype)} one")  # fmt: skip
+    return True
 
 
 def fused_linear_logits_fwd(
@@ -234,9 +248,9 @@ def fused_linear_logits_fwd(
 ):
     """(logp, lse, stats) as :func:`fused_linear_logps_fwd`, leaving the rows' transformed logits in ``logits``.
 
-    logits: (M, V) fp32 (fp64 for fp64 inputs) with a unit column stride, overwritten; hidden (M, H) compacted
-    scored rows; weight (V, H), bias (V,) | None the rows [vocab_start, vocab_start + V) of a head, labels
-    (M,) global ids. ``scorer``: the logits path's launchers (``token_logps_fwd``) that score the buffer, the
+    logits: (M, V) fp32 (fp64 for fp64 inputs; or a plain 16-bit head's dtype, :func:`_narrow_buffer`) with a
+    unit column stride, overwritten; hidden (M, H) compacted scored rows; weight (V, H), bias (V,) | None the
+    rows [vocab_start, vocab_start + V) of a head, labels (M,) global ids. ``scorer``: the logits path's launchers (``token_logps_fwd``) that score the buffer, the
     native library's or :mod:`dpo_kernels.portable.logprobs`. The logits are those of :func:`_logits` (a
     bf16/fp16 product rounded to its dtype, as the recompute route and the naive head round them): one
     GEMM into the buffer for fp32, row chunks through a bounded temporary for 16-bit inputs (vocabulary
@@ -244,10 +258,13 @@ def fused_linear_logits_fwd(
     """
     M = hidden.shape[0]
     acc = _acc_dtype(hidden.dtype)
+    narrow = _narrow_buffer(logits, hidden, bias, logit_scale, softcap, temperature)
     if _widened_products(hidden):
         h = hidden.float()
         for vocab, w in _weight_chunks(weight):
-            logits[:, vocab] = (h @ w.T).to(hidden.dtype)
+            logits[:, vocab] = h @ w.T if narrow else (h @ w.T).to(hidden.dtype)
+    elif narrow:
+        torch.mm(hidden, weight.T, out=logits)
     elif _low_precision(hidden.dtype):
         step = max(1, CHUNK_ELEMENTS // max(1, weight.shape[0]))
         for r in range(0, M, step):
@@ -286,6 +303,7 @@ def fused_linear_logits_bwd_(
     """
     M, V = logits.shape
     acc = _acc_dtype(hidden.dtype)
+    narrow = _narrow_buffer(logits, hidden, bias, logit_scale, softcap, temperature)
     g = grad.to(acc) * (logit_scale / temperature)
     lse = lse.to(acc)
     if softcap is None:
@@ -302,7 +320,7 @@ def fused_linear_logits_bwd_(
             z[0].mul_(f)
     if d_bias is not None:
         d_bias += logits.sum(0)
-    if not _low_precision(hidden.dtype):
+    if not _low_precision(hidden.dtype) or (narrow and not _widened_products(hidden)):
         if d_weight is not None:
             d_weight.addmm_(logits.T, hidden)
         return logits @ weight
