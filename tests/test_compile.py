@@ -78,14 +78,19 @@ def test_compile_inductor_with_lm_head_and_inplace_request(backend, device):
     assert_fp32_close(h.grad, h_eager.grad)
 
 
-def test_gradcheck_fp64_torch_backend(device):
-    logits, labels = make_batch(4, 5, 11, dtype=torch.float64, scale=1.0)
-    labels[3] = -100
+@pytest.mark.parametrize("n, t, v, fast_mode", [(2, 4, 3, False), (4, 5, 11, True)], ids=["full", "fast"])
+def test_gradcheck_fp64_torch_backend(n, t, v, fast_mode, device):
+    # The full Jacobian (one perturbed forward per input element) on a small batch, and gradcheck's fast mode
+    # (random projections of the Jacobian, a wrong gradient still fails it) on a larger one: both with a fully
+    # masked sequence and a prompt prefix. The full check of the larger batch took most of a minute.
+    logits, labels = make_batch(n, t, v, dtype=torch.float64, scale=1.0)
+    labels[n - 1] = -100
     logits.requires_grad_()
-    ref = torch.randn(4, 5, 11, dtype=torch.float64).to(device)
+    ref = torch.randn(n, t, v, dtype=torch.float64).to(device)
 
     def fn(x):
         return sequence_logps(x, labels, backend="torch"), sequence_logps(x, labels, backend="torch", average=True)
 
-    assert torch.autograd.gradcheck(fn, (logits,))
-    assert torch.autograd.gradcheck(lambda x: fused_dpo_loss(x, ref, labels, backend="torch")[0], (logits,))
+    assert torch.autograd.gradcheck(fn, (logits,), fast_mode=fast_mode)
+    loss = lambda x: fused_dpo_loss(x, ref, labels, backend="torch")[0]  # noqa: E731
+    assert torch.autograd.gradcheck(loss, (logits,), fast_mode=fast_mode)

@@ -10,6 +10,10 @@ runs on every backend; the per-sequence values and the gradient w.r.t. the logit
   rule of conftest.assert_low_precision_grad;
 - special values: NaN exactly where the reference has NaN (values, and gradient rows of scored tokens),
   the rest as above; unscored rows' gradients exact zeros whatever their logits hold.
+
+This is the suite's small-shape grid of sequence_logps (T = 1 and 2, V off the block sizes, every layout, shift
+and average): tests/test_sequence_logps.py keeps the larger shapes and the layouts with a strided vocabulary,
+tests/test_special_values.py the special values placed by hand past the first tile.
 """
 
 import random
@@ -21,7 +25,7 @@ from conftest import BACKENDS, DTYPES, LOW_PRECISION_ULPS
 from dpo_kernels import reference, sequence_logps
 from dpo_kernels.ops import native
 
-N_CASES = 200  # each on every backend
+N_CASES = 80  # each on every backend; test_the_cases_cover_the_space holds what they must span
 SEED = 1234
 LAYOUTS = ("contiguous", "vocab_slice", "time_slice", "transposed", "every_other", "expanded")
 # Next to the kernels' block sizes: Triton's 1024 / 4096 tiles, the CPU kernel's vectors and 4096 tile.
@@ -155,5 +159,9 @@ def test_the_cases_cover_the_space():
     for key, values in (("layout", LAYOUTS), ("mask", ("none", "random", "all")), ("dtype", DTYPES),
                         ("label_dtype", (torch.int64, torch.int32)), ("special", (False, True))):  # fmt: skip
         assert {c[key] for c in CASES} == set(values), key
+    assert {(c["shift"], c["average"]) for c in CASES} == {(s, a) for s in (False, True) for a in (False, True)}
+    # tests/test_sequence_logps.py leaves these layouts in 16-bit dtypes to this file
+    for layout in ("time_slice", "transposed"):
+        assert {c["dtype"] for c in CASES if c["layout"] == layout} == set(DTYPES), layout
     assert {c["t"] for c in CASES} >= {1, 2} and any(c["v"] > 4096 for c in CASES)
     assert any(c["v"] % 16 and c["v"] > 300 for c in CASES)

@@ -70,7 +70,10 @@ def assert_same(actual, expected, **kw):
     torch.testing.assert_close(actual, expected, equal_nan=True, **kw)
 
 
-@pytest.mark.parametrize("v", [37, 5000])
+# V = 5000: past the first tile of every backend, and every special case at the first, middle and last column.
+# Special values in vocabularies of one tile (V up to 300 and next to the block sizes) are among
+# tests/test_differential.py's seeded cases, on every backend and dtype against fp64.
+@pytest.mark.parametrize("v", [5000])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_token_logps_and_gradient_follow_the_reference(backend, dtype, v, device):

@@ -28,6 +28,11 @@ wgmma in the PTX; HMMA on sm_80, HGMMA on sm_90 in the SASS when aligned), fp32 
 (IEEE fp32, no TF32), a CTA barrier in the kernels that reduce across warps, and 16-byte global loads
 (plain or cp.async) when aligned; the "vec" column reads "mma" / "fma" for how they multiply. The
 "CTA/SM" column is the occupancy the registers, threads and shared memory allow.
+
+The variants compile in ``--jobs`` processes (default: every core); the table keeps the order of the variants
+whatever order they finish in. Disassembling a cubin costs a fixed second or so of nvdisasm start-up, more than
+most kernels take to compile, so the product kernels' SASS is read in batches, one nvdisasm start per batch
+(``sass_many``). The time of the whole run goes to stderr, after the table (whose last line stays the summary).
 """
 
 import argparse
@@ -417,7 +422,7 @@ def uses_mma(ptx: str) -> bool:
 
 
 def sass(cubin: bytes) -> str:
-    """The cubin's SASS, by the cuobjdump that ships with Triton."""
+    """The cubin's SASS, by the cuobjdump that ships with Triton (one disassembler start per cubin)."""
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -425,6 +430,57 @@ def sass(cubin: bytes) -> str:
         f.write(cubin)
         f.flush()
         return subprocess.run([tool, "-sass", f.name], check=True, capture_output=True, text=True).stdout
+
+
+def kernel_code(cubin: bytes) -> bytes:
+    """The machine code of a cubin's kernels: its ``.text.*`` sections (an ELF64 little-endian file), in order."""
+    import struct
+
+    if cubin[:4] != b"\x7fELF" or cubin[4] != 2 or cubin[5] != 1:
+        raise ValueError("not an ELF64 little-endian cubin")
+    shoff = struct.unpack_from("<Q", cubin, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", cubin, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQ", cubin, shoff + i * shentsize) for i in range(shnum)]
+    names = sections[shstrndx][4]
+
+    def name(offset):
+        return cubin[names + offset : cubin.index(b"\0", names + offset)]
+
+    return b"".join(cubin[off : off + size] for sh_name, _, _, _, off, size in sections if name(sh_name).startswith(b".text."))
+
+
+SASS_INSTRUCTION = re.compile(r"/\*([0-9a-f]+)\*/\s+(\S.*?)\s*;")
+
+
+def sass_many(cubins: list, arch: int) -> list:
+    """The SASS instructions (one per line, "OPCODE operands") of each cubin for ``arch``, from ONE start of the
+    nvdisasm that ships with Triton. nvdisasm spends about a second starting up whatever it reads, more than a
+    kernel takes to disassemble, so the kernels' code is laid end to end and read as one raw instruction stream
+    (sm_90 as sm_90a, the target Triton compiles for), then split at the offsets where each kernel starts. A
+    stream nvdisasm refuses falls back to :func:`sass` per cubin."""
+    import triton
+
+    codes = [kernel_code(cubin) for cubin in cubins]
+    if not codes or any(len(code) % 16 for code in codes):  # whole 128-bit instructions, or read them one by one
+        return [sass(cubin) for cubin in cubins]
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    binary = "SM90a" if arch == 90 else f"SM{arch}"
+    with tempfile.NamedTemporaryFile(suffix=".bin") as f:
+        f.write(b"".join(codes))
+        f.flush()
+        proc = subprocess.run([tool, "-b", binary, "-ndf", f.name], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return [sass(cubin) for cubin in cubins]
+    starts, out = [], [[] for _ in codes]
+    for code in codes:
+        starts.append((starts[-1] + len(codes[len(starts) - 1])) if starts else 0)
+    import bisect
+
+    for m in SASS_INSTRUCTION.finditer(proc.stdout):
+        out[bisect.bisect_right(starts, int(m[1], 16)) - 1].append(m[2])
+    if any(len(lines) != len(code) // 16 for lines, code in zip(out, codes)):  # an instruction lost or misread
+        return [sass(cubin) for cubin in cubins]
+    return ["\n".join(lines) + "\n" for lines in out]
 
 
 def ctas_per_sm(arch: int, regs: int, warps: int, shared: int) -> int:
@@ -453,7 +509,38 @@ def must_vectorize(variant: Variant) -> bool:
     return variant.layout in VECTORIZED_LAYOUTS
 
 
+def needs_sass(variant) -> bool:
+    """The fused LM head's product kernels: their SASS must (bf16/fp16) or must not (fp32) hold tensor-core ops."""
+    return (
+        isinstance(variant, LinearVariant)
+        and variant.kernel != "fused_linear_logps_merge_kernel"
+        and not variant.logits_dz
+    )
+
+
 def compile_variant(variant: Variant) -> dict:
+    """One variant compiled and checked (:func:`compile_variants` of one)."""
+    return compile_variants([variant])[0]
+
+
+def compile_variants(batch: list) -> list:
+    """Each variant of ``batch`` compiled and checked, in order; the SASS of those that need it read by one
+    disassembler start per architecture (:func:`sass_many`). A variant's seconds: its compile and its share of
+    the batch's disassembly."""
+    compiled = [_compile(variant) for variant in batch]
+    for arch in sorted({c["variant"].arch for c in compiled}):
+        todo = [c for c in compiled if "kernel" in c and c["variant"].arch == arch and needs_sass(c["variant"])]
+        if todo:
+            start = time.perf_counter()
+            for c, code in zip(todo, sass_many([c["kernel"].asm["cubin"] for c in todo], arch)):
+                c["sass"] = code
+            share = (time.perf_counter() - start) / len(todo)
+            for c in todo:
+                c["seconds"] += share
+    return [_check(c) if "kernel" in c else c for c in compiled]
+
+
+def _compile(variant) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
 
@@ -471,16 +558,20 @@ def compile_variant(variant: Variant) -> dict:
     except Exception as error:  # report every failing variant, not just the first
         return {"variant": variant, "error": f"{type(error).__name__}: {error}"}
     usage = resource_usage(kernel.asm["cubin"])
+    return {"variant": variant, "kernel": kernel, "usage": usage, "seconds": time.perf_counter() - start}
+
+
+def _check(compiled: dict) -> dict:
+    variant, kernel, usage = compiled["variant"], compiled["kernel"], compiled["usage"]
+    linear = isinstance(variant, LinearVariant)
     ptx = kernel.asm["ptx"]
     vector_loads = bool(re.search(r"ld\.global(\.\w+)*\.v[248]", ptx))
     problems = []
     if usage.get("LOCAL", 0) or usage.get("STACK", 0):
         problems.append(f"register spills: local={usage.get('LOCAL')} stack={usage.get('STACK')}")
     if linear:
-        products = variant.kernel != "fused_linear_logps_merge_kernel" and not variant.logits_dz
-        code = sass(kernel.asm["cubin"]) if products else ""
-        problems += linear_problems(variant, ptx, kernel.metadata.shared, code)
-        if products:
+        problems += linear_problems(variant, ptx, kernel.metadata.shared, compiled.get("sass", ""))
+        if needs_sass(variant):
             vector_loads = "mma" if uses_mma(ptx) else "fma"
     elif must_vectorize(variant) and not vector_loads:
         problems.append(f"{variant.layout} variant without vectorized global loads")
@@ -493,7 +584,7 @@ def compile_variant(variant: Variant) -> dict:
         "usage": usage,
         "shared": kernel.metadata.shared,
         "vector_loads": vector_loads,
-        "seconds": time.perf_counter() - start,
+        "seconds": compiled["seconds"],
         "problems": problems,
         "ctas": ctas_per_sm(variant.arch, usage.get("REG", 0), variant.warps, kernel.metadata.shared),
     }
@@ -501,6 +592,26 @@ def compile_variant(variant: Variant) -> dict:
 
 def vec_column(value) -> str:
     return value if isinstance(value, str) else ("yes" if value else "no")
+
+
+def compile_all(todo: list, jobs: int) -> list:
+    """:func:`compile_variants` over ``todo`` in ``jobs`` processes; the results in the order of ``todo``.
+
+    The variants whose SASS is read go in batches (one disassembler start per batch, about a second each), a few
+    per process so that both share them; they are submitted first, being the longest, and the quick ones after
+    them fill in around the last of them."""
+    sass_idx = [i for i, v in enumerate(todo) if needs_sass(v)]
+    size = max(1, min(16, -(-len(sass_idx) // (2 * jobs))))
+    batches = [sass_idx[i : i + size] for i in range(0, len(sass_idx), size)]
+    rest = [i for i, v in enumerate(todo) if not needs_sass(v)]
+    batches += [rest[i : i + 8] for i in range(0, len(rest), 8)]
+    results = [None] * len(todo)
+    with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
+        futures = [(batch, pool.submit(compile_variants, [todo[i] for i in batch])) for batch in batches]
+        for batch, future in futures:
+            for i, result in zip(batch, future.result()):
+                results[i] = result
+    return results
 
 
 def main(argv=None) -> int:
@@ -517,8 +628,8 @@ def main(argv=None) -> int:
     todo = list(variants(args.arch)) + list(linear_variants(args.arch))
     if args.kernels:
         todo = [v for v in todo if any(k in v.kernel for k in args.kernels)]
-    with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(compile_variant, todo))
+    start = time.perf_counter()
+    results = compile_all(todo, args.jobs)
     failures = 0
     width = max([80] + [len(variant.name) for variant in todo])
     print(f"{'variant':<{width}} {'regs':>4} {'smem':>6} {'local':>5} {'vec':>3} {'CTA/SM':>6} {'s':>5}")
@@ -536,6 +647,8 @@ def main(argv=None) -> int:
         for problem in result["problems"]:
             failures += 1
             print(f"  FAIL: {problem}")
+    # On stderr: the table's last line stays the summary that .ci/aot_check.py reads.
+    print(f"aot: {len(results)} variants in {time.perf_counter() - start:.0f} s, {args.jobs} processes", file=sys.stderr)
     print(f"{len(results)} variants compiled for sm_{', sm_'.join(map(str, args.arch))}; {failures} failures")
     return 1 if failures else 0
 
