@@ -250,8 +250,9 @@ def fused_linear_logits_fwd(
 
     logits: (M, V) fp32 (fp64 for fp64 inputs; or a plain 16-bit head's dtype, :func:`_narrow_buffer`) with a
     unit column stride, overwritten; hidden (M, H) compacted scored rows; weight (V, H), bias (V,) | None the
-    rows [vocab_start, vocab_start + V) of a head, labels (M,) global ids. ``scorer``: the logits path's launchers (``token_logps_fwd``) that score the buffer, the
-    native library's or :mod:`dpo_kernels.portable.logprobs`. The logits are those of :func:`_logits` (a
+    rows [vocab_start, vocab_start + V) of a head, labels (M,) global ids. ``scorer``: the logits path's
+    launchers (``token_logps_fwd``) that score the buffer, the native library's or
+    :mod:`dpo_kernels.portable.logprobs`. The logits are those of :func:`_logits` (a
     bf16/fp16 product rounded to its dtype, as the recompute route and the naive head round them): one
     GEMM into the buffer for fp32, row chunks through a bounded temporary for 16-bit inputs (vocabulary
     chunks of fp32 products, rounded, where :func:`_widened_products`).
