@@ -89,7 +89,51 @@ def _guard_kernel_entry_points(device_type):
             setattr(module, name, require_device(getattr(module, name), f"{module_name}.{name}", device_type))
 
 
+def _patch_the_language_once_per_launch():
+    """Triton's interpreter patches ``triton.language`` (a walk over every builtin, a millisecond or more) at
+    each launch, and again at each call of a ``@triton.jit`` helper inside it, though the launch's patch is
+    still in force: the kernels here call helpers per tile, so those walks took 40 % of an interpreted test.
+    A helper that sees only language modules the launch patched now skips its walk; the launch's own patch and
+    its restore are Triton's. Nothing changes where the interpreter lacks ``_patch_lang``."""
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang", None)
+    if patch is None or getattr(patch, "once_per_launch", False):
+        return
+    import inspect
+
+    import triton.language as tl
+
+    patched = []  # the language modules the running launch patched (launches do not nest)
+    seen = {}  # function -> the language modules it sees
+
+    def patch_once(fn):
+        langs = seen.get(fn)
+        if langs is None:
+            langs = seen[fn] = {id(v) for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+        if patched and langs <= patched[0]:
+            return None  # a helper's call: Triton ignores the scope
+        scope = patch(fn)
+        if patched:
+            patched[0] |= langs
+            return scope
+        patched.append(set(langs))
+        restore = scope.restore
+
+        def restore_and_forget():
+            patched.clear()
+            restore()
+
+        scope.restore = restore_and_forget
+        return scope
+
+    patch_once.once_per_launch = True
+    interpreter._patch_lang = patch_once
+
+
 def pytest_configure(config):
+    if DEVICE == "cpu":
+        _patch_the_language_once_per_launch()
     if DEVICE == "cuda":
         if not torch.cuda.is_available() and not config.option.collectonly:
             raise pytest.UsageError("DPO_KERNELS_TEST_DEVICE=cuda, but torch sees no CUDA device")
@@ -132,6 +176,18 @@ def device():
 @pytest.fixture(autouse=True)
 def seed():
     torch.manual_seed(0)
+
+
+# A backend list whose Triton case (the interpreter, seconds for an opcheck or a compile) runs in the full suite only.
+BACKENDS_TRITON_SLOW = [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in BACKENDS]
+
+
+def slow_beyond(cases, keep, backends=("triton",)):
+    """``(backend, case, ...)`` tuples as pytest params, those on ``backends`` (the Triton interpreter: about a
+    second a case) whose case is not in ``keep`` marked slow. For grids of loss options, computed above the
+    kernels: the kept cases reach every kernel path, so ``-m "not slow"`` stays quick and the full run still
+    checks the whole grid."""
+    return [pytest.param(*c, marks=pytest.mark.slow) if c[0] in backends and c[1] not in keep else c for c in cases]
 
 
 def make_batch(n, t, v, dtype=torch.float32, prompt=0.25, scale=3.0, label_dtype=torch.int64, device=DEVICE):

@@ -92,6 +92,7 @@ def test_checker_flags_each_fault(names):
         assert fault != "summary" or len(found) == 1, found  # a correct table otherwise: nothing else flagged
 
 
+@pytest.mark.slow
 def test_checker_on_a_real_compile(tmp_path, capsys):
     # The merge kernel, both WITH_STATS variants for sm_80: aot.py's real output, its table format included,
     # goes through the same checker CI runs (a few seconds).
@@ -119,6 +120,7 @@ for i, c in enumerate(compiled):
 """
 
 
+@pytest.mark.slow
 def test_batched_sass_reads_each_kernel_as_cuobjdump_does(tmp_path, monkeypatch):
     # aot reads the product kernels' SASS (tensor-core ops or not) from one nvdisasm start per batch of cubins
     # (sass_many), not one cuobjdump per cubin: on two sm_90 kernels (read as sm_90a, Triton's target there) in one

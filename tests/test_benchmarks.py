@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_PROVIDERS = "reference,dpo_kernels[torch],dpo_kernels[torch]+inplace,dpo_kernels.fused_linear[torch]"
 
 
+@pytest.mark.slow
 def test_harness_smoke_on_a_tiny_config(tmp_path):
     cmd = [
         sys.executable, "-m", "benchmarks", "--n", "2", "--t", "16", "--v", "64", "--h", "16", "--dtypes", "fp32",
@@ -69,6 +70,7 @@ def test_harness_smoke_on_a_tiny_config(tmp_path):
     assert all(set(r) == {"model", "workload", "path", "gpu", "ms", "floor_ms"} and r["ms"] > 0 for r in times)
 
 
+@pytest.mark.slow
 def test_sweep_writes_its_table_and_plots(tmp_path):
     cmd = [
         sys.executable, "-m", "benchmarks", "--n", "2", "--t", "16", "--v", "64", "--h", "16", "--dtypes", "fp32",
@@ -146,6 +148,7 @@ def test_packed_benchmark_runs_and_removes_the_padding():
     assert packed_row["peak_mib"] < padded["peak_mib"]
 
 
+@pytest.mark.slow
 def test_gradient_filter_benchmark_runs_on_a_tiny_config():
     """python -m benchmarks.gradient_filter at a tiny size: one row per case and threshold, the unfiltered
     row dense, a large threshold dropping tiles of the flat case, finite errors, a table that renders."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import dpo_kernels  # noqa: F401  (registers the ops)
-from conftest import BACKENDS, assert_fp32_close, make_batch
+from conftest import BACKENDS, BACKENDS_TRITON_SLOW, assert_fp32_close, make_batch
 from dpo_kernels import fused_dpo_loss, reference, sequence_logps
 
 
@@ -15,7 +15,7 @@ def op_samples(device):
     yield (torch.randn(6, 4, 507) * 3).to(device).transpose(0, 1), make_batch(4, 6, 507)[1], -100, True
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_TRITON_SLOW)
 def test_opcheck(backend, device):
     for logits, labels, ignore_index, shift in op_samples(device):
         logits.requires_grad_()
@@ -55,6 +55,7 @@ def test_compile_fullgraph_matches_eager(backend, ref_mode, device):
     assert_fp32_close(leaf.grad, eager_leaf.grad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_compile_inductor_with_lm_head_and_inplace_request(backend, device):
     """A model-like graph through the default inductor backend (C++ code on the CPU, Triton on the GPU);

@@ -21,6 +21,7 @@ REPORT = re.compile(r"of (\d+) collected, the cpu mode runs (\d+), the cuda mode
 SELECTED = re.compile(r"(\d+)/(\d+) tests collected \((\d+) deselected\)")
 
 
+@pytest.mark.slow
 @pytest.mark.cpu_only("checks the CUDA mode from the default one")
 def test_cuda_mode_collects_without_a_gpu_and_runs_at_least_half_the_tests():
     # CUDA_VISIBLE_DEVICES="" hides any GPU: collection must not need one. -m "not cpu_only" lets pytest's own

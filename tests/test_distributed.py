@@ -693,6 +693,7 @@ _FAST = ("check_logits_path", "check_logits_dpo_loss", "check_fused_linear_path"
          "check_dtensor", "check_entry_points", "check_fsdp2_and_ddp_step", "check_hf_model_under_fsdp2")  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_world_2():
     _spawn(2, *_FAST)

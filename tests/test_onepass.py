@@ -5,7 +5,7 @@ while they are live) against the recompute route: every loss option on every bac
 import pytest
 import torch
 
-from conftest import BACKENDS, make_batch
+from conftest import BACKENDS, BACKENDS_TRITON_SLOW, make_batch, slow_beyond
 from dpo_kernels import fused_linear_dpo_loss, losses
 from dpo_kernels import tokens as tokens_module
 
@@ -79,9 +79,11 @@ CASES = (
     + [(b, o, "hidden", True) for b in BACKENDS for o in ("ld_alpha_wpo", "simpo", "transform")]
     + [("torch", "types_weights_rpo", "logps", True)]
 )
+# the options that change what the kernels compute: token weights and statistics, the logits' transform
+KERNEL_OPTIONS = ("sigmoid", "ld_alpha_wpo", "transform")
 
 
-@pytest.mark.parametrize(("backend", "options", "ref_mode", "is_packed"), CASES)
+@pytest.mark.parametrize(("backend", "options", "ref_mode", "is_packed"), slow_beyond(CASES, KERNEL_OPTIONS))
 def test_one_pass_equals_recompute(backend, options, ref_mode, is_packed, device):
     """Three groups of one pair each (the budget holds one pair's rows), every loss option, fp32; padded or
     packed."""
@@ -210,7 +212,7 @@ def test_compile_traces_the_entry_point(device):
     torch.testing.assert_close(h.grad, eager[2], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_TRITON_SLOW)
 def test_opcheck(backend, device):
     hidden, weight, bias, labels = batch(torch.float32, device)
     rows, y = hidden[:, :5].reshape(-1, H).contiguous(), labels[:, 1:6].reshape(-1).clamp(min=0)
