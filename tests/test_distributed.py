@@ -1,8 +1,9 @@
 """Vocabulary-parallel log-probs, DTensor heads, FSDP2 and DDP on CPU with gloo.
 
-Every check runs inside spawned processes (world sizes 2 and 4); spawning is slow, so one spawn runs a
-whole batch of checks. Each rank builds the same data from the same seed and compares its results with
-the single-process reference it computes itself (fp32, rtol 1e-5).
+Every check runs in one real 2-rank spawn (slow: one spawn runs the whole batch); the vocabulary-parallel ones
+also run on 4 ranks simulated in this process (``_spawn.simulate``: threads on a threaded process group, uneven
+and empty shards). Each rank builds the same data from the same seed and compares its results with the
+single-process reference it computes itself (fp32, rtol 1e-5).
 """
 
 import os
@@ -11,7 +12,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
-from _spawn import leave, run_check, spawn
+from _spawn import leave, run_check, simulate, spawn
 from torch import nn
 
 pytestmark = pytest.mark.cpu_only("gloo process groups on CPU tensors")
@@ -699,10 +700,15 @@ def test_world_2():
     _spawn(2, *_FAST)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
-def test_world_4():
-    _spawn(4, *_FAST)
+# The vocabulary-parallel checks whose collectives are the library's own (no DTensor, FSDP or patched collectives):
+# these run on four ranks simulated in this process as well (uneven and empty shards, no process to spawn).
+_SIMULATED = ("check_logits_path", "check_logits_dpo_loss", "check_fused_linear_path",
+              "check_fused_linear_gradient_filter", "check_fused_linear_dpo_loss", "check_packed")  # fmt: skip
+
+
+@pytest.mark.parametrize("check", _SIMULATED)
+def test_simulated_world_4(check):
+    simulate(globals()[check], 4)
 
 
 if __name__ == "__main__":  # python tests/test_distributed.py [world]
