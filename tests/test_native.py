@@ -55,6 +55,7 @@ def cpu_flags() -> set:
     return set(re.findall(r"^flags\s*:(.*)$", text, re.M)[0].split()) if "flags" in text else set()
 
 
+@pytest.mark.slow  # a process per copy
 @pytest.mark.cpu_only("the CPU kernel copies per instruction set")
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 def test_every_cpu_kernel_copy_matches_the_reference(capability):

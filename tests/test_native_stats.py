@@ -262,7 +262,11 @@ def check_every_path_of_a_kernel_copy():
 
 
 @pytest.mark.cpu_only("the CPU kernel copies per instruction set")
-@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+@pytest.mark.parametrize(  # the copies other than this process's run in a process each: slow
+    "capability",
+    [c if c.upper() == torch.backends.cpu.get_cpu_capability() else pytest.param(c, marks=pytest.mark.slow)
+     for c in ("default", "avx2", "avx512")],  # fmt: skip
+)
 def test_every_cpu_kernel_copy_computes_the_stats(capability):
     """The stats loops are vectorized per instruction set: run each compiled copy (the copy this
     process runs in place, the others in a process with ATEN_CPU_CAPABILITY set)."""
