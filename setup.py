@@ -111,7 +111,7 @@ def native_extension():
 
         def build_extension(self, ext):
             # The per-capability objects compile while the extension's own sources do (nvcc is the long pole),
-            # and join its link: on 2 cores this takes a third off the build.
+            # not before them, and join its link.
             compile_sources = self.compiler.compile
 
             def compile_with_capabilities(sources, **kwargs):

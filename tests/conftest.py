@@ -178,16 +178,21 @@ def seed():
     torch.manual_seed(0)
 
 
-# A backend list whose Triton case (the interpreter, seconds for an opcheck or a compile) runs in the full suite only.
-BACKENDS_TRITON_SLOW = [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in BACKENDS]
+def slow_beyond(cases, keep=()):
+    """``cases`` (backends, or ``(backend, case, ...)`` tuples) as pytest params, those on Triton (the interpreter:
+    a second or more a case) marked slow unless their case is in ``keep``. For grids of loss options, computed
+    above the kernels: the kept cases reach every kernel path, so ``-m "not slow"`` stays quick and the full run
+    still checks the whole grid."""
+    params = []
+    for c in cases:
+        values = (c,) if isinstance(c, str) else tuple(c)
+        slow = values[0] == "triton" and (len(values) == 1 or values[1] not in keep)
+        params.append(pytest.param(*values, marks=pytest.mark.slow) if slow else c)
+    return params
 
 
-def slow_beyond(cases, keep, backends=("triton",)):
-    """``(backend, case, ...)`` tuples as pytest params, those on ``backends`` (the Triton interpreter: about a
-    second a case) whose case is not in ``keep`` marked slow. For grids of loss options, computed above the
-    kernels: the kept cases reach every kernel path, so ``-m "not slow"`` stays quick and the full run still
-    checks the whole grid."""
-    return [pytest.param(*c, marks=pytest.mark.slow) if c[0] in backends and c[1] not in keep else c for c in cases]
+# The backends, Triton's case (seconds for an opcheck or a compile under the interpreter) in the full run only.
+BACKENDS_TRITON_SLOW = slow_beyond(BACKENDS)
 
 
 def make_batch(n, t, v, dtype=torch.float32, prompt=0.25, scale=3.0, label_dtype=torch.int64, device=DEVICE):

@@ -86,7 +86,9 @@ def check(backend, logits, labels, **kwargs):
 # tests/test_native_stats.py's test_stats_match_the_reference: the same dtypes, vocabularies and shifts (and
 # V = 50257), held to an error model against fp64 as well as to the reference, with the same check of logp and lse
 # with and without the statistics.
-BACKEND_DTYPES = [(b, d) for b in ("torch", "triton") for d in [*DTYPES, torch.float64] if (b, d) != ("triton", torch.float64)]
+BACKEND_DTYPES = [
+    (b, d) for b in ("torch", "triton") for d in [*DTYPES, torch.float64] if (b, d) != ("triton", torch.float64)
+]
 
 
 @pytest.mark.parametrize("shift", [True, False], ids=["shift", "noshift"])

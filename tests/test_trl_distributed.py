@@ -23,7 +23,11 @@ pytest.importorskip("trl")
 pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-pytestmark = [pytest.mark.cpu_only("gloo ranks on CPU"), pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning")]
+pytestmark = [
+    pytest.mark.cpu_only("gloo ranks on CPU"),
+    pytest.mark.slow,  # one 2-rank spawn with TRL, FSDP and DeepSpeed in each rank
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+]
 
 WORLD = 2
 RTOL, ATOL = 1e-5, 1e-6
